@@ -1,0 +1,34 @@
+# One entry point per job. `make install` then `make test`; see README.md.
+VENV   ?= .venv
+PYTHON ?= python3
+BIN     = $(VENV)/bin
+# The CPU-usable torch pair this project is tested with (installed before the package).
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+MODEL  ?=
+DATA   ?=
+OUT    ?=
+CALIB  ?= 256
+ARGS    = $(if $(MODEL),--model $(MODEL)) $(if $(DATA),--data $(DATA)) $(if $(OUT),--out $(OUT)) --calib $(CALIB)
+
+.PHONY: install test test-slow eval sites clean
+
+install:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[test]"
+
+test:
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow:
+	$(BIN)/python -m pytest -q -m slow
+
+eval:
+	$(BIN)/vitq eval $(ARGS)
+
+sites:
+	$(BIN)/vitq sites $(if $(MODEL),--model $(MODEL))
+
+clean:
+	rm -rf out .pytest_cache

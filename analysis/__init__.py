@@ -1,0 +1,1 @@
+"""vitq's analyses: metrics, sensitivity and error analyzers, mixed-precision planner."""

@@ -1,0 +1,1 @@
+"""vitq's quantization engine: sites, observers, fake-quant, configs and presets."""

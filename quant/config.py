@@ -1,0 +1,147 @@
+"""QuantConfig: which sites are int8, how, and which stay float.
+
+A config is data (YAML/JSON round-trip): default specs for activations and weights,
+per-site overrides by name or glob, float kinds (the backend's limits: LayerNorm,
+GELU and Softmax by default) and a float skip-list of names or globs. Every pattern
+must match at least one site of the model it is applied to, so a typo fails loudly.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from .observers import check_observer
+from .quantizer import QuantSpec
+from .sites import KINDS, Site
+
+BACKEND_FLOAT_KINDS = ("layernorm", "gelu", "softmax")
+
+
+class ConfigError(ValueError):
+    """A QuantConfig that cannot be applied (bad YAML, unknown key, site or observer)."""
+
+
+def _spec(data: dict[str, Any] | None, base: QuantSpec, where: str) -> QuantSpec:
+    data = dict(data or {})
+    known = {f.name for f in fields(QuantSpec)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+    try:
+        spec = replace(base, **data)
+        check_observer(spec.observer)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return spec
+
+
+@dataclass
+class QuantConfig:
+    name: str = "custom"
+    activation: QuantSpec = field(default_factory=lambda: QuantSpec(bits=8, symmetric=False, observer="minmax"))
+    weight: QuantSpec = field(
+        default_factory=lambda: QuantSpec(bits=8, symmetric=True, per_channel=True, observer="minmax"))
+    float_kinds: list[str] = field(default_factory=lambda: list(BACKEND_FLOAT_KINDS))
+    float_sites: list[str] = field(default_factory=list)
+    # pattern -> {"activation": {...}, "weight": {...}}: partial specs over the defaults
+    overrides: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.float_kinds) - set(KINDS))
+        if bad:
+            raise ConfigError(f"unknown site kind(s) {bad} in float_kinds; kinds are {list(KINDS)}")
+        for pattern, spec in self.overrides.items():
+            extra = sorted(set(spec) - {"activation", "weight"})
+            if extra:
+                raise ConfigError(f"override {pattern!r}: unknown key(s) {extra}; use activation/weight")
+            for part in ("activation", "weight"):
+                _spec(spec.get(part), getattr(self, part), f"override {pattern!r} {part}")
+
+    # -- decisions per site ----------------------------------------------
+    def is_float(self, site: Site) -> bool:
+        return site.kind in self.float_kinds or any(_matches(site.name, p) for p in self.float_sites)
+
+    def spec_for(self, site: Site, part: str) -> QuantSpec:
+        """The spec of ``part`` ('activation' or 'weight') at ``site``; later overrides win."""
+        spec = getattr(self, part)
+        for pattern, override in self.overrides.items():
+            if _matches(site.name, pattern) and part in override:
+                spec = _spec(override[part], spec, f"override {pattern!r}")
+        return spec
+
+    def int8_sites(self, sites: Iterable[Site]) -> list[Site]:
+        return [s for s in sites if not self.is_float(s)]
+
+    def validate(self, sites: list[Site]) -> None:
+        """Every skip-list entry and override pattern must match a site of this model."""
+        names = [s.name for s in sites]
+        for pattern in [*self.float_sites, *self.overrides]:
+            if not any(_matches(n, pattern) for n in names):
+                close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)
+                hint = f"; close matches: {', '.join(close)}" if close else "; `vitq sites` lists the names"
+                raise ConfigError(f"pattern {pattern!r} matches no site of this model{hint}")
+
+    def with_float(self, patterns: Iterable[str], name: str | None = None) -> "QuantConfig":
+        """A copy with more float sites (duplicates dropped, order kept)."""
+        merged = list(dict.fromkeys([*self.float_sites, *patterns]))
+        return replace(self, float_sites=merged, name=name or self.name)
+
+    # -- serialisation -----------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "activation": asdict(self.activation),
+            "weight": asdict(self.weight),
+            "float_kinds": list(self.float_kinds),
+            "float_sites": list(self.float_sites),
+            "overrides": dict(self.overrides),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
+        if not isinstance(data, dict):
+            raise ConfigError("a QuantConfig must be a mapping")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown key(s) {unknown}; a QuantConfig has {sorted(known)}")
+        base = cls()
+        return cls(
+            name=str(data.get("name", base.name)),
+            activation=_spec(data.get("activation"), base.activation, "activation"),
+            weight=_spec(data.get("weight"), base.weight, "weight"),
+            float_kinds=list(data.get("float_kinds", base.float_kinds)),
+            float_sites=list(data.get("float_sites", []) or []),
+            overrides=dict(data.get("overrides", {}) or {}),
+        )
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        text = json.dumps(self.to_dict(), indent=2) if path.suffix == ".json" else yaml.safe_dump(
+            self.to_dict(), sort_keys=False)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "QuantConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
+                              f"{str(e).splitlines()[0]}") from None
+        return cls.from_dict(data)
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or fnmatch.fnmatchcase(name, pattern)

@@ -1,0 +1,256 @@
+"""The quantized model: a Hugging Face classifier with a quantizer at every site.
+
+``QuantModel`` instruments the model in place (patched forwards and hooks, no edit
+of the transformers source) and runs it as embed -> blocks -> head, so analysis
+code can restart the forward at any block. Each slot of each site has a
+:class:`TensorQuantizer` that is either float (identity), observing (calibration)
+or quantizing (fake-quant with calibrated parameters).
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+
+from .families import Family, family_of
+from .observers import NonFiniteError, StreamingHistogram, activation_qparams, weight_qparams
+from .quantizer import QParams, QuantSpec, fake_quantize
+from .config import QuantConfig
+from .sites import Site, discover_sites
+
+FLOAT, OBSERVE, QUANT = "float", "observe", "quant"
+
+# A tap sees (quantizer, float input, value passed on): the error analyzer uses it.
+Tap = Callable[["TensorQuantizer", torch.Tensor, torch.Tensor], None]
+
+
+class SiteError(RuntimeError):
+    """A numerical fault at a named site (NaN/Inf, no calibration data)."""
+
+
+class TensorQuantizer:
+    """One tensor of one site: identity, calibration observer, or fake-quant."""
+
+    def __init__(self, site: Site, slot: str) -> None:
+        self.site, self.slot = site, slot
+        self.mode = FLOAT
+        self.stats = StreamingHistogram()
+        self.spec: QuantSpec | None = None
+        self.qparams: QParams | None = None
+        self.taps: list[Tap] = []
+        self._weight_cache: torch.Tensor | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.site.name}:{self.slot}"
+
+    @property
+    def is_weight(self) -> bool:
+        return self.slot == "weight"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == QUANT:
+            if self.is_weight:
+                out = self._weight_cache
+            else:
+                out = fake_quantize(x, self.qparams)
+        else:
+            if self.mode == OBSERVE and not self.is_weight:
+                try:
+                    self.stats.update(x)
+                except NonFiniteError as e:
+                    raise SiteError(f"site {self.name}: {e} during calibration") from None
+            out = x
+        for tap in self.taps:
+            tap(self, x, out)
+        return out
+
+    def quantize(self, spec: QuantSpec, weight: torch.Tensor | None = None) -> None:
+        """Switch to fake-quant with ``spec``: weights from their tensor, activations
+        from the calibration statistics gathered in OBSERVE mode."""
+        self.spec = spec
+        if self.is_weight:
+            self.qparams = weight_qparams(weight, spec)
+            self._weight_cache = fake_quantize(weight.detach(), self.qparams)
+        else:
+            if self.stats.count == 0:
+                raise SiteError(f"site {self.name}: no calibration data; run calibration first")
+            self.qparams = activation_qparams(self.stats, spec)
+        self.mode = QUANT
+
+    def to_float(self) -> None:
+        self.mode, self.spec, self.qparams, self._weight_cache = FLOAT, None, None, None
+
+
+def _vitq_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' eager attention with the two matmuls and softmax made visible."""
+    q = module._vitq
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    attn = torch.matmul(q["matmul_qk"]["q"](query), q["matmul_qk"]["k"](key).transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn = attn + attention_mask
+    attn = F.softmax(attn, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn = q["softmax"]["output"](attn)
+    attn = F.dropout(attn, p=dropout, training=module.training)
+    out = torch.matmul(q["matmul_av"]["probs"](attn), q["matmul_av"]["v"](value))
+    return out.transpose(1, 2).contiguous(), attn
+
+
+AttentionInterface.register("vitq_eager", _vitq_attention)
+
+
+def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    q = self._vitq
+    return F.linear(q["input"](x), q["weight"](self.weight), self.bias)
+
+
+def _conv_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    q = self._vitq
+    return self._conv_forward(q["input"](x), q["weight"](self.weight), self.bias)
+
+
+def _output_hook(quantizer: TensorQuantizer):
+    def hook(module, args, output):
+        return quantizer(output)
+    return hook
+
+
+def _block_forward(family: Family, res_attn: TensorQuantizer, res_mlp: TensorQuantizer):
+    """The pre-norm block of all supported families, residual adds quantizable."""
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        residual = hidden_states
+        h = getattr(self, family.norm1)(hidden_states)
+        h, _ = self.attention(h, attention_mask, **kwargs)
+        hidden_states = res_attn(family.post_attn(self, h) + residual)
+        h = self.mlp(getattr(self, family.norm2)(hidden_states))
+        return res_mlp(family.post_mlp(self, h) + hidden_states)
+    return forward
+
+
+class QuantModel:
+    """A supported HF classifier, instrumented; see the module docstring."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.family = family_of(model)
+        self.model = model.eval()
+        self.sites = discover_sites(model, self.family)
+        self.site_by_name = {s.name: s for s in self.sites}
+        self.quantizers: dict[str, dict[str, TensorQuantizer]] = {
+            s.name: {slot: TensorQuantizer(s, slot) for slot in s.slots} for s in self.sites
+        }
+        self._weights: dict[str, torch.Tensor] = {}
+        self._instrument()
+
+    # -- instrumentation -------------------------------------------------
+    def _instrument(self) -> None:
+        model, family = self.model, self.family
+        model.config._attn_implementation = "vitq_eager"
+        modules = dict(model.named_modules())
+        for site in self.sites:
+            q = self.quantizers[site.name]
+            if site.kind in ("linear", "conv"):
+                module = modules[site.name]
+                module._vitq = q
+                self._weights[site.name] = module.weight
+                fwd = _linear_forward if site.kind == "linear" else _conv_forward
+                module.forward = types.MethodType(fwd, module)
+            elif site.kind == "layernorm":
+                modules[site.name].register_forward_hook(_output_hook(q["output"]))
+            elif site.kind == "gelu":
+                mlp = modules[site.name.rsplit(".", 1)[0]]
+                mlp.activation_fn.register_forward_hook(_output_hook(q["output"]))
+        for i, layer in enumerate(family.blocks(model)):
+            prefix = {s.role: s.name for s in self.sites if s.block == i}
+            layer.attention._vitq = {
+                role: self.quantizers[prefix[role]] for role in ("matmul_qk", "softmax", "matmul_av")
+            }
+            layer.forward = types.MethodType(
+                _block_forward(family, self.quantizers[prefix["residual_attn"]]["output"],
+                               self.quantizers[prefix["residual_mlp"]]["output"]),
+                layer,
+            )
+
+    # -- running ---------------------------------------------------------
+    @property
+    def backbone(self) -> nn.Module:
+        return getattr(self.model, self.family.backbone)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.family.blocks(self.model))
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.backbone.embeddings(pixel_values)
+
+    def run_blocks(self, hidden: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        for layer in list(self.family.blocks(self.model))[start:stop]:
+            hidden = layer(hidden, None)
+        return hidden
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.family.head(self.model, self.backbone.layernorm(hidden))
+
+    @torch.inference_mode()
+    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Logits of the model under its current quantization state."""
+        return self.head(self.run_blocks(self.embed(pixel_values)))
+
+    # -- state -----------------------------------------------------------
+    def tensor_quantizers(self) -> Iterator[TensorQuantizer]:
+        for slots in self.quantizers.values():
+            yield from slots.values()
+
+    def set_mode(self, mode: str) -> None:
+        """FLOAT everywhere, or OBSERVE on every activation (calibration)."""
+        for tq in self.tensor_quantizers():
+            tq.to_float()
+            if mode == OBSERVE and not tq.is_weight:
+                tq.mode = OBSERVE
+
+    def quantize_site(self, name: str, activation: QuantSpec, weight: QuantSpec) -> None:
+        for slot, tq in self.quantizers[name].items():
+            tq.quantize(weight if tq.is_weight else activation, self._weights.get(name))
+
+    def float_site(self, name: str) -> None:
+        for tq in self.quantizers[name].values():
+            tq.to_float()
+
+    def apply(self, config: QuantConfig | None) -> None:
+        """Quantize every site ``config`` does not keep float (None: all float)."""
+        if config is None:
+            self.set_mode(FLOAT)
+            return
+        config.validate(self.sites)
+        for site in self.sites:
+            if config.is_float(site):
+                self.float_site(site.name)
+            else:
+                self.quantize_site(site.name, config.spec_for(site, "activation"), config.spec_for(site, "weight"))
+
+    def snapshot(self) -> dict[str, tuple]:
+        """The quantization state of every tensor, cheap to restore with :meth:`restore`
+        (lets one pass over the data evaluate several configs)."""
+        return {tq.name: (tq.mode, tq.spec, tq.qparams, tq._weight_cache) for tq in self.tensor_quantizers()}
+
+    def restore(self, snapshot: dict[str, tuple]) -> None:
+        for tq in self.tensor_quantizers():
+            tq.mode, tq.spec, tq.qparams, tq._weight_cache = snapshot[tq.name]
+
+    def prepare(self, config: QuantConfig | None) -> dict[str, tuple]:
+        self.apply(config)
+        return self.snapshot()
+
+    def calibration_state(self) -> dict[str, dict]:
+        """Calibration statistics of every activation tensor (saved for resume/reuse)."""
+        return {tq.name: tq.stats.state_dict() for tq in self.tensor_quantizers() if not tq.is_weight}
+
+    def load_calibration_state(self, state: dict[str, dict]) -> None:
+        for tq in self.tensor_quantizers():
+            if not tq.is_weight:
+                tq.stats = StreamingHistogram.from_state_dict(state[tq.name])

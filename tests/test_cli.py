@@ -1,0 +1,103 @@
+"""`vitq` end to end on a tiny model folder and a generated image folder."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from PIL import Image
+from transformers import ViTImageProcessor
+
+from tests.conftest import tiny_model
+from vitq.cli import main
+
+LABELS = ["cat", "dog", "fish", "bird", "frog"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-vit")
+    model = tiny_model("vit", id2label=dict(enumerate(LABELS)), label2id={l: i for i, l in enumerate(LABELS)})
+    model.config.architectures = ["ViTForImageClassification"]
+    model.save_pretrained(path)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    for split, n in (("train", 4), ("val", 3)):
+        for c, label in enumerate(LABELS[:4]):  # val covers only 4 of the 5 classes
+            (root / split / label).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (40, 36), color=(40 * c, 20 * i, 90)).save(root / split / label / f"{i}.png")
+    return root
+
+
+def test_sites_lists_every_site(model_dir, capsys):
+    assert main(["sites", "--model", str(model_dir), "--format", "csv"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "name,kind,block,role,tensors"
+    assert len(lines) - 1 == 31
+    assert "vit.layers.1.mlp.fc2,linear,1,fc2,input+weight" in lines
+
+
+def test_eval_writes_table_csv_json_and_configs(model_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["eval", "--model", str(model_dir), "--data", str(data_dir), "--calib", "8", "--out", str(out),
+               "--batch-size", "5", "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "top-1 %" in printed and "mixed_2" in printed
+    df = pd.read_csv(out / "eval.csv")
+    assert df["config"].tolist() == ["fp32", "all", "mixed_1", "mixed_2"]
+    assert (df["images"] == 12).all()
+    assert df.loc[0, "agreement"] == 100 and df.loc[0, "top1_drop"] == 0
+    assert df["int8_sites"].tolist()[1:] == [31 - 9, 31 - 9 - 4, 31 - 9 - 4 - 2]  # 9 = 2 x (2 LN + GELU + softmax) + final LN
+    meta = json.loads((out / "eval.json").read_text())
+    assert meta["meta"]["calibration_images"] == 8 and len(meta["rows"]) == 4
+    assert (out / "config_mixed_2.yaml").is_file() and (out / "calibration.pt").is_file()
+
+
+def test_eval_is_deterministic_and_reuses_calibration(model_dir, data_dir, tmp_path):
+    args = ["eval", "--model", str(model_dir), "--data", str(data_dir), "--calib", "8", "--no-progress",
+            "--preset", "all"]
+    main(args + ["--out", str(tmp_path / "a")])
+    main(args + ["--out", str(tmp_path / "a")])  # second run: cached calibration
+    main(args + ["--out", str(tmp_path / "b")])
+    assert (tmp_path / "a" / "eval.csv").read_bytes() == (tmp_path / "b" / "eval.csv").read_bytes()
+
+
+def test_custom_config_file_is_evaluated(model_dir, data_dir, tmp_path):
+    cfg = tmp_path / "plan.yaml"
+    cfg.write_text("name: plan\nactivation: {observer: percentile, percentile: 99.9}\nfloat_sites: ['*.fc2']\n")
+    main(["eval", "--model", str(model_dir), "--data", str(data_dir), "--calib", "8", "--no-progress",
+          "--preset", "fp32", "--config", str(cfg), "--out", str(tmp_path / "o")])
+    df = pd.read_csv(tmp_path / "o" / "eval.csv")
+    assert df["config"].tolist() == ["fp32", "plan"] and df.loc[1, "int8_sites"] == 31 - 9 - 2
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "--data", "/nonexistent/folder"], "--data /nonexistent/folder: no such folder"),
+    (["eval", "--preset", "all,int4"], "unknown preset 'int4'"),
+    (["sites", "--model", "/nonexistent/model"], "no such folder"),
+    (["sites", "--model", "some-org/some-model-that-is-not-cached"], "cannot be reached"),
+])
+def test_user_errors_are_one_line_without_traceback(argv, message, capsys, monkeypatch, model_dir, data_dir):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = [a for a in argv]
+    if argv[0] == "eval" and "--model" not in argv:
+        argv += ["--model", str(model_dir)]
+        if "--data" not in argv:
+            argv += ["--data", str(data_dir)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vitq: error: ") and message in err and "Traceback" not in err
+
+
+def test_console_script_runs_as_a_subprocess(model_dir):
+    result = subprocess.run([sys.executable, "-m", "vitq", "sites", "--model", str(model_dir)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "31 sites in 2 blocks" in result.stdout

@@ -1,0 +1,86 @@
+import pytest
+
+from quant.config import ConfigError, QuantConfig
+from quant.families import family_of
+from quant.presets import preset
+from quant.quantizer import QuantSpec
+from quant.sites import discover_sites
+from tests.conftest import tiny_model
+
+
+@pytest.fixture(scope="module")
+def sites():
+    model = tiny_model("vit", num_hidden_layers=6)
+    return discover_sites(model, family_of(model))
+
+
+def _float(cfg, sites):
+    return [s.name for s in sites if cfg.is_float(s)]
+
+
+def test_presets_give_exact_skip_lists(sites):
+    backend = [s.name for s in sites if s.kind in ("layernorm", "gelu", "softmax")]
+    residuals = [f"vit.layers.{b}.{r}" for b in range(6) for r in ("residual_attn", "residual_mlp")]
+    assert sorted(_float(preset("all", sites), sites)) == sorted(backend)
+    assert sorted(_float(preset("mixed_1", sites), sites)) == sorted(backend + residuals)
+    assert sorted(_float(preset("mixed_2", sites), sites)) == sorted(
+        backend + residuals + ["vit.layers.4.mlp.fc2", "vit.layers.5.mlp.fc2"])
+    assert preset("fp32", sites) is None
+
+
+def test_mixed_2_takes_sites_from_a_ranking_and_falls_back_on_shallow_models(sites):
+    cfg = preset("mixed_2", sites, ["vit.layers.0.mlp.fc1"])
+    assert "vit.layers.0.mlp.fc1" in _float(cfg, sites) and "vit.layers.4.mlp.fc2" not in _float(cfg, sites)
+    shallow = tiny_model("vit")  # 2 blocks: no block 4/5, so the last two fc2
+    s2 = discover_sites(shallow, family_of(shallow))
+    assert preset("mixed_2", s2).float_sites[-2:] == ["vit.layers.0.mlp.fc2", "vit.layers.1.mlp.fc2"]
+
+
+def test_yaml_and_json_round_trip(tmp_path, sites):
+    cfg = QuantConfig(name="x", activation=QuantSpec(observer="percentile", percentile=99.9),
+                      float_sites=["*.residual_*"], overrides={"*.fc2": {"weight": {"per_channel": False}}})
+    for suffix in (".yaml", ".json"):
+        cfg.save(tmp_path / f"c{suffix}")
+        back = QuantConfig.load(tmp_path / f"c{suffix}")
+        assert back == cfg
+
+
+def test_overrides_later_pattern_wins(sites):
+    cfg = QuantConfig(overrides={"*.fc2": {"activation": {"observer": "mse"}},
+                                 "vit.layers.3.*": {"activation": {"observer": "entropy", "bits": 6}}})
+    by = {s.name: s for s in sites}
+    assert cfg.spec_for(by["vit.layers.2.mlp.fc2"], "activation").observer == "mse"
+    spec = cfg.spec_for(by["vit.layers.3.mlp.fc2"], "activation")
+    assert (spec.observer, spec.bits) == ("entropy", 6)
+    assert cfg.spec_for(by["vit.layers.3.mlp.fc2"], "weight") == cfg.weight
+
+
+def test_unknown_site_pattern_lists_close_matches(sites):
+    cfg = QuantConfig(float_sites=["vit.layers.4.mlp.fc3"])
+    with pytest.raises(ConfigError, match=r"matches no site.*close matches: vit\.layers\.4\.mlp\.fc[12]"):
+        cfg.validate(sites)
+
+
+def test_pattern_matching_nothing_is_an_error(sites):
+    with pytest.raises(ConfigError, match=r"'\*\.attn_\*' matches no site"):
+        QuantConfig(float_sites=["*.attn_*"]).validate(sites)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("activation: {observer: maxmin}", "unknown observer 'maxmin'"),
+    ("weight: {bits: 20}", "bits must be an integer in 2..16"),
+    ("float_kinds: [attention]", "unknown site kind"),
+    ("skip: [a]", "unknown key"),
+    ("activation: [1, 2", "not valid YAML"),
+    ("- just a list", "must be a mapping"),
+])
+def test_bad_config_files(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        QuantConfig.load(path)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        QuantConfig.load(tmp_path / "nope.yaml")

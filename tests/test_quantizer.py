@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from quant.quantizer import MIN_SCALE, QuantSpec, fake_quantize, qparams_from_range, quantize_to_int
+
+
+def test_asymmetric_uint8_scale_and_zero_point_by_hand():
+    # range [-1, 3]: scale = 4/255, zero point = 0 - round(-1 / (4/255)) = round(63.75) = 64
+    qp = qparams_from_range(torch.tensor(-1.0), torch.tensor(3.0), QuantSpec(bits=8, symmetric=False))
+    assert qp.scale.item() == pytest.approx(4 / 255)
+    assert qp.zero_point.item() == 64
+    assert (qp.qmin, qp.qmax) == (0, 255)
+
+
+def test_symmetric_int8_maps_amax_to_127():
+    qp = qparams_from_range(torch.tensor(-2.0), torch.tensor(1.0), QuantSpec(bits=8, symmetric=True))
+    assert qp.scale.item() == pytest.approx(2 / 127)
+    assert qp.zero_point.item() == 0
+    codes = quantize_to_int(torch.tensor([-2.0, 1.0, 5.0, -9.0]), qp)
+    assert codes.tolist() == [-127, 64, 127, -128]  # 1/(2/127)=63.5 rounds half to even -> 64; clamps
+
+
+def test_range_is_widened_to_contain_zero():
+    qp = qparams_from_range(torch.tensor(2.0), torch.tensor(4.0), QuantSpec(bits=8))
+    assert qp.zero_point.item() == 0 and qp.scale.item() == pytest.approx(4 / 255)
+
+
+def test_round_half_to_even_and_clamp():
+    qp = qparams_from_range(torch.tensor(0.0), torch.tensor(255.0), QuantSpec(bits=8))  # scale 1, zp 0
+    x = torch.tensor([0.5, 1.5, 2.5, -3.0, 300.0])
+    assert fake_quantize(x, qp).tolist() == [0.0, 2.0, 2.0, 0.0, 255.0]
+
+
+def test_fake_quant_equals_torch_int8_kernel():
+    x = torch.randn(1000) * 3
+    qp = qparams_from_range(x.min(), x.max(), QuantSpec(bits=8))
+    ref = torch.quantize_per_tensor(x, qp.scale.item(), int(qp.zero_point.item()), torch.quint8).dequantize()
+    assert torch.equal(fake_quantize(x, qp), ref)
+
+
+def test_per_channel_uses_each_rows_range():
+    w = torch.tensor([[1.0, -0.5], [10.0, 2.0]])
+    qp = qparams_from_range(w.amin(1), w.amax(1), QuantSpec(symmetric=True, per_channel=True), ch_axis=0)
+    assert qp.scale.tolist() == pytest.approx([1 / 127, 10 / 127])
+    ref = torch.quantize_per_channel(w, qp.scale.double(), qp.zero_point.long(), 0, torch.qint8).dequantize()
+    assert torch.equal(fake_quantize(w, qp), ref)
+
+
+def test_all_zero_tensor_gives_positive_finite_scale():
+    qp = qparams_from_range(torch.tensor(0.0), torch.tensor(0.0), QuantSpec())
+    assert qp.scale.item() == MIN_SCALE
+    assert torch.equal(fake_quantize(torch.zeros(5), qp), torch.zeros(5))
+
+
+@pytest.mark.parametrize("bits", [1, 17, 8.0])
+def test_bits_outside_2_to_16_rejected(bits):
+    with pytest.raises(ValueError, match="bits"):
+        QuantSpec(bits=bits)
+
+
+def test_non_finite_range_rejected():
+    with pytest.raises(ValueError, match="non-finite"):
+        qparams_from_range(torch.tensor(float("nan")), torch.tensor(1.0), QuantSpec())

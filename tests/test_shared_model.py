@@ -1,0 +1,43 @@
+"""The real path: the shared DINOv2 probe on real ImageNet images (skipped without ../shared)."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from tests.conftest import SHARED_DATA, SHARED_MODEL, needs_shared
+from vitq.cli import main
+from vitq.evaluate import evaluate_configs
+from vitq.session import Options, Session
+
+pytestmark = [needs_shared, pytest.mark.shared]
+
+
+def test_presets_on_real_model_write_rows(tmp_path):
+    """Default run: the whole CLI on real weights and JPEGs, few images."""
+    out = tmp_path / "o"
+    rc = main(["eval", "--model", str(SHARED_MODEL), "--data", str(SHARED_DATA), "--calib", "16",
+               "--limit", "16", "--batch-size", "16", "--preset", "all,mixed_1,mixed_2", "--out", str(out),
+               "--no-progress"])
+    assert rc == 0
+    df = pd.read_csv(out / "eval.csv")
+    assert df["config"].tolist() == ["fp32", "all", "mixed_1", "mixed_2"]
+    assert df["images"].eq(16).all()
+    # the reference's ordering: keeping more sites float can only help agreement with FP32 here
+    assert df.loc[0, "agreement"] == 100
+    assert df.loc[2, "logit_sqnr_db"] > df.loc[1, "logit_sqnr_db"]
+    rows = json.loads((out / "eval.json").read_text())["rows"]
+    assert {r["config"] for r in rows} == {"fp32", "all", "mixed_1", "mixed_2"}
+    mixed_2 = (out / "config_mixed_2.yaml").read_text()
+    assert "dinov2.encoder.layer.4.mlp.fc2" in mixed_2 and "dinov2.encoder.layer.5.mlp.fc2" in mixed_2
+
+
+@pytest.mark.slow
+def test_fp32_accuracy_matches_the_model_readme():
+    """README of the probe: top-1 8.46 %, top-5 18.62 % on the 650 val images."""
+    session = Session(Options(model=str(SHARED_MODEL), data=str(SHARED_DATA), progress=False))
+    val = session.images("val", None)
+    assert len(val) == 650
+    df = evaluate_configs(session.qmodel, {}, session.batches(val), progress=False)
+    assert df.loc[0, "top1"] == pytest.approx(8.46, abs=0.1)
+    assert df.loc[0, "top5"] == pytest.approx(18.62, abs=0.1)

@@ -1,0 +1,141 @@
+"""The ``vitq`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+
+import pandas as pd
+
+from quant.config import ConfigError, QuantConfig
+from quant.model import SiteError
+from quant.presets import PRESETS, preset
+
+from .data import DataError
+from .evaluate import evaluate_configs
+from .models import ModelLoadError
+from .results import write_table
+from .session import Options, Session
+
+USER_ERRORS = (DataError, ModelLoadError, ConfigError, SiteError)
+
+
+def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
+    p.add_argument("--model", help="HF model folder or hub id (default: the embedded tiny ViT)")
+    if data:
+        p.add_argument("--data", help="folder with train/ and val/ class folders (default: embedded sample)")
+        p.add_argument("--calib", type=int, default=256, help="calibration images from train/ (default 256)")
+        p.add_argument("--limit", type=int, help="evaluate at most this many val images (seeded sample)")
+        p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+        p.add_argument("--max-bad", type=float, default=0.001,
+                       help="fail if more than this fraction of images is unreadable (default 0.001)")
+        p.add_argument("--out", help="output folder (default out/<model-name>)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitq", description="Post-training INT8 quantization of ViTs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sites", help="list the quantization sites of a model")
+    _common(p, data=False)
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+
+    p = sub.add_parser("eval", help="accuracy of FP32 and quantized configs")
+    _common(p)
+    p.add_argument("--preset", default="all,mixed_1,mixed_2",
+                   help=f"comma-separated presets among {', '.join(PRESETS)} (FP32 is always included)")
+    p.add_argument("--config", action="append", default=[], help="a QuantConfig YAML/JSON to evaluate too")
+    p.add_argument("--mixed-2-float", help="comma-separated sites mixed_2 keeps float (default: fc2 of blocks 4,5)")
+    return parser
+
+
+def _options(args: argparse.Namespace) -> Options:
+    keys = ("model", "data", "out", "calib", "limit", "batch_size", "seed", "workers", "max_bad")
+    return Options(**{k: getattr(args, k) for k in keys if hasattr(args, k)}, progress=not args.no_progress)
+
+
+def cmd_sites(args: argparse.Namespace) -> None:
+    session = Session(_options(args))
+    df = pd.DataFrame([{"name": s.name, "kind": s.kind, "block": s.block, "role": s.role,
+                        "tensors": "+".join(s.slots)} for s in session.sites])
+    df["block"] = df["block"].astype("Int64")
+    if args.format == "csv":
+        print(df.to_csv(index=False), end="")
+    elif args.format == "json":
+        print(df.to_json(orient="records", indent=2))
+    else:
+        print(df.to_string(index=False))
+        print(f"\n{len(df)} sites in {session.qmodel.num_blocks} blocks "
+              f"({df['kind'].value_counts().to_dict()})")
+
+
+def format_table(df: pd.DataFrame) -> str:
+    cols = {"config": "config", "images": "images", "top1": "top-1 %", "top5": "top-5 %",
+            "top1_drop": "drop pp", "agreement": "agree %", "kl": "KL", "logit_sqnr_db": "SQNR dB",
+            "int8_sites": "int8 sites"}
+    view = df[list(cols)].rename(columns=cols)
+    return view.to_string(index=False, float_format=lambda v: f"{v:.2f}" if abs(v) >= 0.01 or v == 0 else f"{v:.2e}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    names = [n.strip() for n in args.preset.split(",") if n.strip()]
+    for n in names:
+        if n not in PRESETS:
+            raise ConfigError(f"unknown preset {n!r}; presets are {', '.join(PRESETS)}")
+    session = Session(_options(args))
+    mixed_2 = args.mixed_2_float.split(",") if args.mixed_2_float else None
+    configs = {n: preset(n, session.sites, mixed_2) for n in names if n != "fp32"}
+    for path in args.config:
+        cfg = QuantConfig.load(path)
+        configs[cfg.name] = cfg
+    for cfg in configs.values():
+        cfg.validate(session.sites)
+    session.images("train", args.calib)  # fail on bad data before any long work
+    val = session.images("val", args.limit)
+    t0 = time.time()
+    seen = session.calibrate()
+    t1 = time.time()
+    df = evaluate_configs(session.qmodel, configs, session.batches(val), session.num_batches(val),
+                          not args.no_progress)
+    meta = {**session.describe(), "calibration_images": seen, "val_images": int(df.loc[0, "images"]),
+            "skipped_images": session.bad, "calibration_s": round(t1 - t0, 1),
+            "evaluation_s": round(time.time() - t1, 1),
+            "configs": {k: v.to_dict() for k, v in configs.items()}}
+    csv_path, json_path = write_table(df, session.out / "eval", meta)
+    for name, cfg in configs.items():
+        cfg.save(session.out / f"config_{name}.yaml")
+    print(format_table(df))
+    if session.bad:
+        print(f"skipped {len(session.bad)} unreadable image(s); see {json_path}")
+    print(f"wrote {csv_path} and {json_path}")
+
+
+COMMANDS = {"sites": cmd_sites, "eval": cmd_eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.debug:
+        warnings.filterwarnings("ignore", module="transformers")
+    try:
+        COMMANDS[args.command](args)
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        print(f"vitq: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nvitq: interrupted; results written so far are kept, rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

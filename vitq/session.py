@@ -1,0 +1,89 @@
+"""Everything a command needs before it analyses anything: model, sites, images,
+calibration. Calibration statistics are cached in the output folder and reused when
+model, data, image count and seed match, so reruns and later commands skip it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from quant.calibrate import calibrate
+from quant.model import QuantModel
+
+from .data import BadImages, ImageSet, batches
+from .models import DEFAULT_DATA, LoadedModel, load_model
+
+
+@dataclass
+class Options:
+    model: str | None = None
+    data: str | None = None
+    out: str | None = None
+    calib: int = 256
+    limit: int | None = None
+    batch_size: int = 32
+    seed: int = 0
+    workers: int = 0
+    max_bad: float = 0.001
+    progress: bool = True
+
+
+class Session:
+    def __init__(self, opts: Options) -> None:
+        torch.manual_seed(opts.seed)
+        self.opts = opts
+        self.loaded: LoadedModel = load_model(opts.model)
+        self.qmodel = QuantModel(self.loaded.model)
+        self.data_root = Path(opts.data) if opts.data else DEFAULT_DATA
+        self.out = Path(opts.out) if opts.out else Path("out") / self.loaded.name
+        self.bad: list[str] = []
+
+    @property
+    def sites(self):
+        return self.qmodel.sites
+
+    def images(self, split: str, n: int | None) -> ImageSet:
+        return ImageSet.from_folder(self.data_root, split, self.loaded.model.config).sample(n, self.opts.seed)
+
+    def batches(self, images: ImageSet):
+        bad = BadImages(len(images), self.opts.max_bad)
+        self.bad = bad.paths
+        return batches(images, self.loaded.processor, self.opts.batch_size, bad, self.opts.workers)
+
+    def num_batches(self, images: ImageSet) -> int:
+        return -(-len(images) // self.opts.batch_size)
+
+    def calibrate(self) -> int:
+        """Calibrate (or load the cached statistics); returns the number of images."""
+        images = self.images("train", self.opts.calib)
+        key = {"model": str(Path(self.loaded.source).resolve()) if Path(self.loaded.source).exists()
+               else self.loaded.source, "split": str(images.split.resolve()), "images": len(images),
+               "seed": self.opts.seed, "files": hashlib.sha1("\n".join(str(p) for p, _ in images.items).encode()).hexdigest()}
+        cache = self.out / "calibration.pt"
+        if cache.is_file():
+            saved = torch.load(cache, weights_only=False)
+            if saved.get("key") == key:
+                self.qmodel.load_calibration_state(saved["state"])
+                return saved["seen"]
+        seen = calibrate(self.qmodel, (p for p, _, _ in self.batches(images)), self.num_batches(images), self.opts.progress)
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(".calibration.pt.tmp")
+        torch.save({"key": key, "seen": seen, "state": self.qmodel.calibration_state()}, tmp)
+        tmp.replace(cache)
+        return seen
+
+    def describe(self) -> dict:
+        import transformers
+        return {
+            "model": self.loaded.source, "family": self.qmodel.family.name,
+            "data": str(self.data_root), "seed": self.opts.seed, "calibration_images": self.opts.calib,
+            "torch": torch.__version__, "transformers": transformers.__version__,
+        }
+
+
+def dumps(meta: dict) -> str:
+    return json.dumps(meta, indent=2, default=str)
