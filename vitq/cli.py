@@ -12,6 +12,7 @@ import pandas as pd
 from quant.config import ConfigError, QuantConfig
 from quant.model import SiteError
 from quant.presets import PRESETS, preset
+from analysis.sensitivity import GROUPS, MODES, RANK_METRICS, analyze_sensitivity, most_sensitive_fc
 
 from .data import DataError
 from .evaluate import evaluate_configs
@@ -20,6 +21,7 @@ from .results import write_table
 from .session import Options, Session
 
 USER_ERRORS = (DataError, ModelLoadError, ConfigError, SiteError)
+
 
 
 def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
@@ -52,6 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated presets among {', '.join(PRESETS)} (FP32 is always included)")
     p.add_argument("--config", action="append", default=[], help="a QuantConfig YAML/JSON to evaluate too")
     p.add_argument("--mixed-2-float", help="comma-separated sites mixed_2 keeps float (default: fc2 of blocks 4,5)")
+    p.add_argument("--mixed-2-from", help="a sensitivity CSV (per site): mixed_2 keeps its two most sensitive fc float")
+
+    p = sub.add_parser("sensitivity", help="per-site / per-group sensitivity ranking")
+    _common(p)
+    p.add_argument("--mode", choices=MODES, default="only",
+                   help="only: quantize one candidate at a time; all-but: everything except one")
+    p.add_argument("--group", choices=GROUPS, default="op", help="one site, one block or one kind per candidate")
+    p.add_argument("--eval-images", type=int, default=512, help="val images measured (seeded sample)")
+    p.add_argument("--config", help="QuantConfig giving int8 specs and the all-but background (default: preset all)")
+    p.add_argument("--rank-by", choices=RANK_METRICS, default="top1_drop")
+    p.add_argument("--worst", type=int, default=10, help="print this many top-ranked candidates")
     return parser
 
 
@@ -90,6 +103,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
             raise ConfigError(f"unknown preset {n!r}; presets are {', '.join(PRESETS)}")
     session = Session(_options(args))
     mixed_2 = args.mixed_2_float.split(",") if args.mixed_2_float else None
+    if args.mixed_2_from:
+        mixed_2 = most_sensitive_fc(_read_table(args.mixed_2_from))
     configs = {n: preset(n, session.sites, mixed_2) for n in names if n != "fp32"}
     for path in args.config:
         cfg = QuantConfig.load(path)
@@ -116,7 +131,38 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"wrote {csv_path} and {json_path}")
 
 
-COMMANDS = {"sites": cmd_sites, "eval": cmd_eval}
+def _read_table(path: str) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path)
+    except (OSError, pd.errors.ParserError) as e:
+        raise ConfigError(f"cannot read table {path}: {e}") from None
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> None:
+    import torch
+
+    session = Session(_options(args))
+    config = QuantConfig.load(args.config) if args.config else preset("all", session.sites)
+    config.validate(session.sites)
+    val = session.images("val", args.eval_images)
+    session.calibrate()
+    loaded = list(session.batches(val))
+    labels = torch.cat([lab for _, lab, _ in loaded])
+    settings = {**session.describe(), "val_files": [str(p) for p, _ in val.items]}
+    df, meta = analyze_sensitivity(
+        session.qmodel, config, (p for p, _, _ in loaded), labels, session.out, mode=args.mode,
+        group=args.group, rank_by=args.rank_by, settings=settings, progress=not args.no_progress,
+        batch_size=args.batch_size)
+    stem = session.out / f"sensitivity_{args.mode.replace('-', '_')}_{args.group}"
+    csv_path, json_path = write_table(df, stem, {**session.describe(), **meta})
+    cols = ["rank", "candidate", "kind", "block", "top1", "top1_drop", "agreement", "kl", "logit_sqnr_db"]
+    print(df[cols].head(args.worst).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    speed = f", {meta['speedup_vs_naive']}x faster than naive re-evaluation" if meta["speedup_vs_naive"] else ""
+    print(f"{meta['candidates']} candidates on {meta['images']} images in {meta['wall_s']:.0f} s{speed}")
+    print(f"wrote {csv_path} and {json_path}")
+
+
+COMMANDS = {"sites": cmd_sites, "eval": cmd_eval, "sensitivity": cmd_sensitivity}
 
 
 def main(argv: list[str] | None = None) -> int:

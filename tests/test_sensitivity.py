@@ -1,0 +1,99 @@
+"""Sensitivity analyzer: ranking, cached-prefix exactness, resume."""
+
+import pandas as pd
+import pytest
+import torch
+
+from analysis.sensitivity import analyze_sensitivity, make_candidates, most_sensitive_fc
+from quant.calibrate import calibrate
+from quant.config import QuantConfig
+from quant.model import QuantModel
+from quant.presets import preset
+from tests.conftest import tiny_model
+
+
+def _setup(plant: bool = False, seed: int = 0):
+    model = tiny_model("vit", num_hidden_layers=3, seed=seed)
+    if plant:  # channel 5 of block 1's fc1 x50 (fc2's matching column /50): an outlier in fc2's input only
+        with torch.no_grad():
+            mlp = model.vit.layers[1].mlp
+            mlp.fc1.weight[5] *= 50
+            mlp.fc1.bias[5] = 50 * mlp.fc1.bias[5].abs() + 50
+            mlp.fc2.weight[:, 5] /= 50
+    qm = QuantModel(model)
+    g = torch.Generator().manual_seed(seed)
+    pixels = [torch.randn(8, 3, 32, 32, generator=g) for _ in range(3)]
+    calibrate(qm, pixels, progress=False)
+    labels = torch.randint(0, 5, (24,), generator=g)
+    return qm, pixels, labels
+
+
+def _run(qm, pixels, labels, tmp_path, **kw):
+    return analyze_sensitivity(qm, kw.pop("config", preset("mixed_1", qm.sites)), iter(pixels), labels, tmp_path,
+                               progress=False, batch_size=8, **kw)
+
+
+def test_planted_outlier_site_ranks_first(tmp_path):
+    qm, pixels, labels = _setup(plant=True)
+    per_tensor = QuantConfig(name="pt", float_sites=["*.residual_*"],
+                             activation=preset("mixed_1", qm.sites).activation)
+    df, _ = _run(qm, pixels, labels, tmp_path, config=per_tensor, rank_by="kl")
+    assert df.loc[0, "candidate"] == "vit.layers.1.mlp.fc2"
+    assert most_sensitive_fc(df, 1) == ["vit.layers.1.mlp.fc2"]
+
+
+def test_cached_prefix_equals_naive_full_reevaluation(tmp_path):
+    qm, pixels, labels = _setup()
+    fast, meta = _run(qm, pixels, labels, tmp_path / "a")
+    naive, _ = _run(qm, pixels, labels, tmp_path / "b", naive=True)
+    cols = ["top1", "top5", "agreement", "kl", "logit_sqnr_db"]
+    fast, naive = fast.sort_values("candidate").reset_index(), naive.sort_values("candidate").reset_index()
+    assert fast["candidate"].tolist() == naive["candidate"].tolist()
+    pd.testing.assert_frame_equal(fast[cols], naive[cols], rtol=1e-4, atol=1e-6)
+    assert (fast["start_block"] >= 0).any() and (naive["start_block"] == -1).all()
+    assert meta["speedup_vs_naive"] is not None and meta["full_pass_s"] > 0
+
+
+def test_identity_quantizer_gives_zero_drop_and_infinite_sqnr(tmp_path):
+    qm, pixels, labels = _setup()
+    # 16-bit everything: not identity; the identity is a candidate whose sites stay float
+    cfg = QuantConfig(float_kinds=[], float_sites=["*"])  # nothing int8 -> no candidates
+    with pytest.raises(ValueError, match="no candidate"):
+        _run(qm, pixels, labels, tmp_path, config=cfg)
+    df, meta = _run(qm, pixels, labels, tmp_path, config=preset("all", qm.sites), mode="all-but", group="kind")
+    assert meta["fp32"]["agreement"] == 100 and meta["fp32"]["logit_sqnr_db"] == float("inf")
+    assert set(df["candidate"]) == {"kind conv", "kind linear", "kind matmul_qk", "kind matmul_av", "kind residual"}
+
+
+def test_groups():
+    qm, _, _ = _setup()
+    by_block = make_candidates(qm.sites, preset("all", qm.sites), "block")
+    assert [c.name for c in by_block] == ["block -", "block 0", "block 1", "block 2"]
+    by_block = {c.name: c for c in by_block}
+    by_block = [by_block["block -"], by_block["block 1"]]
+    assert [s.role for s in by_block[1].sites] == ["q", "k", "v", "matmul_qk", "matmul_av", "o", "residual_attn",
+                                                  "fc1", "fc2", "residual_mlp"]  # LN/GELU/softmax float
+    assert [s.name for s in by_block[0].sites] == ["vit.embeddings.patch_embeddings.projection", "classifier"]
+    assert by_block[0].start(3) == -1 and by_block[1].start(3) == 1
+
+
+def test_resume_after_interruption_gives_identical_table(tmp_path, monkeypatch):
+    qm, pixels, labels = _setup()
+    full, _ = _run(qm, pixels, labels, tmp_path / "full")
+
+    import analysis.sensitivity as sens
+    real_append, calls = sens.ResultLog.append, {"n": 0}
+
+    def dying_append(self, row):
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        real_append(self, row)
+
+    monkeypatch.setattr(sens.ResultLog, "append", dying_append)
+    with pytest.raises(KeyboardInterrupt):
+        _run(qm, pixels, labels, tmp_path / "resumed")
+    monkeypatch.setattr(sens.ResultLog, "append", real_append)
+    resumed, meta = _run(qm, pixels, labels, tmp_path / "resumed")
+    assert meta["measured_now"] == meta["candidates"] - 4
+    pd.testing.assert_frame_equal(resumed.drop(columns=[]), full)
