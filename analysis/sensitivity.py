@@ -176,7 +176,7 @@ def analyze_sensitivity(qmodel: QuantModel, config: QuantConfig, pixels_batches:
     stem = f"sensitivity_{mode.replace('-', '_')}_{group}"
     log = ResultLog(out_dir / f"{stem}.{settings_key(settings)}.jsonl", settings)
     todo = [c for c in cands if c.name not in log.done]
-    if progress and len(todo) < len(cands):
+    if len(todo) < len(cands):
         print(f"resuming: {len(cands) - len(todo)} of {len(cands)} candidates already done ({log.path})")
 
     t0 = time.time()

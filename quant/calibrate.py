@@ -19,6 +19,7 @@ def calibrate(qmodel: QuantModel, batches: Iterable[torch.Tensor], total: int | 
               progress: bool = True) -> int:
     """Observe all activations on ``batches`` of pixel values; returns images seen."""
     seen = 0
+    qmodel.reset_calibration()  # a second calibration replaces the first, never merges
     qmodel.set_mode(OBSERVE)
     try:
         for pixels in tqdm(batches, total=total, desc="calibrate", unit="batch", disable=not progress):

@@ -246,6 +246,10 @@ class QuantModel:
         self.apply(config)
         return self.snapshot()
 
+    def reset_calibration(self) -> None:
+        for tq in self.tensor_quantizers():
+            tq.stats = StreamingHistogram()
+
     def calibration_state(self) -> dict[str, dict]:
         """Calibration statistics of every activation tensor (saved for resume/reuse)."""
         return {tq.name: tq.stats.state_dict() for tq in self.tensor_quantizers() if not tq.is_weight}

@@ -101,3 +101,20 @@ def test_console_script_runs_as_a_subprocess(model_dir):
     result = subprocess.run([sys.executable, "-m", "vitq", "sites", "--model", str(model_dir)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "31 sites in 2 blocks" in result.stdout
+
+
+def test_sensitivity_and_errors_commands(model_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    common = ["--model", str(model_dir), "--data", str(data_dir), "--calib", "8", "--out", str(out), "--no-progress"]
+    assert main(["sensitivity", *common, "--eval-images", "8", "--batch-size", "4"]) == 0
+    df = pd.read_csv(out / "sensitivity_only_op.csv")
+    assert len(df) == 31 - 9 and df["rank"].tolist() == list(range(1, 23))
+    assert main(["sensitivity", *common, "--eval-images", "8", "--batch-size", "4"]) == 0
+    assert "resuming: 22 of 22 candidates already done" in capsys.readouterr().out
+    assert main(["eval", *common, "--preset", "mixed_2", "--mixed-2-from", str(out / "sensitivity_only_op.csv")]) == 0
+    fc = df[df["role"].isin(["fc1", "fc2"])].sort_values("rank")["candidate"].head(2).tolist()
+    assert all(name in (out / "config_mixed_2.yaml").read_text() for name in fc)
+    assert main(["errors", *common, "--images", "8"]) == 0
+    acts = pd.read_csv(out / "errors_activations.csv")
+    assert len(acts) == sum(1 for _ in acts["tensor"]) and (out / "errors_channels.npz").is_file()
+    assert (out / "errors_weights.csv").is_file()

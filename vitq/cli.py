@@ -12,6 +12,7 @@ import pandas as pd
 from quant.config import ConfigError, QuantConfig
 from quant.model import SiteError
 from quant.presets import PRESETS, preset
+from analysis.errors import analyze_errors
 from analysis.sensitivity import GROUPS, MODES, RANK_METRICS, analyze_sensitivity, most_sensitive_fc
 
 from .data import DataError
@@ -65,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="QuantConfig giving int8 specs and the all-but background (default: preset all)")
     p.add_argument("--rank-by", choices=RANK_METRICS, default="top1_drop")
     p.add_argument("--worst", type=int, default=10, help="print this many top-ranked candidates")
+
+    p = sub.add_parser("errors", help="SQNR/cosine per activation and weight, outlier statistics")
+    _common(p)
+    p.add_argument("--images", type=int, default=64, help="val images analysed (seeded sample, default 64)")
+    p.add_argument("--config", help="QuantConfig for the accumulated error (default: preset all)")
+    p.add_argument("--outlier-k", type=float, default=6.0,
+                   help="a channel is an outlier if its max |x| exceeds k x the median channel max")
+    p.add_argument("--worst", type=int, default=10, help="print this many worst tensors")
     return parser
 
 
@@ -162,7 +171,30 @@ def cmd_sensitivity(args: argparse.Namespace) -> None:
     print(f"wrote {csv_path} and {json_path}")
 
 
-COMMANDS = {"sites": cmd_sites, "eval": cmd_eval, "sensitivity": cmd_sensitivity}
+def cmd_errors(args: argparse.Namespace) -> None:
+    session = Session(_options(args))
+    config = QuantConfig.load(args.config) if args.config else preset("all", session.sites)
+    config.validate(session.sites)
+    images = session.images("val", args.images)
+    session.calibrate()
+    report = analyze_errors(session.qmodel, config, (p for p, _, _ in session.batches(images)),
+                            outlier_k=args.outlier_k, progress=not args.no_progress,
+                            total=session.num_batches(images))
+    report.meta.update(session.describe())
+    paths = report.save(session.out)
+    acts = report.activations
+    worst = acts[acts["int8"]].sort_values("acc_sqnr_db").head(args.worst)
+    print("lowest accumulated SQNR among int8 tensors:")
+    print(worst[["tensor", "acc_sqnr_db", "isolated_sqnr_db", "max_over_p99_9", "bits_lost"]].to_string(
+        index=False, float_format=lambda v: f"{v:.3g}"))
+    outliers = acts[acts["n_outlier_channels"].fillna(0).astype(int) > 0].sort_values("bits_lost", ascending=False)
+    print(f"\n{len(outliers)} tensors carry outlier channels (k={args.outlier_k}); most bits lost:")
+    print(outliers[["tensor", "outlier_channels", "outlier_tokens", "bits_lost"]].head(args.worst).to_string(
+        index=False, float_format=lambda v: f"{v:.3g}"))
+    print("wrote " + ", ".join(str(p) for p in paths))
+
+
+COMMANDS = {"sites": cmd_sites, "eval": cmd_eval, "sensitivity": cmd_sensitivity, "errors": cmd_errors}
 
 
 def main(argv: list[str] | None = None) -> int:
