@@ -47,3 +47,15 @@ def kl_divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch
     p_log = torch.log_softmax(reference_logits.double(), -1)
     q_log = torch.log_softmax(logits.double(), -1)
     return (p_log.exp() * (p_log - q_log)).sum(-1)
+
+
+def output_metrics(logits: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Top-1/top-5 (%) against labels, top-1 agreement (%), mean KL (nats) and logit SQNR
+    (dB) against the FP32 reference logits of the same images."""
+    return {
+        "top1": float(100 * topk_correct(logits, labels, 1).double().mean()),
+        "top5": float(100 * topk_correct(logits, labels, 5).double().mean()),
+        "agreement": float(100 * top1_agreement(reference, logits).double().mean()),
+        "kl": float(kl_divergence(reference, logits).mean()),
+        "logit_sqnr_db": sqnr_db(reference, logits),
+    }

@@ -28,7 +28,7 @@ from quant.config import QuantConfig
 from quant.model import QuantModel
 from quant.sites import Site
 
-from .metrics import kl_divergence, top1_agreement, topk_correct
+from .metrics import output_metrics
 
 MODES = ("only", "all-but")
 GROUPS = ("op", "block", "kind")
@@ -106,17 +106,6 @@ class BoundaryCache:
                 h, start = self.bounds[start_block].read(i, i + self.batch_size), start_block
             out.append(self.qmodel.head(self.qmodel.run_blocks(h, start)).double())
         return torch.cat(out)
-
-
-def _metrics(logits: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    noise = float((reference - logits).pow(2).sum())
-    return {
-        "top1": float(100 * topk_correct(logits, labels, 1).double().mean()),
-        "top5": float(100 * topk_correct(logits, labels, 5).double().mean()),
-        "agreement": float(100 * top1_agreement(reference, logits).double().mean()),
-        "kl": float(kl_divergence(reference, logits).mean()),
-        "logit_sqnr_db": float("inf") if noise == 0 else float(10 * np.log10(float(reference.pow(2).sum()) / noise)),
-    }
 
 
 class ResultLog:
@@ -202,8 +191,8 @@ def analyze_sensitivity(qmodel: QuantModel, config: QuantConfig, pixels_batches:
         if mode == "all-but":
             qmodel.restore(base_state)
             cache = BoundaryCache(qmodel, pixels, n, batch_size, _mkdir(tmp / "base"))
-        fp32 = _metrics(reference, reference, labels)
-        baseline = _metrics(cache.logits_from(qmodel.num_blocks), reference, labels)
+        fp32 = output_metrics(reference, reference, labels)
+        baseline = output_metrics(cache.logits_from(qmodel.num_blocks), reference, labels)
         num_blocks = qmodel.num_blocks
         for cand in tqdm(todo, desc=f"sensitivity {mode}", unit="cand", disable=not progress):
             qmodel.restore(background)
@@ -215,7 +204,7 @@ def analyze_sensitivity(qmodel: QuantModel, config: QuantConfig, pixels_batches:
                     qmodel.float_site(site.name)
             start = -1 if naive else cand.start(num_blocks)
             row = {"candidate": cand.name, **_describe(cand), "mode": mode, "start_block": start,
-                   **_metrics(cache.logits_from(start), reference, labels)}
+                   **output_metrics(cache.logits_from(start), reference, labels)}
             log.append(row)
         qmodel.apply(None)
     elapsed = time.time() - t0
