@@ -8,15 +8,17 @@ import time
 import warnings
 
 import pandas as pd
+import yaml
 
 from quant.config import ConfigError, QuantConfig
 from quant.model import SiteError
 from quant.presets import PRESETS, preset
-from analysis.errors import analyze_errors
-from analysis.sensitivity import GROUPS, MODES, RANK_METRICS, analyze_sensitivity, most_sensitive_fc
+from analysis.planner import Budget
+from analysis.sensitivity import GROUPS, MODES, RANK_METRICS, most_sensitive_fc
 
 from .data import DataError
 from .evaluate import evaluate_configs
+from .pipeline import run_errors, run_plan, run_sensitivity
 from .models import ModelLoadError
 from .results import write_table
 from .session import Options, Session
@@ -56,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", default=[], help="a QuantConfig YAML/JSON to evaluate too")
     p.add_argument("--mixed-2-float", help="comma-separated sites mixed_2 keeps float (default: fc2 of blocks 4,5)")
     p.add_argument("--mixed-2-from", help="a sensitivity CSV (per site): mixed_2 keeps its two most sensitive fc float")
+    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                   help="torch: fake-quant simulation; onnxruntime: real int8 ONNX Runtime run of each config")
 
     p = sub.add_parser("sensitivity", help="per-site / per-group sensitivity ranking")
     _common(p)
@@ -74,7 +78,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outlier-k", type=float, default=6.0,
                    help="a channel is an outlier if its max |x| exceeds k x the median channel max")
     p.add_argument("--worst", type=int, default=10, help="print this many worst tensors")
+
+    p = sub.add_parser("plan", help="mixed-precision plan within an accuracy budget")
+    _common(p)
+    _plan_args(p)
+
+    p = sub.add_parser("export", help="int8 ONNX model (QuantizeLinear/DequantizeLinear) of a config")
+    _common(p)
+    p.add_argument("--config", help="QuantConfig YAML/JSON to export (default: preset all)")
+    p.add_argument("--preset", choices=[n for n in PRESETS if n != "fp32"], help="export a preset instead")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 13, default 17)")
     return parser
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="QuantConfig to start from (default: preset all)")
+    p.add_argument("--max-drop", type=float, help="top-1 drop vs FP32 allowed, pp (default 0.5)")
+    p.add_argument("--min-agreement", type=float, help="top-1 agreement with FP32 required, %%")
+    p.add_argument("--eval-images", type=int, default=512, help="val images the plan is measured on")
+    p.add_argument("--offending", type=int, default=4, help="worst sites offered per-site remedies")
+    p.add_argument("--max-fallbacks", type=int, default=12, help="float-fallback candidates tried at most")
 
 
 def _options(args: argparse.Namespace) -> Options:
@@ -125,16 +148,25 @@ def cmd_eval(args: argparse.Namespace) -> None:
     t0 = time.time()
     seen = session.calibrate()
     t1 = time.time()
-    df = evaluate_configs(session.qmodel, configs, session.batches(val), session.num_batches(val),
+    model = session.qmodel
+    if args.backend != "torch":
+        from .backends import backend_eval
+        model = backend_eval(session, args.backend)
+    df = evaluate_configs(model, configs, session.batches(val), session.num_batches(val),
                           not args.no_progress)
     meta = {**session.describe(), "calibration_images": seen, "val_images": int(df.loc[0, "images"]),
             "skipped_images": session.bad, "calibration_s": round(t1 - t0, 1),
             "evaluation_s": round(time.time() - t1, 1),
             "configs": {k: v.to_dict() for k, v in configs.items()}}
+    if args.backend != "torch":
+        from .backends import add_simulation_columns
+        backend_line = add_simulation_columns(model, df, meta)
     csv_path, json_path = write_table(df, session.out / "eval", meta)
     for name, cfg in configs.items():
         cfg.save(session.out / f"config_{name}.yaml")
     print(format_table(df))
+    if args.backend != "torch":
+        print(backend_line)
     if session.bad:
         print(f"skipped {len(session.bad)} unreadable image(s); see {json_path}")
     print(f"wrote {csv_path} and {json_path}")
@@ -147,54 +179,85 @@ def _read_table(path: str) -> pd.DataFrame:
         raise ConfigError(f"cannot read table {path}: {e}") from None
 
 
-def cmd_sensitivity(args: argparse.Namespace) -> None:
-    import torch
-
-    session = Session(_options(args))
+def _start_config(args: argparse.Namespace, session: Session) -> QuantConfig:
     config = QuantConfig.load(args.config) if args.config else preset("all", session.sites)
     config.validate(session.sites)
-    val = session.images("val", args.eval_images)
+    return config
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3g}"
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> None:
+    session = Session(_options(args))
+    config = _start_config(args, session)
     session.calibrate()
-    loaded = list(session.batches(val))
-    labels = torch.cat([lab for _, lab, _ in loaded])
-    settings = {**session.describe(), "val_files": [str(p) for p, _ in val.items]}
-    df, meta = analyze_sensitivity(
-        session.qmodel, config, (p for p, _, _ in loaded), labels, session.out, mode=args.mode,
-        group=args.group, rank_by=args.rank_by, settings=settings, progress=not args.no_progress,
-        batch_size=args.batch_size)
-    stem = session.out / f"sensitivity_{args.mode.replace('-', '_')}_{args.group}"
-    csv_path, json_path = write_table(df, stem, {**session.describe(), **meta})
+    df, meta, paths = run_sensitivity(session, config, mode=args.mode, group=args.group,
+                                      images=args.eval_images, rank_by=args.rank_by)
     cols = ["rank", "candidate", "kind", "block", "top1", "top1_drop", "agreement", "kl", "logit_sqnr_db"]
-    print(df[cols].head(args.worst).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(df[cols].head(args.worst).to_string(index=False, float_format=_fmt))
     speed = f", {meta['speedup_vs_naive']}x faster than naive re-evaluation" if meta["speedup_vs_naive"] else ""
     print(f"{meta['candidates']} candidates on {meta['images']} images in {meta['wall_s']:.0f} s{speed}")
-    print(f"wrote {csv_path} and {json_path}")
+    print("wrote " + " and ".join(str(p) for p in paths))
+
+
+def print_errors(report, worst: int) -> None:
+    acts = report.activations
+    low = acts[acts["int8"]].sort_values("acc_sqnr_db").head(worst)
+    print("lowest accumulated SQNR among int8 tensors:")
+    print(low[["tensor", "acc_sqnr_db", "isolated_sqnr_db", "max_over_p99_9", "bits_lost"]].to_string(
+        index=False, float_format=_fmt))
+    outliers = acts[acts["n_outlier_channels"].fillna(0).astype(int) > 0].sort_values("bits_lost", ascending=False)
+    print(f"\n{len(outliers)} tensors carry outlier channels (k={report.meta['outlier_k']}); most bits lost:")
+    print(outliers[["tensor", "outlier_channels", "outlier_tokens", "bits_lost"]].head(worst).to_string(
+        index=False, float_format=_fmt))
 
 
 def cmd_errors(args: argparse.Namespace) -> None:
     session = Session(_options(args))
-    config = QuantConfig.load(args.config) if args.config else preset("all", session.sites)
-    config.validate(session.sites)
-    images = session.images("val", args.images)
+    config = _start_config(args, session)
     session.calibrate()
-    report = analyze_errors(session.qmodel, config, (p for p, _, _ in session.batches(images)),
-                            outlier_k=args.outlier_k, progress=not args.no_progress,
-                            total=session.num_batches(images))
-    report.meta.update(session.describe())
-    paths = report.save(session.out)
-    acts = report.activations
-    worst = acts[acts["int8"]].sort_values("acc_sqnr_db").head(args.worst)
-    print("lowest accumulated SQNR among int8 tensors:")
-    print(worst[["tensor", "acc_sqnr_db", "isolated_sqnr_db", "max_over_p99_9", "bits_lost"]].to_string(
-        index=False, float_format=lambda v: f"{v:.3g}"))
-    outliers = acts[acts["n_outlier_channels"].fillna(0).astype(int) > 0].sort_values("bits_lost", ascending=False)
-    print(f"\n{len(outliers)} tensors carry outlier channels (k={args.outlier_k}); most bits lost:")
-    print(outliers[["tensor", "outlier_channels", "outlier_tokens", "bits_lost"]].head(args.worst).to_string(
-        index=False, float_format=lambda v: f"{v:.3g}"))
+    report, paths = run_errors(session, config, images=args.images, outlier_k=args.outlier_k)
+    print_errors(report, args.worst)
     print("wrote " + ", ".join(str(p) for p in paths))
 
 
-COMMANDS = {"sites": cmd_sites, "eval": cmd_eval, "sensitivity": cmd_sensitivity, "errors": cmd_errors}
+def _budget(args: argparse.Namespace) -> Budget:
+    if args.max_drop is None and args.min_agreement is None:
+        args.max_drop = 0.5
+    return Budget(args.max_drop, args.min_agreement)
+
+
+def print_plan(steps: pd.DataFrame, plan: QuantConfig) -> None:
+    cols = ["step", "kind", "change", "top1", "top1_drop", "agreement", "kl", "int8_macs_share"]
+    print(steps[cols].to_string(index=False, float_format=_fmt))
+    print("\nfloat skip-list (copy into a QuantConfig):")
+    print(yaml.safe_dump({"float_kinds": plan.float_kinds, "float_sites": plan.float_sites}, sort_keys=False))
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    session = Session(_options(args))
+    start = _start_config(args, session)
+    session.calibrate()
+    plan, steps, paths = run_plan(session, start, _budget(args), images=args.eval_images,
+                                  offending=args.offending, max_fallbacks=args.max_fallbacks)
+    print_plan(steps, plan)
+    print("wrote " + ", ".join(str(p) for p in paths))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .backends import run_export
+
+    session = Session(_options(args))
+    config = preset(args.preset, session.sites) if args.preset else _start_config(args, session)
+    session.calibrate()
+    for line in run_export(session, config, opset=args.opset):
+        print(line)
+
+
+COMMANDS = {"sites": cmd_sites, "eval": cmd_eval, "sensitivity": cmd_sensitivity, "errors": cmd_errors,
+            "plan": cmd_plan, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,86 @@
+"""The steps behind the commands (sensitivity, errors, plan), each writing its
+artefacts into the session's output folder. ``vitq analyze`` chains them; each
+step resumes from what an interrupted run left."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from analysis.errors import ErrorReport, analyze_errors
+from analysis.planner import Budget, Planner
+from analysis.sensitivity import analyze_sensitivity
+from quant.config import QuantConfig
+
+from .results import atomic_write_text, write_table
+from .session import Session
+
+
+@dataclass
+class EvalSet:
+    """Preprocessed val images held in memory, shared by sensitivity and planner."""
+
+    pixels: list[torch.Tensor]
+    labels: torch.Tensor
+    files: list[str]
+
+
+def eval_set(session: Session, n: int) -> EvalSet:
+    cached = getattr(session, "_eval_sets", {})
+    if n not in cached:
+        images = session.images("val", n)
+        loaded = list(session.batches(images))
+        cached[n] = EvalSet([p for p, _, _ in loaded], torch.cat([lab for _, lab, _ in loaded]),
+                            [str(images.items[i][0]) for _, _, idx in loaded for i in idx])
+        session._eval_sets = cached
+    return cached[n]
+
+
+def run_sensitivity(session: Session, config: QuantConfig, *, mode: str = "only", group: str = "op",
+                    images: int = 512, rank_by: str = "top1_drop") -> tuple[pd.DataFrame, dict, list[Path]]:
+    data = eval_set(session, images)
+    settings = {**session.describe(), "val_files": data.files}
+    df, meta = analyze_sensitivity(
+        session.qmodel, config, iter(data.pixels), data.labels, session.out, mode=mode, group=group,
+        rank_by=rank_by, settings=settings, progress=session.opts.progress, batch_size=session.opts.batch_size)
+    stem = session.out / f"sensitivity_{mode.replace('-', '_')}_{group}"
+    return df, meta, list(write_table(df, stem, {**session.describe(), **meta}))
+
+
+def run_errors(session: Session, config: QuantConfig, *, images: int = 64,
+               outlier_k: float = 6.0) -> tuple[ErrorReport, list[Path]]:
+    val = session.images("val", images)
+    report = analyze_errors(session.qmodel, config, (p for p, _, _ in session.batches(val)),
+                            outlier_k=outlier_k, progress=session.opts.progress,
+                            total=session.num_batches(val))
+    report.meta.update(session.describe())
+    return report, report.save(session.out)
+
+
+def run_plan(session: Session, start: QuantConfig, budget: Budget, *, images: int = 512,
+             offending: int = 4, max_fallbacks: int = 12) -> tuple[QuantConfig, pd.DataFrame, list[Path]]:
+    """Sensitivity in both modes (reused when already measured), then the planner."""
+    only, _, _ = run_sensitivity(session, start, mode="only", images=images)
+    all_but, _, _ = run_sensitivity(session, start, mode="all-but", images=images)
+    data = eval_set(session, images)
+    planner = Planner(session.qmodel, data.pixels, data.labels, session.out, budget,
+                      {**session.describe(), "val_files": data.files, "start": start.to_dict(),
+                       "budget": vars(budget)}, session.opts.progress)
+    plan = planner.plan(start, only, all_but, offending=offending, max_fallbacks=max_fallbacks)
+    steps = planner.table()
+    plan.save(session.out / "plan.yaml")
+    skiplist = {"float_kinds": plan.float_kinds, "float_sites": plan.float_sites}
+    atomic_write_text(session.out / "plan_skiplist.yaml", _yaml(skiplist))
+    meta = {**session.describe(), "budget": vars(budget), "met": planner.met, "wall_s": round(planner.wall_s, 1),
+            "plan_images": len(data.labels), "plan": plan.to_dict()}
+    paths = [*write_table(steps, session.out / "plan_steps", meta), session.out / "plan.yaml",
+             session.out / "plan_skiplist.yaml"]
+    return plan, steps, paths
+
+
+def _yaml(data: dict) -> str:
+    import yaml
+    return yaml.safe_dump(data, sort_keys=False)
