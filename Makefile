@@ -8,9 +8,11 @@ MODEL  ?=
 DATA   ?=
 OUT    ?=
 CALIB  ?= 256
+EVAL   ?=
+MAX_DROP ?= 0.5
 ARGS    = $(if $(MODEL),--model $(MODEL)) $(if $(DATA),--data $(DATA)) $(if $(OUT),--out $(OUT)) --calib $(CALIB)
 
-.PHONY: install test test-slow eval sites clean
+.PHONY: install test test-slow eval sites sensitivity errors plan analyze clean
 
 install:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +28,13 @@ test-slow:
 
 eval:
 	$(BIN)/vitq eval $(ARGS)
+
+sensitivity errors plan:
+	$(BIN)/vitq $@ $(ARGS)
+
+# Whole pipeline -> out/<model>/report.html. EVAL limits the val images of the final table.
+analyze:
+	$(BIN)/vitq analyze $(ARGS) $(if $(EVAL),--limit $(EVAL)) --max-drop $(MAX_DROP)
 
 sites:
 	$(BIN)/vitq sites $(if $(MODEL),--model $(MODEL))

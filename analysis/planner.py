@@ -131,12 +131,14 @@ class Planner:
         return row
 
     def plan(self, start: QuantConfig, only_table: pd.DataFrame, all_but_table: pd.DataFrame,
-             offending: int = 4, max_fallbacks: int = 12) -> QuantConfig:
+             offending: int = 4, max_fallbacks: int = 12, mixed_2_float: list[str] | None = None) -> QuantConfig:
+        """The plan: see the module docstring. ``mixed_2_float`` picks the reference
+        ``mixed_2`` row's fc sites (default: fc2 of blocks 4 and 5)."""
         t0 = time.time()
         sites = self.qmodel.sites
         self._step("reference", None, "FP32")
         for name in ("all", "mixed_1", "mixed_2"):
-            self._step("reference", preset(name, sites), f"preset {name}")
+            self._step("reference", preset(name, sites, mixed_2_float), f"preset {name}")
         best = copy.deepcopy(start)
         best.name = "plan"
         best_row = self._step("start", best, f"start from {start.name}")

@@ -28,6 +28,9 @@ class LoadedModel:
 
     @property
     def name(self) -> str:
+        """Folder name under out/: the checkpoint's folder or hub name."""
+        if Path(self.source).resolve() == DEFAULT_MODEL.resolve():
+            return "tiny-vit-fashion"
         return Path(self.source.rstrip("/")).name or "model"
 
 

@@ -4,6 +4,7 @@ step resumes from what an interrupted run left."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,9 +13,10 @@ import torch
 
 from analysis.errors import ErrorReport, analyze_errors
 from analysis.planner import Budget, Planner
-from analysis.sensitivity import analyze_sensitivity
+from analysis.sensitivity import analyze_sensitivity, most_sensitive_fc
 from quant.config import QuantConfig
 
+from .evaluate import evaluate_configs
 from .results import atomic_write_text, write_table
 from .session import Session
 
@@ -37,6 +39,24 @@ def eval_set(session: Session, n: int) -> EvalSet:
                             [str(images.items[i][0]) for _, _, idx in loaded for i in idx])
         session._eval_sets = cached
     return cached[n]
+
+
+def run_eval(session: Session, configs: dict[str, QuantConfig], *, limit: int | None = None,
+             model=None) -> tuple[pd.DataFrame, dict, list[Path]]:
+    """FP32 and ``configs`` on the val images (``limit``: a seeded sample); ``model``
+    replaces the fake-quant simulation by another backend with the same interface."""
+    for cfg in configs.values():
+        cfg.validate(session.sites)
+    val = session.images("val", limit)
+    t0 = time.time()
+    df = evaluate_configs(model or session.qmodel, configs, session.batches(val), session.num_batches(val),
+                          session.opts.progress)
+    meta = {**session.describe(), "val_images": int(df.loc[0, "images"]), "skipped_images": session.bad,
+            "evaluation_s": round(time.time() - t0, 1), "configs": {k: v.to_dict() for k, v in configs.items()}}
+    paths = list(write_table(df, session.out / "eval", meta))
+    for name, cfg in configs.items():
+        cfg.save(session.out / f"config_{name}.yaml")
+    return df, meta, paths
 
 
 def run_sensitivity(session: Session, config: QuantConfig, *, mode: str = "only", group: str = "op",
@@ -69,7 +89,8 @@ def run_plan(session: Session, start: QuantConfig, budget: Budget, *, images: in
     planner = Planner(session.qmodel, data.pixels, data.labels, session.out, budget,
                       {**session.describe(), "val_files": data.files, "start": start.to_dict(),
                        "budget": vars(budget)}, session.opts.progress)
-    plan = planner.plan(start, only, all_but, offending=offending, max_fallbacks=max_fallbacks)
+    plan = planner.plan(start, only, all_but, offending=offending, max_fallbacks=max_fallbacks,
+                        mixed_2_float=most_sensitive_fc(only))
     steps = planner.table()
     plan.save(session.out / "plan.yaml")
     skiplist = {"float_kinds": plan.float_kinds, "float_sites": plan.float_sites}
