@@ -118,3 +118,28 @@ def test_sensitivity_and_errors_commands(model_dir, data_dir, tmp_path, capsys):
     acts = pd.read_csv(out / "errors_activations.csv")
     assert len(acts) == sum(1 for _ in acts["tensor"]) and (out / "errors_channels.npz").is_file()
     assert (out / "errors_weights.csv").is_file()
+
+
+def test_interrupted_eval_resumes_to_the_same_table(model_dir, data_dir, tmp_path, capsys, monkeypatch):
+    import vitq.evaluate as ev
+
+    args = ["eval", "--model", str(model_dir), "--data", str(data_dir), "--calib", "8", "--no-progress",
+            "--batch-size", "4"]
+    assert main(args + ["--out", str(tmp_path / "whole")]) == 0
+    real, calls = ev.batch_record, {"n": 0}
+
+    def dies_on_the_second_batch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ev, "batch_record", dies_on_the_second_batch)
+    assert main(args + ["--out", str(tmp_path / "cut")]) == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    assert not (tmp_path / "cut" / "eval.csv").exists()
+    monkeypatch.setattr(ev, "batch_record", real)
+    assert main(args + ["--out", str(tmp_path / "cut")]) == 0
+    assert "resuming: 4 of 12 images already evaluated" in capsys.readouterr().out
+    for name in ("eval.csv", "eval.json"):
+        assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()

@@ -51,7 +51,7 @@ def test_cached_prefix_equals_naive_full_reevaluation(tmp_path):
     assert fast["candidate"].tolist() == naive["candidate"].tolist()
     pd.testing.assert_frame_equal(fast[cols], naive[cols], rtol=1e-4, atol=1e-6)
     assert (fast["start_block"] >= 0).any() and (naive["start_block"] == -1).all()
-    assert meta["speedup_vs_naive"] is not None and meta["full_pass_s"] > 0
+    assert meta["run"]["speedup_vs_naive"] is not None and meta["run"]["full_pass_s"] > 0
 
 
 def test_identity_quantizer_gives_zero_drop_and_infinite_sqnr(tmp_path):
@@ -95,5 +95,5 @@ def test_resume_after_interruption_gives_identical_table(tmp_path, monkeypatch):
         _run(qm, pixels, labels, tmp_path / "resumed")
     monkeypatch.setattr(sens.ResultLog, "append", real_append)
     resumed, meta = _run(qm, pixels, labels, tmp_path / "resumed")
-    assert meta["measured_now"] == meta["candidates"] - 4
+    assert meta["run"]["measured_now"] == meta["candidates"] - 4
     pd.testing.assert_frame_equal(resumed.drop(columns=[]), full)

@@ -17,8 +17,7 @@ from analysis.planner import Budget
 from analysis.sensitivity import GROUPS, MODES, RANK_METRICS, most_sensitive_fc
 
 from .data import DataError
-from .evaluate import evaluate_configs
-from .pipeline import run_errors, run_plan, run_sensitivity
+from .pipeline import run_errors, run_eval, run_plan, run_sensitivity, save_eval
 from .models import ModelLoadError
 from .results import write_table
 from .session import Options, Session
@@ -83,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _plan_args(p)
 
+    p = sub.add_parser("analyze", help="everything: sensitivity, errors, plan, accuracy table, HTML report")
+    _common(p)
+    _plan_args(p)
+    p.add_argument("--error-images", type=int, default=64, help="val images for the error analyzer")
+
     p = sub.add_parser("export", help="int8 ONNX model (QuantizeLinear/DequantizeLinear) of a config")
     _common(p)
     p.add_argument("--config", help="QuantConfig YAML/JSON to export (default: preset all)")
@@ -144,26 +148,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for cfg in configs.values():
         cfg.validate(session.sites)
     session.images("train", args.calib)  # fail on bad data before any long work
-    val = session.images("val", args.limit)
-    t0 = time.time()
-    seen = session.calibrate()
-    t1 = time.time()
+    session.images("val", args.limit)
+    session.calibrate()
     model = session.qmodel
     if args.backend != "torch":
         from .backends import backend_eval
         model = backend_eval(session, args.backend)
-    df = evaluate_configs(model, configs, session.batches(val), session.num_batches(val),
-                          not args.no_progress)
-    meta = {**session.describe(), "calibration_images": seen, "val_images": int(df.loc[0, "images"]),
-            "skipped_images": session.bad, "calibration_s": round(t1 - t0, 1),
-            "evaluation_s": round(time.time() - t1, 1),
-            "configs": {k: v.to_dict() for k, v in configs.items()}}
+    df, meta = run_eval(session, configs, limit=args.limit, model=model)
     if args.backend != "torch":
         from .backends import add_simulation_columns
         backend_line = add_simulation_columns(model, df, meta)
-    csv_path, json_path = write_table(df, session.out / "eval", meta)
-    for name, cfg in configs.items():
-        cfg.save(session.out / f"config_{name}.yaml")
+    csv_path, json_path = save_eval(session, df, meta, configs)
     print(format_table(df))
     if args.backend != "torch":
         print(backend_line)
@@ -197,8 +192,8 @@ def cmd_sensitivity(args: argparse.Namespace) -> None:
                                       images=args.eval_images, rank_by=args.rank_by)
     cols = ["rank", "candidate", "kind", "block", "top1", "top1_drop", "agreement", "kl", "logit_sqnr_db"]
     print(df[cols].head(args.worst).to_string(index=False, float_format=_fmt))
-    speed = f", {meta['speedup_vs_naive']}x faster than naive re-evaluation" if meta["speedup_vs_naive"] else ""
-    print(f"{meta['candidates']} candidates on {meta['images']} images in {meta['wall_s']:.0f} s{speed}")
+    speed = f", {meta['run']['speedup_vs_naive']}x faster than naive re-evaluation" if meta["run"]["speedup_vs_naive"] else ""
+    print(f"{meta['candidates']} candidates on {meta['images']} images in {meta['run']['wall_s']:.0f} s{speed}")
     print("wrote " + " and ".join(str(p) for p in paths))
 
 
@@ -210,8 +205,14 @@ def print_errors(report, worst: int) -> None:
         index=False, float_format=_fmt))
     outliers = acts[acts["n_outlier_channels"].fillna(0).astype(int) > 0].sort_values("bits_lost", ascending=False)
     print(f"\n{len(outliers)} tensors carry outlier channels (k={report.meta['outlier_k']}); most bits lost:")
-    print(outliers[["tensor", "outlier_channels", "outlier_tokens", "bits_lost"]].head(worst).to_string(
-        index=False, float_format=_fmt))
+    view = outliers[["tensor", "n_outlier_channels", "outlier_channels", "outlier_tokens", "bits_lost"]].head(worst)
+    view = view.assign(outlier_channels=view["outlier_channels"].map(_short), outlier_tokens=view["outlier_tokens"].map(_short))
+    print(view.to_string(index=False, float_format=_fmt))
+
+
+def _short(text, limit: int = 30) -> str:
+    text = "" if pd.isna(text) else str(text)
+    return text if len(text) <= limit else text[:limit].rsplit(";", 1)[0] + ";..."
 
 
 def cmd_errors(args: argparse.Namespace) -> None:
@@ -256,8 +257,37 @@ def cmd_export(args: argparse.Namespace) -> None:
         print(line)
 
 
+def cmd_analyze(args: argparse.Namespace) -> None:
+    """The whole pipeline: plan (with both sensitivity modes), errors, accuracy table, report."""
+    t0 = time.time()
+    session = Session(_options(args))
+    start = _start_config(args, session)
+    session.images("val", args.limit)  # fail on bad data before any long work
+    session.calibrate()
+    plan, steps, _ = run_plan(session, start, _budget(args), images=args.eval_images,
+                              offending=args.offending, max_fallbacks=args.max_fallbacks)
+    report, _ = run_errors(session, start, images=args.error_images)
+    only = pd.read_csv(session.out / "sensitivity_only_op.csv")
+    mixed_2 = most_sensitive_fc(only)
+    configs = {n: preset(n, session.sites, mixed_2) for n in ("all", "mixed_1", "mixed_2")}
+    configs["plan"] = plan
+    df, meta = run_eval(session, configs, limit=args.limit)
+    save_eval(session, df, meta, configs)
+    print_plan(steps, plan)
+    print_errors(report, 5)
+    print("\naccuracy on the val images:")
+    print(format_table(df))
+    try:
+        from reports.html import render_report
+    except ImportError:
+        print(f"(no HTML report: reports package unavailable); results in {session.out}")
+        return
+    path = render_report(session.out)
+    print(f"\nreport: {path}  ({time.time() - t0:.0f} s)")
+
+
 COMMANDS = {"sites": cmd_sites, "eval": cmd_eval, "sensitivity": cmd_sensitivity, "errors": cmd_errors,
-            "plan": cmd_plan, "export": cmd_export}
+            "plan": cmd_plan, "export": cmd_export, "analyze": cmd_analyze}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,6 +83,11 @@ class ImageSet:
 
     items: list[tuple[Path, int]]
     split: Path
+    ids: list[int] | None = None  # stable image ids (positions in the full set), kept by subset()
+
+    def __post_init__(self) -> None:
+        if self.ids is None:
+            self.ids = list(range(len(self.items)))
 
     @classmethod
     def from_folder(cls, root: str | Path, split: str, config) -> "ImageSet":
@@ -96,6 +101,10 @@ class ImageSet:
             return self
         return ImageSet(sorted(random.Random(seed).sample(self.items, n)), self.split)
 
+    def subset(self, positions: list[int]) -> "ImageSet":
+        """The images at ``positions``, keeping their ids (a resumed run skips the rest)."""
+        return ImageSet([self.items[i] for i in positions], self.split, [self.ids[i] for i in positions])
+
     def __len__(self) -> int:
         return len(self.items)
 
@@ -106,14 +115,17 @@ class BadImages:
 
     total: int
     max_fraction: float
-    paths: list[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)  # may be shared by several passes (run summary)
+    count: int = 0  # this pass only
 
     def add(self, path: str, reason: str) -> None:
-        self.paths.append(path)
+        if path not in self.paths:
+            self.paths.append(path)
+        self.count += 1
         warnings.warn(f"skipping unreadable image {path}: {reason}", stacklevel=2)
-        if len(self.paths) > self.max_fraction * self.total:
-            raise DataError(f"{len(self.paths)} of {self.total} images are unreadable (more than "
-                            f"--max-bad {self.max_fraction:.2%}); first: {self.paths[0]}")
+        if self.count > self.max_fraction * self.total:
+            raise DataError(f"{self.count} of {self.total} images are unreadable (more than "
+                            f"--max-bad {self.max_fraction:.2%}); first: {path}")
 
 
 def load_rgb(path: Path) -> Image.Image:
@@ -140,9 +152,9 @@ class _Images(Dataset):
         try:
             img = load_rgb(path)
         except Exception as e:  # any decoder failure: the caller counts it
-            return None, label, i, f"{path}: {type(e).__name__}: {e}"
+            return None, label, self.images.ids[i], f"{path}: {type(e).__name__}: {e}"
         pixels = self.processor(images=img, return_tensors="pt")["pixel_values"][0]
-        return pixels, label, i, None
+        return pixels, label, self.images.ids[i], None
 
 
 def _collate(batch):

@@ -13,7 +13,7 @@ import torch
 
 from analysis.errors import ErrorReport, analyze_errors
 from analysis.planner import Budget, Planner
-from analysis.sensitivity import analyze_sensitivity, most_sensitive_fc
+from analysis.sensitivity import ResultLog, analyze_sensitivity, most_sensitive_fc, settings_key
 from quant.config import QuantConfig
 
 from .evaluate import evaluate_configs
@@ -42,21 +42,33 @@ def eval_set(session: Session, n: int) -> EvalSet:
 
 
 def run_eval(session: Session, configs: dict[str, QuantConfig], *, limit: int | None = None,
-             model=None) -> tuple[pd.DataFrame, dict, list[Path]]:
+             model=None) -> tuple[pd.DataFrame, dict]:
     """FP32 and ``configs`` on the val images (``limit``: a seeded sample); ``model``
     replaces the fake-quant simulation by another backend with the same interface."""
     for cfg in configs.values():
         cfg.validate(session.sites)
     val = session.images("val", limit)
     t0 = time.time()
-    df = evaluate_configs(model or session.qmodel, configs, session.batches(val), session.num_batches(val),
-                          session.opts.progress)
+    settings = {**session.describe(), "val_files": [str(p) for p, _ in val.items],
+                "configs": {k: v.to_dict() for k, v in configs.items()}, "backend": type(model).__name__}
+    log = ResultLog(session.out / f"eval.{settings_key(settings)}.jsonl", settings)
+    done = {i for r in log.done.values() for i in r["indices"]}
+    if done:
+        print(f"resuming: {len(done)} of {len(val)} images already evaluated ({log.path})")
+    todo = val.subset([i for i in range(len(val)) if i not in done])
+    df = evaluate_configs(model or session.qmodel, configs, session.batches(todo), session.num_batches(todo),
+                          session.opts.progress, log=log)
     meta = {**session.describe(), "val_images": int(df.loc[0, "images"]), "skipped_images": session.bad,
-            "evaluation_s": round(time.time() - t0, 1), "configs": {k: v.to_dict() for k, v in configs.items()}}
-    paths = list(write_table(df, session.out / "eval", meta))
+            "configs": {k: v.to_dict() for k, v in configs.items()},
+            "run": {"evaluation_s": round(time.time() - t0, 1), "resumed_images": len(done), "log": str(log.path)}}
+    return df, meta
+
+
+def save_eval(session: Session, df: pd.DataFrame, meta: dict, configs: dict[str, QuantConfig]) -> tuple[Path, Path]:
+    """eval.csv/json and one config_<name>.yaml per evaluated config."""
     for name, cfg in configs.items():
         cfg.save(session.out / f"config_{name}.yaml")
-    return df, meta, paths
+    return write_table(df, session.out / "eval", meta)
 
 
 def run_sensitivity(session: Session, config: QuantConfig, *, mode: str = "only", group: str = "op",
@@ -95,7 +107,7 @@ def run_plan(session: Session, start: QuantConfig, budget: Budget, *, images: in
     plan.save(session.out / "plan.yaml")
     skiplist = {"float_kinds": plan.float_kinds, "float_sites": plan.float_sites}
     atomic_write_text(session.out / "plan_skiplist.yaml", _yaml(skiplist))
-    meta = {**session.describe(), "budget": vars(budget), "met": planner.met, "wall_s": round(planner.wall_s, 1),
+    meta = {**session.describe(), "budget": vars(budget), "met": planner.met, "run": {"wall_s": round(planner.wall_s, 1)},
             "plan_images": len(data.labels), "plan": plan.to_dict()}
     paths = [*write_table(steps, session.out / "plan_steps", meta), session.out / "plan.yaml",
              session.out / "plan_skiplist.yaml"]

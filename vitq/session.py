@@ -40,7 +40,7 @@ class Session:
         self.qmodel = QuantModel(self.loaded.model)
         self.data_root = Path(opts.data) if opts.data else DEFAULT_DATA
         self.out = Path(opts.out) if opts.out else Path("out") / self.loaded.name
-        self.bad: list[str] = []
+        self.bad: list[str] = []  # unreadable files skipped so far, over all image passes
 
     @property
     def sites(self):
@@ -50,8 +50,7 @@ class Session:
         return ImageSet.from_folder(self.data_root, split, self.loaded.model.config).sample(n, self.opts.seed)
 
     def batches(self, images: ImageSet):
-        bad = BadImages(len(images), self.opts.max_bad)
-        self.bad = bad.paths
+        bad = BadImages(len(images), self.opts.max_bad, self.bad)
         return batches(images, self.loaded.processor, self.opts.batch_size, bad, self.opts.workers)
 
     def num_batches(self, images: ImageSet) -> int:
@@ -68,19 +67,22 @@ class Session:
             saved = torch.load(cache, weights_only=False)
             if saved.get("key") == key:
                 self.qmodel.load_calibration_state(saved["state"])
+                self.calibration_images = saved["seen"]
                 return saved["seen"]
         seen = calibrate(self.qmodel, (p for p, _, _ in self.batches(images)), self.num_batches(images), self.opts.progress)
         self.out.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(".calibration.pt.tmp")
         torch.save({"key": key, "seen": seen, "state": self.qmodel.calibration_state()}, tmp)
         tmp.replace(cache)
+        self.calibration_images = seen
         return seen
 
     def describe(self) -> dict:
         import transformers
         return {
             "model": self.loaded.source, "family": self.qmodel.family.name,
-            "data": str(self.data_root), "seed": self.opts.seed, "calibration_images": self.opts.calib,
+            "data": str(self.data_root), "seed": self.opts.seed,
+            "calibration_images": getattr(self, "calibration_images", None),
             "torch": torch.__version__, "transformers": transformers.__version__,
         }
 

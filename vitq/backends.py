@@ -1,0 +1,297 @@
+"""Execution backends: where a quantization config actually runs.
+
+Every backend has the same interface: ``prepare(name, config)`` maps a
+:class:`~quant.config.QuantConfig` (None: FP32) to a runner, a callable
+``pixels -> logits`` (CPU float32 torch tensor). The config -> backend mapping is
+one piece of code per backend:
+
+- :class:`TorchFakeQuant`: the fake-quant simulation of :class:`~quant.model.QuantModel`;
+- :class:`OnnxRuntimeInt8`: the config exported as a standard Q/DQ ONNX graph
+  (:func:`quant.export_onnx.export_onnx`), run by ONNX Runtime's CPU provider,
+  which fuses the Q/DQ patterns into int8 kernels (real int8 execution).
+
+:class:`BackendEval` lets :func:`vitq.evaluate.evaluate_configs` evaluate a backend
+(FP32 row from the torch reference) and measures how well the backend agrees with
+the fake-quant simulation of the same config.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from quant.config import ConfigError, QuantConfig
+from quant.export_onnx import ExportResult, export_onnx, float_state
+from quant.model import QuantModel
+
+Runner = Callable[[torch.Tensor], torch.Tensor]
+BACKENDS = ("torch", "onnxruntime")
+
+
+class BackendError(ConfigError):
+    """A backend cannot run here (missing package) or failed to load a model (a
+    ConfigError so that the CLI reports it in one line)."""
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "config"
+
+
+class TorchFakeQuant:
+    """The fake-quant simulation (QuantModel) as a backend."""
+
+    name = "torch"
+
+    def __init__(self, qmodel: QuantModel) -> None:
+        self.qmodel = qmodel
+
+    def prepare(self, name: str, config: QuantConfig | None) -> Runner:
+        state = self.qmodel.prepare(config)
+
+        def run(pixels: torch.Tensor) -> torch.Tensor:
+            self.qmodel.restore(state)
+            return self.qmodel(pixels).float()
+        return run
+
+
+def import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BackendError("--backend onnxruntime needs onnxruntime and onnx: pip install 'vitq[onnx]'") from None
+    return onnxruntime
+
+
+class OrtRunner:
+    """One ONNX model in an ONNX Runtime CPU session."""
+
+    def __init__(self, path: str | Path, threads: int | None = None, export: ExportResult | None = None) -> None:
+        ort = import_onnxruntime()
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.path, self.export = Path(path), export
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise BackendError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from None
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.detach().to("cpu", torch.float32).contiguous().numpy()
+        return torch.from_numpy(self.session.run(None, {self.input: x})[0])
+
+
+class OnnxRuntimeInt8:
+    """Configs exported to ``out_dir/model_<name>.onnx`` and run by ONNX Runtime.
+
+    ``example_pixels`` fixes the image size of the graphs (take it from the image
+    processor: DINOv2 is traced at the size it is fed); the batch axis is dynamic.
+    ``threads``: ONNX Runtime intra-op threads (None: its default).
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, qmodel: QuantModel, out_dir: str | Path, example_pixels: torch.Tensor,
+                 threads: int | None = None, opset: int = 17) -> None:
+        import_onnxruntime()
+        self.qmodel, self.out_dir = qmodel, Path(out_dir)
+        self.example, self.threads, self.opset = example_pixels, threads, opset
+        self.exports: dict[str, ExportResult] = {}
+
+    def export(self, name: str, config: QuantConfig | None) -> ExportResult:
+        """Write ``config`` (None: FP32) as ``model_<name>.onnx``; the QuantModel's state is kept."""
+        saved = self.qmodel.snapshot()
+        try:
+            self.qmodel.apply(config)
+            result = export_onnx(self.qmodel, self.out_dir / f"model_{_safe(name)}.onnx", self.example, self.opset)
+        finally:
+            self.qmodel.restore(saved)
+        self.exports[name] = result
+        return result
+
+    def prepare(self, name: str, config: QuantConfig | None) -> OrtRunner:
+        result = self.export(name, config)
+        return OrtRunner(result.path, self.threads, result)
+
+
+def make_backend(kind: str, qmodel: QuantModel, out_dir: str | Path, example_pixels: torch.Tensor,
+                 threads: int | None = None):
+    if kind == "torch":
+        return TorchFakeQuant(qmodel)
+    if kind == "onnxruntime":
+        return OnnxRuntimeInt8(qmodel, out_dir, example_pixels, threads)
+    raise ValueError(f"unknown backend {kind!r}; backends are {', '.join(BACKENDS)}")
+
+
+# -- evaluation through a backend -------------------------------------------------
+@dataclass
+class _SimTally:
+    images: int = 0
+    agree: int = 0
+    max_abs_diff: float = 0.0
+    signal: float = 0.0
+    noise: float = 0.0
+
+    def row(self) -> dict:
+        sqnr = float("inf") if self.noise == 0 else 10 * float(torch.log10(torch.tensor(self.signal / self.noise)))
+        return {"images": self.images, "agreement": 100.0 * self.agree / max(self.images, 1),
+                "max_abs_logit_diff": self.max_abs_diff, "logit_sqnr_db": sqnr}
+
+
+@dataclass
+class BackendEval:
+    """The part of QuantModel's interface that ``evaluate_configs`` uses, served by a
+    backend: FP32 (config None) runs the torch reference, every other config runs on
+    ``backend`` and, when ``compare_simulation``, also through the fake-quant model to
+    measure their agreement (:meth:`simulation_agreement`)."""
+
+    qmodel: QuantModel
+    backend: object
+    compare_simulation: bool = True
+    _runners: list = field(default_factory=list)
+    _sim: list = field(default_factory=list)
+    _names: list = field(default_factory=list)
+    _tallies: dict = field(default_factory=dict)
+    _current: int = 0
+
+    @property
+    def sites(self):
+        return self.qmodel.sites
+
+    def prepare(self, config: QuantConfig | None) -> int:
+        name = "fp32" if config is None else config.name
+        if config is None:
+            state = self.qmodel.prepare(None)
+            runner, sim = None, state
+        else:
+            runner = self.backend.prepare(name, config)
+            sim = self.qmodel.prepare(config) if self.compare_simulation else None
+            self._tallies[name] = _SimTally()
+        self._runners.append(runner)
+        self._sim.append(sim)
+        self._names.append(name)
+        return len(self._runners) - 1
+
+    def restore(self, key: int) -> None:
+        self._current = key
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        runner, sim, name = self._runners[self._current], self._sim[self._current], self._names[self._current]
+        if runner is None:
+            self.qmodel.restore(sim)
+            return self.qmodel(pixels)
+        out = runner(pixels)
+        if sim is not None:
+            self.qmodel.restore(sim)
+            ref = self.qmodel(pixels).float()
+            t = self._tallies[name]
+            t.images += len(pixels)
+            t.agree += int((ref.argmax(-1) == out.argmax(-1)).sum())
+            t.max_abs_diff = max(t.max_abs_diff, float((ref - out).abs().max()))
+            t.signal += float(ref.double().pow(2).sum())
+            t.noise += float((ref.double() - out.double()).pow(2).sum())
+        return out
+
+    def apply(self, config: QuantConfig | None) -> None:
+        self.qmodel.apply(config)
+
+    def simulation_agreement(self) -> dict[str, dict]:
+        """Per config: top-1 agreement (%) of the backend with the fake-quant
+        simulation, max |logit difference| and logit SQNR (dB) between them."""
+        return {name: t.row() for name, t in self._tallies.items() if t.images}
+
+
+def describe_export(int8: ExportResult, fp32: ExportResult | None = None) -> str:
+    """One human line: Q/DQ count, int8 weights, file size (vs FP32)."""
+    mb = int8.file_bytes / 2**20
+    line = (f"{int8.path}: {int8.quantize_nodes} QuantizeLinear + {int8.dequantize_nodes} DequantizeLinear "
+            f"({int8.int8_weights} int8 weight initializers), {mb:.2f} MiB")
+    if fp32 is not None:
+        line += f" vs FP32 {fp32.file_bytes / 2**20:.2f} MiB ({fp32.file_bytes / max(int8.file_bytes, 1):.2f}x smaller)"
+    return line
+
+
+def export_fp32_and_int8(qmodel: QuantModel, config: QuantConfig, out_dir: str | Path,
+                         example_pixels: torch.Tensor, opset: int = 17) -> tuple[ExportResult, ExportResult]:
+    """``out_dir/model_fp32.onnx`` and ``out_dir/model_int8.onnx`` (``config`` applied)."""
+    out_dir = Path(out_dir)
+    with float_state(qmodel):
+        fp32 = export_onnx(qmodel, out_dir / "model_fp32.onnx", example_pixels, opset)
+    saved = qmodel.snapshot()
+    try:
+        qmodel.apply(config)
+        int8 = export_onnx(qmodel, out_dir / "model_int8.onnx", example_pixels, opset)
+    finally:
+        qmodel.restore(saved)
+    return fp32, int8
+
+
+# -- what the CLI runs ---------------------------------------------------------------
+def example_pixels(session) -> torch.Tensor:
+    """One preprocessed calibration image: the image size the ONNX graphs are traced at."""
+    images = session.images("train", 1)
+    pixels, _, _ = next(iter(session.batches(images)))
+    return pixels[:1]
+
+
+def run_export(session, config: QuantConfig, opset: int = 17) -> list[str]:
+    """``vitq export``: FP32 and int8 ONNX models of a calibrated session in its
+    output folder, plus ``export.json``; returns the lines to print."""
+    import json
+
+    from quant.export_onnx import int8_tensors
+
+    from .results import atomic_write_text
+
+    example = example_pixels(session)
+    fp32, int8 = export_fp32_and_int8(session.qmodel, config, session.out, example, opset)
+    saved = session.qmodel.snapshot()
+    try:
+        session.qmodel.apply(config)
+        expected = len(int8_tensors(session.qmodel, example))
+    finally:
+        session.qmodel.restore(saved)
+    config.save(session.out / "model_int8.yaml")
+    info = {**session.describe(), "config": config.to_dict(), "opset": opset,
+            "image_size": list(example.shape[-2:]), "distinct_int8_tensors": expected,
+            "fp32": {"path": str(fp32.path), "bytes": fp32.file_bytes},
+            "int8": {"path": str(int8.path), "bytes": int8.file_bytes, "quantize_linear": int8.quantize_nodes,
+                     "dequantize_linear": int8.dequantize_nodes, "int8_weights": int8.int8_weights}}
+    atomic_write_text(session.out / "export.json", json.dumps(info, indent=2, default=str) + "\n")
+    n_int8 = len(config.int8_sites(session.sites))
+    return [f"config {config.name}: {n_int8} of {len(session.sites)} sites int8, "
+            f"{expected} distinct int8 tensors ({int8.int8_weights} weights, "
+            f"{expected - int8.int8_weights} activations)",
+            describe_export(int8, fp32),
+            f"wrote {fp32.path}, {int8.path}, {session.out / 'model_int8.yaml'} and {session.out / 'export.json'}"]
+
+
+def backend_eval(session, kind: str, threads: int | None = None) -> BackendEval:
+    """What ``vitq eval --backend KIND`` evaluates instead of the bare QuantModel."""
+    example = example_pixels(session)
+    backend = make_backend(kind, session.qmodel, session.out / "onnx", example,
+                           threads or torch.get_num_threads())
+    return BackendEval(session.qmodel, backend, compare_simulation=kind != "torch")
+
+
+def add_simulation_columns(evaluator: BackendEval, df, meta: dict) -> str:
+    """Adds ``sim_agreement`` (top-1 agreement with the fake-quant simulation, %) to
+    the eval table and the details to its meta; returns a line to print."""
+    sim = evaluator.simulation_agreement()
+    df["sim_agreement"] = [100.0 if c == "fp32" else sim.get(c, {}).get("agreement", float("nan"))
+                           for c in df["config"]]
+    meta["backend"] = getattr(evaluator.backend, "name", str(evaluator.backend))
+    meta["simulation_agreement"] = sim
+    exports = getattr(evaluator.backend, "exports", {})
+    meta["onnx_models"] = {k: {"path": str(v.path), "bytes": v.file_bytes, "quantize_linear": v.quantize_nodes,
+                               "dequantize_linear": v.dequantize_nodes, "int8_weights": v.int8_weights}
+                           for k, v in exports.items()}
+    parts = [f"{k} {v['agreement']:.2f}% (max |dlogit| {v['max_abs_logit_diff']:.2g})" for k, v in sim.items()]
+    return f"{meta['backend']} vs fake-quant top-1 agreement: " + ", ".join(parts)
