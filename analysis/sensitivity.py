@@ -247,6 +247,7 @@ def _rank(df: pd.DataFrame, fp32: dict, baseline: dict, mode: str, rank_by: str)
     if mode == "all-but":
         df["top1_gain"] = df["top1"] - baseline["top1"]
     harmful_first = _HARMFUL_WHEN_LARGE[rank_by] == (mode == "only")
+    df["block"] = df["block"].astype("Int64")  # None for sites outside the blocks
     df = df.sort_values([rank_by, "kl"], ascending=[not harmful_first, mode != "only"], kind="stable")
     df.insert(0, "rank", range(1, len(df) + 1))
     return df.reset_index(drop=True)

@@ -72,7 +72,7 @@ class StreamingHistogram:
         if self.radius == 0.0:  # only zeros so far
             self.hist[self.bins_per_side] += x.numel()
             return
-        self.hist += torch.histc(x, bins=2 * self.bins_per_side, min=-self.radius, max=self.radius).double()
+        self.hist += torch.histc(x, bins=2 * self.bins_per_side, min=-self.radius, max=self.radius).double().cpu()
 
     def _widen(self, amax: float) -> None:
         # Grow geometrically so a slowly rising max does not re-bin on every batch;

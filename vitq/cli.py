@@ -7,10 +7,13 @@ import sys
 import time
 import warnings
 
+from pathlib import Path
+
 import pandas as pd
 import yaml
 
 from quant.config import ConfigError, QuantConfig
+from reports.html import render_report
 from quant.model import SiteError
 from quant.presets import PRESETS, preset
 from analysis.planner import Budget
@@ -81,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="mixed-precision plan within an accuracy budget")
     _common(p)
     _plan_args(p)
+
+    p = sub.add_parser("report", help="render out/<model>/report.html from the artefacts in an output folder")
+    p.add_argument("--out", required=True, help="output folder written by the other commands")
+    p.add_argument("--title", help="report title")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
 
     p = sub.add_parser("analyze", help="everything: sensitivity, errors, plan, accuracy table, HTML report")
     _common(p)
@@ -277,17 +285,19 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     print_errors(report, 5)
     print("\naccuracy on the val images:")
     print(format_table(df))
-    try:
-        from reports.html import render_report
-    except ImportError:
-        print(f"(no HTML report: reports package unavailable); results in {session.out}")
-        return
     path = render_report(session.out)
     print(f"\nreport: {path}  ({time.time() - t0:.0f} s)")
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    if not out.is_dir():
+        raise DataError(f"--out {out}: no such folder")
+    print(f"report: {render_report(out, title=args.title)}")
+
+
 COMMANDS = {"sites": cmd_sites, "eval": cmd_eval, "sensitivity": cmd_sensitivity, "errors": cmd_errors,
-            "plan": cmd_plan, "export": cmd_export, "analyze": cmd_analyze}
+            "plan": cmd_plan, "export": cmd_export, "report": cmd_report, "analyze": cmd_analyze}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def _clean(value: Any) -> Any:
+    """Strict JSON: NaN/NA -> null, +-inf -> "inf"/"-inf", numpy scalars -> Python."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if value is pd.NA or value is pd.NaT:
+        return None
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
     if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
         return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
     return value
@@ -40,6 +49,7 @@ def write_table(df: pd.DataFrame, stem: str | Path, meta: dict[str, Any] | None 
     if run is not None:
         atomic_write_text(stem.with_suffix(".run.json"), json.dumps(run, indent=2, default=str) + "\n")
     atomic_write_text(csv_path, df.to_csv(index=False, float_format="%.6g"))
-    rows = [{k: _clean(v) for k, v in row.items()} for row in df.to_dict(orient="records")]
-    atomic_write_text(json_path, json.dumps({"meta": meta or {}, "rows": rows}, indent=2, default=str) + "\n")
+    rows = _clean(df.to_dict(orient="records"))
+    text = json.dumps({"meta": _clean(meta), "rows": rows}, indent=2, default=str, allow_nan=False)
+    atomic_write_text(json_path, text + "\n")
     return csv_path, json_path
