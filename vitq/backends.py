@@ -37,6 +37,11 @@ class BackendError(ConfigError):
     ConfigError so that the CLI reports it in one line)."""
 
 
+def _metadata(config: QuantConfig | None) -> dict[str, str]:
+    import json
+    return {"vitq.config": "fp32" if config is None else json.dumps(config.to_dict())}
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "config"
 
@@ -110,7 +115,8 @@ class OnnxRuntimeInt8:
         saved = self.qmodel.snapshot()
         try:
             self.qmodel.apply(config)
-            result = export_onnx(self.qmodel, self.out_dir / f"model_{_safe(name)}.onnx", self.example, self.opset)
+            result = export_onnx(self.qmodel, self.out_dir / f"model_{_safe(name)}.onnx", self.example, self.opset,
+                                 metadata=_metadata(config))
         finally:
             self.qmodel.restore(saved)
         self.exports[name] = result
@@ -223,11 +229,11 @@ def export_fp32_and_int8(qmodel: QuantModel, config: QuantConfig, out_dir: str |
     """``out_dir/model_fp32.onnx`` and ``out_dir/model_int8.onnx`` (``config`` applied)."""
     out_dir = Path(out_dir)
     with float_state(qmodel):
-        fp32 = export_onnx(qmodel, out_dir / "model_fp32.onnx", example_pixels, opset)
+        fp32 = export_onnx(qmodel, out_dir / "model_fp32.onnx", example_pixels, opset, metadata=_metadata(None))
     saved = qmodel.snapshot()
     try:
         qmodel.apply(config)
-        int8 = export_onnx(qmodel, out_dir / "model_int8.onnx", example_pixels, opset)
+        int8 = export_onnx(qmodel, out_dir / "model_int8.onnx", example_pixels, opset, metadata=_metadata(config))
     finally:
         qmodel.restore(saved)
     return fp32, int8
@@ -246,18 +252,11 @@ def run_export(session, config: QuantConfig, opset: int = 17) -> list[str]:
     output folder, plus ``export.json``; returns the lines to print."""
     import json
 
-    from quant.export_onnx import int8_tensors
-
     from .results import atomic_write_text
 
     example = example_pixels(session)
     fp32, int8 = export_fp32_and_int8(session.qmodel, config, session.out, example, opset)
-    saved = session.qmodel.snapshot()
-    try:
-        session.qmodel.apply(config)
-        expected = len(int8_tensors(session.qmodel, example))
-    finally:
-        session.qmodel.restore(saved)
+    expected = len(int8.int8_tensors)
     config.save(session.out / "model_int8.yaml")
     info = {**session.describe(), "config": config.to_dict(), "opset": opset,
             "image_size": list(example.shape[-2:]), "distinct_int8_tensors": expected,
@@ -283,7 +282,9 @@ def backend_eval(session, kind: str, threads: int | None = None) -> BackendEval:
 
 def add_simulation_columns(evaluator: BackendEval, df, meta: dict) -> str:
     """Adds ``sim_agreement`` (top-1 agreement with the fake-quant simulation, %) to
-    the eval table and the details to its meta; returns a line to print."""
+    the eval table and the details to its meta; returns a line to print. Only the
+    images run in this process count: batches a resumed evaluation took from its
+    log were not re-run (``simulation_agreement[...]["images"]`` says how many did)."""
     sim = evaluator.simulation_agreement()
     df["sim_agreement"] = [100.0 if c == "fp32" else sim.get(c, {}).get("agreement", float("nan"))
                            for c in df["config"]]

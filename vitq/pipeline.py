@@ -36,7 +36,7 @@ def eval_set(session: Session, n: int) -> EvalSet:
         images = session.images("val", n)
         loaded = list(session.batches(images))
         cached[n] = EvalSet([p for p, _, _ in loaded], torch.cat([lab for _, lab, _ in loaded]),
-                            [str(images.items[i][0]) for _, _, idx in loaded for i in idx])
+                            [str(images.items[i][0].resolve()) for _, _, idx in loaded for i in idx])
         session._eval_sets = cached
     return cached[n]
 

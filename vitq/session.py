@@ -59,9 +59,9 @@ class Session:
     def calibrate(self) -> int:
         """Calibrate (or load the cached statistics); returns the number of images."""
         images = self.images("train", self.opts.calib)
-        key = {"model": str(Path(self.loaded.source).resolve()) if Path(self.loaded.source).exists()
-               else self.loaded.source, "split": str(images.split.resolve()), "images": len(images),
-               "seed": self.opts.seed, "files": hashlib.sha1("\n".join(str(p) for p, _ in images.items).encode()).hexdigest()}
+        files = "\n".join(str(p.relative_to(images.split)) for p, _ in images.items)
+        key = {"model": self.describe()["model"], "split": str(images.split.resolve()), "images": len(images),
+               "seed": self.opts.seed, "files": hashlib.sha1(files.encode()).hexdigest()}
         cache = self.out / "calibration.pt"
         if cache.is_file():
             saved = torch.load(cache, weights_only=False)
@@ -79,9 +79,10 @@ class Session:
 
     def describe(self) -> dict:
         import transformers
+        local = Path(self.loaded.source).exists()
         return {
-            "model": self.loaded.source, "family": self.qmodel.family.name,
-            "data": str(self.data_root), "seed": self.opts.seed,
+            "model": str(Path(self.loaded.source).resolve()) if local else self.loaded.source,
+            "family": self.qmodel.family.name, "data": str(self.data_root.resolve()), "seed": self.opts.seed,
             "calibration_images": getattr(self, "calibration_images", None),
             "torch": torch.__version__, "transformers": transformers.__version__,
         }

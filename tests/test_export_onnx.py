@@ -1,0 +1,241 @@
+"""ONNX export with Q/DQ and the ONNX Runtime backend, on tiny models."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx", reason="the onnx package is not installed (pip install 'vitq[onnx]')")
+from onnx import TensorProto, numpy_helper  # noqa: E402
+
+from quant.calibrate import calibrate  # noqa: E402
+from quant.config import QuantConfig  # noqa: E402
+from quant.export_onnx import ExportError, export_onnx, int8_tensors, nonstandard_ops  # noqa: E402
+from quant.model import TensorQuantizer, QuantModel  # noqa: E402
+from quant.presets import preset  # noqa: E402
+from quant.quantizer import QuantSpec  # noqa: E402
+from tests.conftest import tiny_model  # noqa: E402
+
+needs_ort = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None,
+                               reason="onnxruntime is not installed (pip install 'vitq[onnx]')")
+
+EVERYTHING_FLOAT = QuantConfig(name="float", float_kinds=[], float_sites=["*"])
+# tiny ViT (2 blocks): conv 2 + 13 linear x 2 + 2 matmul_qk x 2 + 2 matmul_av x 2 + 4 residual = 40 int8 slots;
+# q/k/v of a block read the same LayerNorm output with the same parameters: one Q/DQ, 2 x 2 fewer.
+EXPECTED = {"all": dict(slots=40, distinct=36, weights=14), "mixed_1": dict(slots=36, distinct=32, weights=14)}
+
+
+def _images(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _calibrated(family: str = "vit") -> QuantModel:
+    qm = QuantModel(tiny_model(family))
+    calibrate(qm, [_images(16, 0)], progress=False)
+    return qm
+
+
+@pytest.fixture(scope="module")
+def qmodel() -> QuantModel:
+    return _calibrated("vit")
+
+
+def _ort(path, threads: int = 1):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(sess.run(None, {"pixel_values": x.numpy()})[0])
+
+
+def _count(model, op: str) -> int:
+    return sum(n.op_type == op for n in model.graph.node)
+
+
+@pytest.mark.parametrize("name", ["all", "mixed_1"])
+def test_qdq_graph_is_standard_and_has_one_pair_per_int8_tensor(qmodel, name, tmp_path):
+    qmodel.apply(preset(name, qmodel.sites))
+    tensors = int8_tensors(qmodel, _images(1, 5))
+    result = export_onnx(qmodel, tmp_path / "m.onnx", _images(2, 5))
+    model = onnx.load(str(result.path))
+    onnx.checker.check_model(model, full_check=True)
+    assert nonstandard_ops(model) == [] and all(n.domain in ("", "ai.onnx") for n in model.graph.node)
+
+    want = EXPECTED[name]
+    assert sum(len(t.slots) for t in tensors) == want["slots"]
+    assert len(tensors) == want["distinct"]
+    assert _count(model, "DequantizeLinear") == result.dequantize_nodes == want["distinct"]
+    assert _count(model, "QuantizeLinear") == want["distinct"] - want["weights"]  # activations only
+    assert result.int8_weights == sum(t.is_weight for t in tensors) == want["weights"]
+
+
+def test_weights_are_int8_initializers_bit_exact_with_the_simulation(qmodel, tmp_path):
+    cfg = preset("all", qmodel.sites)
+    qmodel.apply(cfg)
+    model = onnx.load(str(export_onnx(qmodel, tmp_path / "m.onnx", _images(2, 5)).path))
+    inits = {i.name: i for i in model.graph.initializer}
+    int8_weights = [f"model.{s.name}.weight" for s in cfg.int8_sites(qmodel.sites) if s.has_weight()]
+    assert len(int8_weights) == EXPECTED["all"]["weights"]
+    assert not set(int8_weights) & set(inits)  # no float copy left
+    assert all(inits[f"{w}_quantized"].data_type == TensorProto.INT8 for w in int8_weights)
+    weights = 0
+    for n in model.graph.node:
+        if n.op_type == "QuantizeLinear":
+            assert n.input[0] not in inits  # run-time activations only: weights are folded
+            zp = numpy_helper.to_array(inits[n.input[2]])
+            assert zp.dtype == np.uint8 and zp.shape == ()  # asymmetric per-tensor activations
+        if n.op_type != "DequantizeLinear" or n.input[0] not in inits:
+            continue
+        weights += 1
+        init = inits[n.input[0]]
+        assert init.data_type == TensorProto.INT8
+        site = init.name.replace("model.", "", 1).replace(".weight_quantized", "")
+        tq = qmodel.quantizers[site]["weight"]
+        codes = numpy_helper.to_array(init).astype(np.float32)
+        scale = numpy_helper.to_array(inits[n.input[1]])
+        axis = next(a.i for a in n.attribute if a.name == "axis")
+        shape = [1] * codes.ndim
+        shape[axis] = -1
+        dequant = torch.from_numpy(codes * scale.reshape(shape))
+        cached = tq._weight_cache
+        consumer = next(c.op_type for c in model.graph.node if n.output[0] in c.input)
+        if consumer == "MatMul":  # x @ W.T: stored [in, out], output channel on axis 1
+            assert axis == 1
+            dequant = dequant.T
+        else:  # Conv, Gemm(transB=1): [out, in, ...], axis 0
+            assert consumer in ("Conv", "Gemm") and axis == 0
+        assert torch.equal(dequant, cached)
+    assert weights == EXPECTED["all"]["weights"]
+
+
+def test_symmetric_activations_are_int8_and_per_tensor_weights_have_no_axis(qmodel, tmp_path):
+    cfg = QuantConfig(name="sym", activation=QuantSpec(symmetric=True),
+                      weight=QuantSpec(symmetric=True, per_channel=False))
+    qmodel.apply(cfg)
+    model = onnx.load(str(export_onnx(qmodel, tmp_path / "m.onnx", _images(2, 5)).path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq and all(inits[n.input[2]].dtype == np.int8 and inits[n.input[1]].shape == () for n in qdq)
+    assert not any(a.name == "axis" for n in qdq for a in n.attribute)
+
+
+def test_export_keeps_the_model_state_and_refuses_non_8_bit(qmodel, tmp_path):
+    qmodel.apply(preset("mixed_1", qmodel.sites))
+    x = _images(4, 7)
+    before = qmodel(x)
+    export_onnx(qmodel, tmp_path / "m.onnx", x)
+    assert torch.equal(qmodel(x), before)
+    assert all(type(tq) is TensorQuantizer for tq in qmodel.tensor_quantizers())
+    qmodel.apply(QuantConfig(name="w4", weight=QuantSpec(bits=4, symmetric=True)))
+    with pytest.raises(ExportError, match="4-bit quantization cannot be exported"):
+        export_onnx(qmodel, tmp_path / "w4.onnx", x)
+    assert not (tmp_path / "w4.onnx").exists()
+
+
+@needs_ort
+def test_everything_float_exports_without_qdq_and_matches_fp32(qmodel, tmp_path):
+    qmodel.apply(EVERYTHING_FLOAT)
+    result = export_onnx(qmodel, tmp_path / "f.onnx", _images(2, 5))
+    assert result.quantize_nodes == result.dequantize_nodes == result.int8_weights == 0
+    x = _images(8, 9)
+    with torch.no_grad():
+        reference = qmodel.model(x).logits
+    assert torch.allclose(_ort(result.path)(x), reference, atol=1e-4, rtol=0)
+
+
+@needs_ort
+@pytest.mark.parametrize("family,name", [("vit", "all"), ("vit", "mixed_1"), ("dinov2", "all"), ("deit", "all")])
+def test_onnxruntime_int8_agrees_with_fake_quant(family, name, tmp_path):
+    qm = _calibrated(family)
+    qm.apply(preset(name, qm.sites))
+    result = export_onnx(qm, tmp_path / "m.onnx", _images(2, 5))  # traced at batch 2, run at 64
+    x = _images(64, 11)
+    sim, ort_out = qm(x), _ort(result.path)(x)
+    agree = (sim.argmax(1) == ort_out.argmax(1)).float().mean().item()
+    assert agree >= 0.99
+    assert (ort_out - sim).abs().max() <= 0.02 * sim.abs().max()
+    assert torch.nn.functional.cosine_similarity(ort_out.flatten(), sim.flatten(), dim=0) > 0.999
+
+
+# -- backends and the command line -------------------------------------------------
+@needs_ort
+def test_backends_share_one_interface(qmodel, tmp_path):
+    from vitq.backends import BackendEval, OnnxRuntimeInt8, TorchFakeQuant
+    from vitq.evaluate import evaluate_configs
+
+    cfg = preset("all", qmodel.sites)
+    x = _images(16, 3)
+    torch_run = TorchFakeQuant(qmodel).prepare("all", cfg)
+    ort_backend = OnnxRuntimeInt8(qmodel, tmp_path, x[:1], threads=1)
+    ort_run = ort_backend.prepare("all", cfg)
+    assert (tmp_path / "model_all.onnx").is_file() and ort_backend.exports["all"].dequantize_nodes == 36
+    assert (torch_run(x).argmax(1) == ort_run(x).argmax(1)).float().mean() >= 0.99
+
+    evaluator = BackendEval(qmodel, ort_backend)
+    labels = torch.arange(16) % 5
+    df = evaluate_configs(evaluator, {"all": cfg}, [(x, labels, list(range(16)))], progress=False)
+    assert df["config"].tolist() == ["fp32", "all"] and df.loc[0, "agreement"] == 100
+    sim = evaluator.simulation_agreement()["all"]
+    assert sim["images"] == 16 and sim["agreement"] >= 99
+
+
+@pytest.fixture(scope="module")
+def model_and_data(tmp_path_factory):
+    from PIL import Image
+    from transformers import ViTImageProcessor
+
+    labels = ["cat", "dog", "fish", "bird", "frog"]
+    path = tmp_path_factory.mktemp("tiny-vit")
+    model = tiny_model("vit", id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+    model.config.architectures = ["ViTForImageClassification"]
+    model.save_pretrained(path)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    root = tmp_path_factory.mktemp("data")
+    for split, n in (("train", 4), ("val", 3)):
+        for c, label in enumerate(labels[:4]):
+            (root / split / label).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (40, 36), color=(40 * c, 20 * i, 90)).save(root / split / label / f"{i}.png")
+    return path, root
+
+
+@needs_ort
+def test_cli_export_writes_fp32_and_int8_models(model_and_data, tmp_path, capsys):
+    from vitq.cli import main
+
+    model_dir, data_dir = model_and_data
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("name: plan\nfloat_sites: ['*.residual_*']\n")  # = mixed_1
+    out = tmp_path / "out"
+    assert main(["export", "--config", str(plan), "--model", str(model_dir), "--data", str(data_dir),
+                 "--calib", "8", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "18 QuantizeLinear + 32 DequantizeLinear (14 int8 weight initializers)" in printed
+    assert "vs FP32" in printed
+    info = json.loads((out / "export.json").read_text())
+    assert info["int8"]["dequantize_linear"] == info["distinct_int8_tensors"] == 32
+    assert (out / "model_int8.onnx").stat().st_size < (out / "model_fp32.onnx").stat().st_size
+    onnx.checker.check_model(onnx.load(str(out / "model_int8.onnx")))
+
+
+@needs_ort
+def test_cli_eval_with_onnxruntime_backend(model_and_data, tmp_path, capsys):
+    from vitq.cli import main
+
+    model_dir, data_dir = model_and_data
+    out = tmp_path / "out"
+    assert main(["eval", "--backend", "onnxruntime", "--preset", "all,mixed_1", "--model", str(model_dir),
+                 "--data", str(data_dir), "--calib", "8", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "onnxruntime vs fake-quant top-1 agreement: all" in printed
+    df = pd.read_csv(out / "eval.csv")
+    assert df["config"].tolist() == ["fp32", "all", "mixed_1"] and (df["sim_agreement"] >= 99).all()
+    meta = json.loads((out / "eval.json").read_text())["meta"]
+    assert meta["backend"] == "onnxruntime" and set(meta["simulation_agreement"]) == {"all", "mixed_1"}
+    assert (out / "onnx" / "model_all.onnx").is_file()
