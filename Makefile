@@ -12,7 +12,7 @@ EVAL   ?=
 MAX_DROP ?= 0.5
 ARGS    = $(if $(MODEL),--model $(MODEL)) $(if $(DATA),--data $(DATA)) $(if $(OUT),--out $(OUT)) --calib $(CALIB)
 
-.PHONY: install test test-slow eval sites sensitivity errors plan analyze clean
+.PHONY: install test test-slow eval sites sensitivity errors plan analyze bench clean
 
 install:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ sensitivity errors plan:
 # Whole pipeline -> out/<model>/report.html. EVAL limits the val images of the final table.
 analyze:
 	$(BIN)/vitq analyze $(ARGS) $(if $(EVAL),--limit $(EVAL)) --max-drop $(MAX_DROP)
+
+# Benchmarks are scripts, not timed tests (they need ../shared and minutes of CPU).
+bench:
+	$(BIN)/python scripts/bench_sensitivity.py
+	$(BIN)/python scripts/bench_int8.py
 
 sites:
 	$(BIN)/vitq sites $(if $(MODEL),--model $(MODEL))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -171,7 +172,8 @@ def analyze_sensitivity(qmodel: QuantModel, config: QuantConfig, pixels_batches:
     t0 = time.time()
     fp32_state = qmodel.prepare(None)
     base_state = qmodel.prepare(config)
-    with tempfile.TemporaryDirectory(prefix="vitq-sens-", dir=out_dir) as tmp:
+    _remove_stale_scratch(out_dir)
+    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=out_dir) as tmp:
         tmp = Path(tmp)
         pixels, seen = None, 0
         for batch in pixels_batches:
@@ -220,6 +222,28 @@ def analyze_sensitivity(qmodel: QuantModel, config: QuantConfig, pixels_batches:
     meta = {"mode": mode, "group": group, "images": n, "candidates": len(cands), "fp32": fp32,
             "baseline": baseline, "rank_by": rank_by, "run": run}
     return df, meta
+
+
+SCRATCH_PREFIX = "vitq-sens-"
+
+
+def _remove_stale_scratch(out_dir: Path) -> None:
+    """Delete scratch caches left by killed runs (their process is gone)."""
+    for folder in out_dir.glob(f"{SCRATCH_PREFIX}*"):
+        pid = folder.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _mkdir(p: Path) -> Path:

@@ -300,10 +300,15 @@ COMMANDS = {"sites": cmd_sites, "eval": cmd_eval, "sensitivity": cmd_sensitivity
             "plan": cmd_plan, "export": cmd_export, "report": cmd_report, "analyze": cmd_analyze}
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"vitq: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.debug:
         warnings.filterwarnings("ignore", module="transformers")
+        warnings.showwarning = _one_line_warning
     try:
         COMMANDS[args.command](args)
     except USER_ERRORS as e:

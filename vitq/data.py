@@ -122,10 +122,10 @@ class BadImages:
         if path not in self.paths:
             self.paths.append(path)
         self.count += 1
-        warnings.warn(f"skipping unreadable image {path}: {reason}", stacklevel=2)
         if self.count > self.max_fraction * self.total:
             raise DataError(f"{self.count} of {self.total} images are unreadable (more than "
                             f"--max-bad {self.max_fraction:.2%}); first: {path}")
+        warnings.warn(f"skipping unreadable image {path}: {reason}", stacklevel=2)
 
 
 def load_rgb(path: Path) -> Image.Image:
