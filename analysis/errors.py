@@ -285,6 +285,15 @@ class _Analyzer:
         else:
             record.accumulated.update(self.float_values.pop(tq.name), out)
 
+    def state(self) -> dict[str, tuple]:
+        """The accumulated statistics (what a checkpoint must keep)."""
+        return {name: (r.isolated, r.accumulated, r.outliers) for name, r in self.records.items()}
+
+    def load_state(self, state: dict[str, tuple]) -> None:
+        for name, (isolated, accumulated, outliers) in state.items():
+            record = self.records[name]
+            record.isolated, record.accumulated, record.outliers = isolated, accumulated, outliers
+
     def run_batch(self, pixels: torch.Tensor) -> None:
         """Both passes, segment after segment; each pass starts from its own hidden
         state, so the quantized pass is exactly the quantized model's forward."""
@@ -382,8 +391,16 @@ class ErrorReport:
         return [*paths, npz]
 
 
+def _save_checkpoint(path: Path, data: dict) -> None:
+    """Write-then-rename: a kill leaves the previous checkpoint intact."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(data, tmp)
+    tmp.replace(path)
+
+
 def analyze_errors(qmodel: QuantModel, config: QuantConfig, batches: Iterable[torch.Tensor], *,
-                   outlier_k: float = 6.0, progress: bool = True, total: int | None = None) -> ErrorReport:
+                   outlier_k: float = 6.0, progress: bool = True, total: int | None = None,
+                   checkpoint: Path | None = None) -> ErrorReport:
     """Isolated and accumulated error, outlier statistics and weight granularity gain
     of a calibrated ``qmodel`` under ``config`` (see the module docstring).
 
@@ -393,13 +410,22 @@ def analyze_errors(qmodel: QuantModel, config: QuantConfig, batches: Iterable[to
     analyzer, seen, n_batches = None, 0, 0
     try:
         analyzer = _Analyzer(qmodel, config)
+        if checkpoint is not None and checkpoint.is_file():
+            saved = torch.load(checkpoint, weights_only=False)
+            analyzer.load_state(saved["state"])
+            seen, n_batches = saved["seen"], saved["batches"]
+            print(f"resuming: {n_batches} batches ({seen} images) already analysed ({checkpoint})")
         for record in analyzer.records.values():
             record.tq.taps.append(analyzer.tap)
         if total is None and hasattr(batches, "__len__"):
             total = len(batches)  # type: ignore[arg-type]
-        for pixels in tqdm(batches, total=total, desc="errors", unit="batch", disable=not progress):
+        for i, pixels in enumerate(tqdm(batches, total=total, desc="errors", unit="batch", disable=not progress)):
+            if i < n_batches:  # done by the interrupted run (batches come in a fixed order)
+                continue
             analyzer.run_batch(pixels)
             seen, n_batches = seen + len(pixels), n_batches + 1
+            if checkpoint is not None:
+                _save_checkpoint(checkpoint, {"state": analyzer.state(), "seen": seen, "batches": n_batches})
     finally:
         if analyzer is not None:
             for record in analyzer.records.values():

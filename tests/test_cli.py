@@ -143,3 +143,27 @@ def test_interrupted_eval_resumes_to_the_same_table(model_dir, data_dir, tmp_pat
     assert "resuming: 4 of 12 images already evaluated" in capsys.readouterr().out
     for name in ("eval.csv", "eval.json"):
         assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+
+
+def test_interrupted_error_analysis_resumes_to_the_same_tables(model_dir, data_dir, tmp_path, capsys, monkeypatch):
+    import analysis.errors as er
+
+    args = ["errors", "--model", str(model_dir), "--data", str(data_dir), "--calib", "8", "--no-progress",
+            "--batch-size", "4", "--images", "12"]
+    assert main(args + ["--out", str(tmp_path / "whole")]) == 0
+    real, calls = er._Analyzer.run_batch, {"n": 0}
+
+    def dies_on_the_second_batch(self, pixels):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, pixels)
+
+    monkeypatch.setattr(er._Analyzer, "run_batch", dies_on_the_second_batch)
+    assert main(args + ["--out", str(tmp_path / "cut")]) == 130
+    monkeypatch.setattr(er._Analyzer, "run_batch", real)
+    capsys.readouterr()
+    assert main(args + ["--out", str(tmp_path / "cut")]) == 0
+    assert "resuming: 1 batches (4 images) already analysed" in capsys.readouterr().out
+    for name in ("errors_activations.csv", "errors_activations.json", "errors_weights.csv"):
+        assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name

@@ -85,9 +85,13 @@ def run_sensitivity(session: Session, config: QuantConfig, *, mode: str = "only"
 def run_errors(session: Session, config: QuantConfig, *, images: int = 64,
                outlier_k: float = 6.0) -> tuple[ErrorReport, list[Path]]:
     val = session.images("val", images)
+    settings = {**session.describe(), "val_files": [str(p.resolve()) for p, _ in val.items],
+                "config": config.to_dict(), "outlier_k": outlier_k, "batch_size": session.opts.batch_size}
+    session.out.mkdir(parents=True, exist_ok=True)
     report = analyze_errors(session.qmodel, config, (p for p, _, _ in session.batches(val)),
                             outlier_k=outlier_k, progress=session.opts.progress,
-                            total=session.num_batches(val))
+                            total=session.num_batches(val),
+                            checkpoint=session.out / f"errors_state.{settings_key(settings)}.pt")
     report.meta.update(session.describe())
     return report, report.save(session.out)
 
