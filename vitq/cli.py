@@ -22,7 +22,6 @@ from analysis.sensitivity import GROUPS, MODES, RANK_METRICS, most_sensitive_fc
 from .data import DataError
 from .pipeline import run_errors, run_eval, run_plan, run_sensitivity, save_eval
 from .models import ModelLoadError
-from .results import write_table
 from .session import Options, Session
 
 USER_ERRORS = (DataError, ModelLoadError, ConfigError, SiteError)

@@ -5,7 +5,6 @@ model, data, image count and seed match, so reruns and later commands skip it.""
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,7 +85,3 @@ class Session:
             "calibration_images": getattr(self, "calibration_images", None),
             "torch": torch.__version__, "transformers": transformers.__version__,
         }
-
-
-def dumps(meta: dict) -> str:
-    return json.dumps(meta, indent=2, default=str)
