@@ -10,6 +10,8 @@ OUT    ?=
 CALIB  ?= 256
 EVAL   ?=
 MAX_DROP ?= 0.5
+MIN_AGREEMENT ?=
+PLAN_IMAGES ?=
 ARGS    = $(if $(MODEL),--model $(MODEL)) $(if $(DATA),--data $(DATA)) $(if $(OUT),--out $(OUT)) --calib $(CALIB)
 
 .PHONY: install test test-slow eval sites sensitivity errors plan analyze bench clean
@@ -34,7 +36,8 @@ sensitivity errors plan:
 
 # Whole pipeline -> out/<model>/report.html. EVAL limits the val images of the final table.
 analyze:
-	$(BIN)/vitq analyze $(ARGS) $(if $(EVAL),--limit $(EVAL)) --max-drop $(MAX_DROP)
+	$(BIN)/vitq analyze $(ARGS) $(if $(EVAL),--limit $(EVAL)) --max-drop $(MAX_DROP) \
+		$(if $(MIN_AGREEMENT),--min-agreement $(MIN_AGREEMENT)) $(if $(PLAN_IMAGES),--eval-images $(PLAN_IMAGES))
 
 # Benchmarks are scripts, not timed tests (they need ../shared and minutes of CPU).
 bench:

@@ -166,7 +166,7 @@ def test_onnxruntime_int8_agrees_with_fake_quant(family, name, tmp_path):
 # -- backends and the command line -------------------------------------------------
 @needs_ort
 def test_backends_share_one_interface(qmodel, tmp_path):
-    from vitq.backends import BackendEval, OnnxRuntimeInt8, TorchFakeQuant
+    from vitq.backends import BackendEval, OnnxRuntimeInt8, OrtRunner, TorchFakeQuant
     from vitq.evaluate import evaluate_configs
 
     cfg = preset("all", qmodel.sites)
@@ -176,6 +176,10 @@ def test_backends_share_one_interface(qmodel, tmp_path):
     ort_run = ort_backend.prepare("all", cfg)
     assert (tmp_path / "model_all.onnx").is_file() and ort_backend.exports["all"].dequantize_nodes == 36
     assert (torch_run(x).argmax(1) == ort_run(x).argmax(1)).float().mean() >= 0.99
+    # the same file run as written (no int8 fusions) is the Q/DQ reference: same logits to rounding
+    unfused = OrtRunner(ort_backend.exports["all"].path, threads=1, optimize=False)
+    assert unfused.session.get_session_options().graph_optimization_level.name == "ORT_DISABLE_ALL"
+    assert (unfused(x) - torch_run(x)).abs().max() <= 0.02 * torch_run(x).abs().max()
 
     evaluator = BackendEval(qmodel, ort_backend)
     labels = torch.arange(16) % 5

@@ -72,15 +72,19 @@ def import_onnxruntime():
 
 
 class OrtRunner:
-    """One ONNX model in an ONNX Runtime CPU session."""
+    """One ONNX model in an ONNX Runtime CPU session. ``optimize=False`` runs the Q/DQ
+    graph as written (float reference kernels, no int8 fusions): a second opinion
+    on what the int8 kernels compute."""
 
-    def __init__(self, path: str | Path, threads: int | None = None, export: ExportResult | None = None) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None, export: ExportResult | None = None,
+                 optimize: bool = True) -> None:
         ort = import_onnxruntime()
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        level = ort.GraphOptimizationLevel
+        opts.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
         self.path, self.export = Path(path), export
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
