@@ -48,9 +48,14 @@ class Budget:
         return ok
 
     def score(self, row: dict) -> tuple:
-        """Larger is better: the budgeted metric first, KL breaks ties."""
-        main = row["agreement"] if self.min_agreement is not None and self.max_drop is None else -row["top1_drop"]
-        return (round(main, 6), -row["kl"])
+        """Larger is better. With a ``min_agreement`` budget, agreement comes first
+        (label-free; top-1 on a few hundred images moves in one-image steps and a
+        remedy can win a lucky image while losing agreement), then the top-1 drop;
+        KL breaks ties."""
+        drop = -round(row["top1_drop"], 6)
+        if self.min_agreement is not None:
+            return (round(row["agreement"], 6), drop, -row["kl"])
+        return (drop, -row["kl"])
 
 
 def site_macs(qmodel: QuantModel, pixels: torch.Tensor) -> dict[str, float]:

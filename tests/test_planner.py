@@ -60,3 +60,12 @@ def test_measurements_resume_from_the_log(tmp_path):
     first = Planner(qm, pixels, labels, tmp_path, progress=False).measure(cfg)
     second = Planner(qm, pixels, labels, tmp_path, progress=False)
     assert len(second.log.done) == 1 and second.measure(cfg) == first
+
+
+def test_agreement_budget_ranks_by_agreement_before_a_lucky_top1():
+    budget = Budget(max_drop=0.5, min_agreement=80.0)
+    lucky = {"top1_drop": 0.4, "agreement": 65.0, "kl": 0.2}
+    steady = {"top1_drop": 1.2, "agreement": 76.0, "kl": 0.1}
+    assert budget.score(steady) > budget.score(lucky) and not budget.met(steady)
+    drop_only = Budget(max_drop=0.5)
+    assert drop_only.score(lucky) > drop_only.score(steady) and drop_only.met(lucky)
