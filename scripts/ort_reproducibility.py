@@ -33,11 +33,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from quant.export_onnx import export_onnx  # noqa: E402
-from quant.presets import preset  # noqa: E402
-from vitq.backends import OrtRunner  # noqa: E402
-from vitq.results import atomic_write_text  # noqa: E402
-from vitq.session import Options, Session  # noqa: E402
+from quant.export_onnx import export_onnx
+from quant.presets import preset
+from vitq.backends import OrtRunner
+from vitq.results import atomic_write_text
+from vitq.session import Options, Session
 
 PERTURBATION = 1e-6
 
