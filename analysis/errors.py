@@ -37,7 +37,7 @@ from quant.model import QuantModel, SiteError, TensorQuantizer
 from quant.observers import activation_qparams, weight_qparams
 from quant.quantizer import QParams, fake_quantize
 from quant.sites import Site
-from vitq.results import write_table
+from vitq.results import atomic_torch_save, atomic_write, write_table
 
 from .metrics import sqnr_db
 
@@ -384,18 +384,9 @@ class ErrorReport:
         out.mkdir(parents=True, exist_ok=True)
         paths = [*write_table(self.activations, out / "errors_activations", self.meta),
                  *write_table(self.weights, out / "errors_weights", self.meta)]
-        npz, tmp = out / "errors_channels.npz", out / ".errors_channels.npz.tmp"
-        with open(tmp, "wb") as f:
-            np.savez(f, **self.channel_max)
-        tmp.replace(npz)
+        npz = out / "errors_channels.npz"
+        atomic_write(npz, lambda f: np.savez(f, **self.channel_max))
         return [*paths, npz]
-
-
-def _save_checkpoint(path: Path, data: dict) -> None:
-    """Write-then-rename: a kill leaves the previous checkpoint intact."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(data, tmp)
-    tmp.replace(path)
 
 
 def analyze_errors(qmodel: QuantModel, config: QuantConfig, batches: Iterable[torch.Tensor], *,
@@ -425,7 +416,7 @@ def analyze_errors(qmodel: QuantModel, config: QuantConfig, batches: Iterable[to
             analyzer.run_batch(pixels)
             seen, n_batches = seen + len(pixels), n_batches + 1
             if checkpoint is not None:
-                _save_checkpoint(checkpoint, {"state": analyzer.state(), "seen": seen, "batches": n_batches})
+                atomic_torch_save(checkpoint, {"state": analyzer.state(), "seen": seen, "batches": n_batches})
     finally:
         if analyzer is not None:
             for record in analyzer.records.values():

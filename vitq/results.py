@@ -6,18 +6,29 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import pandas as pd
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write-then-rename, so a killed run never leaves a half-written file."""
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write-then-rename, so a killed run never leaves a half-written file
+    (``write`` fills the open temporary file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
+    with open(tmp, "wb") as f:
+        write(f)
     tmp.replace(path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def atomic_torch_save(path: str | Path, obj: Any) -> None:
+    import torch
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _clean(value: Any) -> Any:

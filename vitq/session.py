@@ -15,6 +15,7 @@ from quant.model import QuantModel
 
 from .data import BadImages, ImageSet, batches
 from .models import DEFAULT_DATA, LoadedModel, load_model
+from .results import atomic_torch_save
 
 
 @dataclass
@@ -69,10 +70,7 @@ class Session:
                 self.calibration_images = saved["seen"]
                 return saved["seen"]
         seen = calibrate(self.qmodel, (p for p, _, _ in self.batches(images)), self.num_batches(images), self.opts.progress)
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(".calibration.pt.tmp")
-        torch.save({"key": key, "seen": seen, "state": self.qmodel.calibration_state()}, tmp)
-        tmp.replace(cache)
+        atomic_torch_save(cache, {"key": key, "seen": seen, "state": self.qmodel.calibration_state()})
         self.calibration_images = seen
         return seen
 
