@@ -33,9 +33,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from quant.export_onnx import export_onnx
+from analysis.metrics import top1_agreement
 from quant.presets import preset
-from vitq.backends import OrtRunner
+from vitq.backends import OnnxRuntimeInt8, OrtRunner
 from vitq.results import atomic_write_text
 from vitq.session import Options, Session
 
@@ -43,7 +43,7 @@ PERTURBATION = 1e-6
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
-    return round(100.0 * (a.argmax(1) == b.argmax(1)).double().mean().item(), 2)
+    return round(100.0 * top1_agreement(a, b).double().mean().item(), 2)
 
 
 def main() -> None:
@@ -71,12 +71,11 @@ def main() -> None:
     fp32 = simulate(None)
     result = {"model": str(session.opts.model), "images": len(fp32), "perturbation": PERTURBATION,
               "fp32_vs_fp32_perturbed": agreement(fp32, simulate(None, PERTURBATION)), "configs": {}}
-    onnx_dir = session.out / "onnx"
+    exporter = OnnxRuntimeInt8(qmodel, session.out / "onnx", pixels[0][:1], threads=args.threads)
     for name in args.presets.split(","):
         config = preset(name, session.sites)
         sim = simulate(config)
-        export = export_onnx(qmodel, onnx_dir / f"model_{name}.onnx", pixels[0][:1], 17)
-        qmodel.apply(None)
+        export = exporter.export(name, config)
         fused, unfused = (OrtRunner(export.path, args.threads, export, optimize=o) for o in (True, False))
         ort_fused = torch.cat([fused(p) for p in pixels])
         ort_unfused = torch.cat([unfused(p) for p in pixels])
