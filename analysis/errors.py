@@ -37,8 +37,9 @@ from quant.model import QuantModel, SiteError, TensorQuantizer
 from quant.observers import activation_qparams, weight_qparams
 from quant.quantizer import QParams, fake_quantize
 from quant.sites import Site
-from vitq.results import atomic_torch_save, atomic_write, write_table
+from quant.store import atomic_torch_save, atomic_write
 
+from . import artifacts
 from .metrics import sqnr_db
 
 ERROR_METRICS = ("sqnr_db", "cosine", "mse", "rel_l2")
@@ -314,7 +315,7 @@ class _Analyzer:
 def _isolated_qparams(tq: TensorQuantizer, config: QuantConfig) -> QParams:
     if tq.stats.count == 0:
         raise SiteError(f"site {tq.name}: no calibration data; run calibration first")
-    return activation_qparams(tq.stats, config.spec_for(tq.site, "activation"))
+    return activation_qparams(tq.stats, config.spec_for(tq.site, "activation", tq.slot))
 
 
 def _segments(qmodel: QuantModel) -> list[Segment]:
@@ -378,13 +379,14 @@ class ErrorReport:
     channel_max: dict[str, np.ndarray]
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def save(self, out_dir: str | Path) -> list[Path]:
-        """errors_activations/weights .csv + .json and errors_channels.npz, each atomically."""
+    def save(self, out_dir: str | Path, run: dict[str, Any]) -> list[Path]:
+        """errors_activations/weights .csv + .json (+ .run.json: ``run``) and
+        errors_channels.npz, each atomically, as the artefact schema declares them."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        paths = [*write_table(self.activations, out / "errors_activations", self.meta),
-                 *write_table(self.weights, out / "errors_weights", self.meta)]
-        npz = out / "errors_channels.npz"
+        paths = [*artifacts.write(out, artifacts.ERRORS_ACTIVATIONS, self.activations, self.meta, run),
+                 *artifacts.write(out, artifacts.ERRORS_WEIGHTS, self.weights, self.meta, run)]
+        npz = out / artifacts.ERRORS_CHANNELS
         atomic_write(npz, lambda f: np.savez(f, **self.channel_max))
         return [*paths, npz]
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 
@@ -49,13 +52,101 @@ def kl_divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch
     return (p_log.exp() * (p_log - q_log)).sum(-1)
 
 
-def output_metrics(logits: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Top-1/top-5 (%) against labels, top-1 agreement (%), mean KL (nats) and logit SQNR
-    (dB) against the FP32 reference logits of the same images."""
-    return {
-        "top1": float(100 * topk_correct(logits, labels, 1).double().mean()),
-        "top5": float(100 * topk_correct(logits, labels, 5).double().mean()),
-        "agreement": float(100 * top1_agreement(reference, logits).double().mean()),
-        "kl": float(kl_divergence(reference, logits).mean()),
-        "logit_sqnr_db": sqnr_db(reference, logits),
-    }
+# -- the one accumulator -------------------------------------------------------------
+PER_IMAGE = ("top1", "top5", "agree", "kl", "mse", "signal", "noise")
+
+
+class OutputStats:
+    """Per-image fidelity of one configuration's logits against the FP32 reference
+    logits of the same images, plus top-1/top-5 against labels.
+
+    Every analysis measures through this class, so top-1, agreement, KL and logit
+    SQNR are computed one way. Per-image values are kept (not only means) because
+    the planner needs them for paired noise estimates (:func:`paired_bootstrap`).
+    Logit SQNR is computed from summed signal and noise powers (a ratio of sums, not
+    a mean of per-image dB values).
+    """
+
+    def __init__(self, values: dict[str, list[float]] | None = None) -> None:
+        self.values = {k: list((values or {}).get(k, [])) for k in PER_IMAGE}
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor | None = None) -> "OutputStats":
+        stats = cls()
+        stats.update(logits, reference, labels)
+        return stats
+
+    def update(self, logits: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        logits, reference = logits.detach().double().cpu(), reference.detach().double().cpu()
+        n = len(logits)
+        diff2 = (reference - logits).pow(2)
+        if labels is None:
+            nan = [float("nan")] * n
+            top1, top5 = nan, nan
+        else:
+            labels = labels.cpu()
+            top1 = topk_correct(logits, labels, 1).double().tolist()
+            top5 = topk_correct(logits, labels, 5).double().tolist()
+        new = {"top1": top1, "top5": top5, "agree": top1_agreement(reference, logits).double().tolist(),
+               "kl": kl_divergence(reference, logits).tolist(), "mse": diff2.mean(-1).tolist(),
+               "signal": reference.pow(2).sum(-1).tolist(), "noise": diff2.sum(-1).tolist()}
+        for k, v in new.items():
+            self.values[k].extend(float(x) for x in v)
+
+    def extend(self, other: "OutputStats") -> "OutputStats":
+        for k in PER_IMAGE:
+            self.values[k].extend(other.values[k])
+        return self
+
+    def __len__(self) -> int:
+        return len(self.values["kl"])
+
+    def array(self, key: str) -> np.ndarray:
+        """Per-image values of ``key`` (one of PER_IMAGE), float64."""
+        return np.asarray(self.values[key], dtype=np.float64)
+
+    def summary(self) -> dict[str, float]:
+        """images; top-1/top-5 (%) against labels; top-1 agreement with FP32 (%); mean
+        KL(FP32 || config) (nats); mean logit MSE; logit SQNR (dB, inf = identical)."""
+        n = len(self)
+        if n == 0:
+            raise ValueError("no image was measured")
+        signal, noise = float(self.array("signal").sum()), float(self.array("noise").sum())
+        return {"images": n, "top1": 100 * float(self.array("top1").mean()),
+                "top5": 100 * float(self.array("top5").mean()),
+                "agreement": 100 * float(self.array("agree").mean()), "kl": float(self.array("kl").mean()),
+                "logit_mse": float(self.array("mse").mean()),
+                "logit_sqnr_db": math.inf if noise == 0 else 10 * math.log10(signal / noise)}
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {k: list(v) for k, v in self.values.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, list[float]]) -> "OutputStats":
+        return cls(data)
+
+
+def output_metrics(logits: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
+    """The summary of :class:`OutputStats` for one set of logits."""
+    return OutputStats.of(logits, reference, labels).summary()
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, n_boot: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> dict[str, float]:
+    """Mean of the paired per-image difference ``a - b``, its bootstrap standard error
+    and a percentile confidence interval (images resampled with replacement, seeded).
+
+    Two configurations measured on the same images differ by less than their noise
+    when the interval contains 0: the planner keeps a change only when it does not.
+    """
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if d.ndim != 1 or len(d) == 0:
+        raise ValueError("paired_bootstrap needs two equally long, non-empty 1-D arrays")
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot)
+    for start in range(0, n_boot, 256):  # chunks keep memory at 256 x n
+        stop = min(n_boot, start + 256)
+        means[start:stop] = d[rng.integers(0, len(d), size=(stop - start, len(d)))].mean(1)
+    tail = (1 - level) / 2
+    return {"mean": float(d.mean()), "se": float(means.std(ddof=1)), "lo": float(np.quantile(means, tail)),
+            "hi": float(np.quantile(means, 1 - tail))}

@@ -1,199 +1,387 @@
-"""Mixed-precision planner: the cheapest float fallback that meets an accuracy budget.
+"""Mixed-precision planner: the cheapest configuration that meets an accuracy budget,
+chosen on one image set and confirmed on another.
 
-Order of work, every step measured on the same images with the whole configuration:
-1. the reference rows (FP32, ``all``, ``mixed_1``, ``mixed_2``) and the start config;
-2. cheap remedies before any float fallback: another activation observer everywhere,
-   then, per offending site (worst of the ``only`` sensitivity ranking), another
-   observer or per-channel weights, each kept only if it helps;
-3. float sites greedily in order of their ``all-but`` benefit, each kept only if it
-   helps, until the budget is met or no candidate is left.
-Measurements are appended to a JSONL log, so an interrupted plan resumes.
+How it searches (every measurement on the same *plan* images, with the whole
+configuration, per-image values logged so an interrupted plan resumes):
+
+1. Reference rows: FP32, ``all``, ``mixed_1``, ``mixed_2``.
+2. Path from the start config (default ``all``): remedies first (another
+   activation observer everywhere, the fixed [0, 1] range for softmax
+   probabilities, another observer on the worst sites), then float fallbacks:
+   candidate moves (one site, all residual adds, all ``matmul_av``, one block)
+   ordered by estimated fidelity gained per unit of cost (gain from the
+   sensitivity tables, cost from :mod:`analysis.cost`), each measured in turn.
+3. A second path of float fallbacks from the best reference preset.
+
+The search objective is smooth and per image: KL(FP32 || config) by default
+(``logit_mse`` optional); top-1 on a few hundred images moves in one-image steps.
+A move is kept only when it beats the current point by more than its noise: the
+95 % paired-bootstrap interval of the per-image objective difference must lie
+above zero. Budgets (top-1 drop, agreement, KL) are *checked*, never searched on.
+Every kept point lies on a path; the non-dominated ones (lower cost, lower
+objective) form the frontier, and the plan is the cheapest frontier point that
+meets the budget (the lowest-objective point when none does). The plan and the
+reference presets are then measured on disjoint *confirm* images.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
-import torch
 from tqdm import tqdm
 
-from quant.config import QuantConfig
-from quant.model import QuantModel
-from quant.observers import OBSERVERS
+from quant.config import BACKEND_FLOAT_KINDS, QuantConfig
 from quant.presets import preset
+from quant.store import ResultLog, settings_key
 
-from .metrics import output_metrics
-from .sensitivity import ResultLog, settings_key
+from .cost import MATMUL_KINDS, config_cost
+from .metrics import OutputStats, paired_bootstrap
+from .runner import BoundaryCache, Runner, scratch
 
-MATMUL_KINDS = ("linear", "conv", "matmul_qk", "matmul_av")
+OBJECTIVES = {"kl": "kl", "logit_mse": "mse"}  # objective -> OutputStats per-image key
+REFERENCES = ("all", "mixed_1", "mixed_2")
+SITE_COST = 0.5  # cost of one float non-matmul site (residual add), in % of matmul MACs
 
 
 @dataclass
 class Budget:
-    """Accuracy the plan must keep: top-1 drop vs FP32 (pp) and/or top-1 agreement (%)."""
+    """Accuracy the plan must keep, checked on measured rows: top-1 drop vs FP32 (pp),
+    top-1 agreement with FP32 (%), mean KL (nats); None = not constrained."""
 
     max_drop: float | None = 0.5
     min_agreement: float | None = None
+    max_kl: float | None = None
 
     def met(self, row: dict) -> bool:
-        ok = True
-        if self.max_drop is not None:
-            ok &= row["top1_drop"] <= self.max_drop
-        if self.min_agreement is not None:
-            ok &= row["agreement"] >= self.min_agreement
-        return ok
+        return ((self.max_drop is None or row["top1_drop"] <= self.max_drop)
+                and (self.min_agreement is None or row["agreement"] >= self.min_agreement)
+                and (self.max_kl is None or row["kl"] <= self.max_kl))
 
-    def score(self, row: dict) -> tuple:
-        """Larger is better. With a ``min_agreement`` budget, agreement comes first
-        (label-free; top-1 on a few hundred images moves in one-image steps and a
-        remedy can win a lucky image while losing agreement), then the top-1 drop;
-        KL breaks ties."""
-        drop = -round(row["top1_drop"], 6)
-        if self.min_agreement is not None:
-            return (round(row["agreement"], 6), drop, -row["kl"])
-        return (drop, -row["kl"])
-
-
-def site_macs(qmodel: QuantModel, pixels: torch.Tensor) -> dict[str, float]:
-    """Multiply-accumulates per image of every Linear/Conv/matmul site (from one forward)."""
-    macs: dict[str, float] = {}
-    modules = dict(qmodel.model.named_modules())
-    head_dim = qmodel.model.config.hidden_size // qmodel.model.config.num_attention_heads
-
-    def tap(tq, x, out):
-        site, per_image = tq.site, x.numel() / len(x)
-        if site.kind == "linear" and tq.slot == "input":
-            macs[site.name] = per_image * modules[site.name].out_features
-        elif site.kind == "conv" and tq.slot == "input":
-            conv = modules[site.name]
-            positions = (x.shape[-1] // conv.stride[1]) * (x.shape[-2] // conv.stride[0])
-            macs[site.name] = positions * conv.out_channels * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
-        elif site.kind == "matmul_qk" and tq.slot == "q":
-            macs[site.name] = per_image * x.shape[-2]
-        elif site.kind == "matmul_av" and tq.slot == "probs":
-            macs[site.name] = per_image * head_dim
-
-    quantizers = [tq for tq in qmodel.tensor_quantizers() if tq.site.kind in MATMUL_KINDS]
-    for tq in quantizers:
-        tq.taps.append(tap)
-    try:
-        qmodel.apply(None)
-        qmodel(pixels[:1])
-    finally:
-        for tq in quantizers:
-            tq.taps.remove(tap)
-    return macs
+    def describe(self) -> str:
+        parts = [f"top-1 drop <= {self.max_drop:g} pp" if self.max_drop is not None else "",
+                 f"agreement >= {self.min_agreement:g} %" if self.min_agreement is not None else "",
+                 f"KL <= {self.max_kl:g}" if self.max_kl is not None else ""]
+        return ", ".join(p for p in parts if p) or "none"
 
 
 @dataclass
+class Move:
+    """One candidate change of a configuration."""
+
+    change: str  # what a person reads: "float vit.layers.3.mlp.fc2", "matmul_av probs: unit range"
+    kind: str  # "remedy" or "float"
+    make: Callable[[QuantConfig], QuantConfig]
+    estimate: float = 0.0  # estimated objective gain (from the sensitivity tables)
+    floats: tuple[str, ...] = ()  # sites the move keeps float (float moves)
+
+
+@dataclass
+class Point:
+    """A measured configuration on a path."""
+
+    config: QuantConfig
+    stats: OutputStats
+    row: dict
+
+
+def cost_of(config: QuantConfig | None, sites, macs: dict[str, float], site_cost: float = SITE_COST) -> float:
+    """Float share of matmul MACs (%) plus ``site_cost`` per float site that is neither
+    a matmul nor a backend-float kind: keeping a residual add float is not free
+    (measured: ViT-B/16 ``mixed_1`` 9.8 img/s vs ``all`` 12.3 img/s with ONNX Runtime)."""
+    if config is None:
+        return 100.0 + site_cost * sum(s.kind not in MATMUL_KINDS and s.kind not in BACKEND_FLOAT_KINDS
+                                       for s in sites)
+    extra = sum(1 for s in sites if config.is_float(s) and s.kind not in MATMUL_KINDS
+                and s.kind not in BACKEND_FLOAT_KINDS)
+    return 100.0 - config_cost(config, sites, macs)["int8_macs_share"] + site_cost * extra
+
+
 class Planner:
-    qmodel: QuantModel
-    pixels: list[torch.Tensor]
-    labels: torch.Tensor
-    out_dir: Path
-    budget: Budget = field(default_factory=Budget)
-    settings: dict = field(default_factory=dict)
-    progress: bool = True
+    """See the module docstring. ``plan_runner`` and ``confirm_runner`` hold disjoint
+    image sets of the same calibrated model."""
 
-    def __post_init__(self) -> None:
-        self.qmodel.apply(None)
-        self.reference = self._logits()
-        self.fp32 = output_metrics(self.reference, self.reference, self.labels)
-        self.macs = site_macs(self.qmodel, self.pixels[0])
-        self.log = ResultLog(self.out_dir / f"plan_measurements.{settings_key(self.settings)}.jsonl",
-                             {**self.settings, "images": len(self.labels)})
-        self.steps: list[dict] = []
+    def __init__(self, plan_runner: Runner, confirm_runner: Runner | None, out_dir: Path,
+                 macs: dict[str, float], budget: Budget | None = None, settings: dict | None = None, *,
+                 objective: str = "kl", site_cost: float = SITE_COST, level: float = 0.95, n_boot: int = 2000,
+                 seed: int = 0, progress: bool = True) -> None:
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        self.runner, self.confirm_runner = plan_runner, confirm_runner
+        self.qmodel = plan_runner.qmodel
+        self.sites = self.qmodel.sites
+        self.macs, self.budget = macs, budget or Budget()
+        self.objective, self.site_cost = objective, site_cost
+        self.level, self.n_boot, self.seed, self.progress = level, n_boot, seed, progress
+        settings = dict(settings or {})
+        self.log = ResultLog(Path(out_dir) / f"plan_measurements.{settings_key(settings)}.jsonl",
+                             {**settings, "images": len(plan_runner)})
+        self.confirm_log = None if confirm_runner is None else ResultLog(
+            Path(out_dir) / f"plan_confirm.{settings_key(settings)}.jsonl",
+            {**settings, "confirm_images": len(confirm_runner)})
+        self.fp32 = self.measure(None)
+        self.tried: list[dict] = []
+        self.measured_now = 0
+        self._cache: tuple[str, BoundaryCache] | None = None
+        self.out_dir = Path(out_dir)
+        self._scratch: Path | None = None
 
-    def _logits(self) -> torch.Tensor:
-        return torch.cat([self.qmodel(p).double() for p in self.pixels])
-
-    def measure(self, config: QuantConfig | None) -> dict:
-        """Metrics of ``config`` on the plan images (read back from the log if done before)."""
-        if config is None:
-            return dict(self.fp32, top1_drop=0.0, top5_drop=0.0, int8_macs_share=0.0)
-        key = settings_key(config.to_dict())
-        if key not in self.log.done:
-            self.qmodel.apply(config)
-            row = {"candidate": key, **output_metrics(self._logits(), self.reference, self.labels)}
+    # -- measuring -------------------------------------------------------------------
+    def measure(self, config: QuantConfig | None, *, confirm: bool = False, start_block: int = -1,
+                background: QuantConfig | None = None) -> OutputStats:
+        """Per-image metrics of ``config`` on the plan (or confirm) images, from the log
+        when measured before. ``background``: a config equal to ``config`` before
+        ``start_block``, whose cached block inputs may be reused."""
+        runner, log = (self.confirm_runner, self.confirm_log) if confirm else (self.runner, self.log)
+        key = "fp32" if config is None else settings_key(config.to_dict())
+        if key not in log.done:
+            state = runner.state(config)
+            use_cache = background is not None and start_block > 0 and not confirm and self._scratch is not None
+            cache = self._boundaries(background) if use_cache else None
+            stats = runner.measure(state, start_block if cache is not None else -1, cache)
+            log.append({"candidate": key, "stats": stats.to_dict()})
+            self.measured_now += 1
             self.qmodel.apply(None)
-            self.log.append(row)
-        row = {k: v for k, v in self.log.done[key].items() if k != "candidate"}
-        row["top1_drop"] = self.fp32["top1"] - row["top1"]
-        row["top5_drop"] = self.fp32["top5"] - row["top5"]
-        int8 = {s.name for s in config.int8_sites(self.qmodel.sites)}
-        row["int8_macs_share"] = 100 * sum(m for n, m in self.macs.items() if n in int8) / sum(self.macs.values())
+        return OutputStats.from_dict(log.done[key]["stats"])
+
+    def _boundaries(self, config: QuantConfig) -> BoundaryCache:
+        key = settings_key(config.to_dict())
+        if self._cache is None or self._cache[0] != key:
+            folder = self._scratch / f"plan-{key}"
+            self._cache = (key, self.runner.boundaries(self.runner.state(config), folder))
+        return self._cache[1]
+
+    def row(self, config: QuantConfig | None, stats: OutputStats) -> dict:
+        """Summary, drops vs FP32, site counts, MAC share and planner cost of one measurement."""
+        s, f = stats.summary(), self.fp32.summary()
+        return {**s, "top1_drop": f["top1"] - s["top1"], "top5_drop": f["top5"] - s["top5"],
+                **config_cost(config, self.sites, self.macs),
+                "cost": cost_of(config, self.sites, self.macs, self.site_cost)}
+
+    def compare(self, new: OutputStats, current: OutputStats) -> dict[str, float]:
+        """Objective gain of ``new`` over ``current`` (positive = better) with its paired
+        bootstrap standard error and interval."""
+        key = OBJECTIVES[self.objective]
+        b = paired_bootstrap(current.array(key), new.array(key), n_boot=self.n_boot, seed=self.seed,
+                             level=self.level)
+        return {"gain": b["mean"], "gain_se": b["se"], "gain_lo": b["lo"], "gain_hi": b["hi"]}
+
+    def _record(self, path: str, kind: str, change: str, config: QuantConfig | None, stats: OutputStats,
+                kept: bool, versus: OutputStats | None = None) -> dict:
+        row = {"attempt": len(self.tried), "path": path, "kind": kind, "change": change,
+               "config": "fp32" if config is None else config.name, "kept": kept,
+               **(self.compare(stats, versus) if versus is not None else
+                  {"gain": None, "gain_se": None, "gain_lo": None, "gain_hi": None}),
+               **self.row(config, stats)}
+        self.tried.append(row)
         return row
 
-    def _step(self, kind: str, config: QuantConfig | None, change: str) -> dict:
-        row = {"step": len(self.steps), "kind": kind, "config": "fp32" if config is None else config.name,
-               "change": change, "float_sites": 0 if config is None else len(config.float_sites),
-               **self.measure(config)}
-        self.steps.append(row)
-        return row
-
-    def plan(self, start: QuantConfig, only_table: pd.DataFrame, all_but_table: pd.DataFrame,
-             offending: int = 4, max_fallbacks: int = 12, mixed_2_float: list[str] | None = None) -> QuantConfig:
-        """The plan: see the module docstring. ``mixed_2_float`` picks the reference
-        ``mixed_2`` row's fc sites (default: fc2 of blocks 4 and 5)."""
+    # -- searching -------------------------------------------------------------------
+    def plan(self, start: QuantConfig, only_table: pd.DataFrame, all_but_table: pd.DataFrame | None = None, *,
+             mixed_2_float: list[str] | None = None, worst_sites: int = 3, max_steps: int = 12) -> QuantConfig:
+        """Search both paths and return the plan (see the module docstring)."""
         t0 = time.time()
-        sites = self.qmodel.sites
-        self._step("reference", None, "FP32")
-        for name in ("all", "mixed_1", "mixed_2"):
-            self._step("reference", preset(name, sites, mixed_2_float), f"preset {name}")
-        best = copy.deepcopy(start)
-        best.name = "plan"
-        best_row = self._step("start", best, f"start from {start.name}")
+        self.paths: dict[str, list[Point]] = {}
+        references: dict[str, Point] = {}
+        self._record("reference", "reference", "FP32", None, self.fp32, True)
+        for name in REFERENCES:
+            cfg = preset(name, self.sites, mixed_2_float)
+            stats = self.measure(cfg)
+            references[name] = Point(cfg, stats, self._record("reference", "reference", f"preset {name}", cfg,
+                                                              stats, True))
+        self.references = references
+        estimates = self._estimates(only_table, all_but_table)
 
-        def attempt(kind: str, candidate: QuantConfig, change: str) -> bool:
-            nonlocal best, best_row
-            if self.budget.met(best_row):
-                return False
-            row = self.measure(candidate)
-            kept = self.budget.score(row) > self.budget.score(best_row)
-            if kept:
-                best, best_row = candidate, self._step(kind, candidate, change)
-            return kept
+        key = OBJECTIVES[self.objective]
+        best_ref = min(references, key=lambda n: float(references[n].stats.array(key).mean()))
+        self.best_reference = best_ref
+        first = copy.deepcopy(start)
+        first.name = "plan"
+        with scratch(self.out_dir) as tmp:
+            self._scratch = tmp
+            try:
+                self._path("start", first, f"start from {start.name}",
+                           [*self._remedies(first, only_table, worst_sites), *self._floats(first, estimates)],
+                           max_steps)
+                if best_ref != start.name:
+                    ref = copy.deepcopy(references[best_ref].config)
+                    ref.name = "plan"
+                    self._path(best_ref, ref, f"start from {best_ref}", self._floats(ref, estimates), max_steps)
+            finally:
+                self._scratch, self._cache = None, None
 
-        others = [obs for obs in OBSERVERS if obs != best.activation.observer]
-        for obs in tqdm(others, desc="plan: global remedies", disable=not self.progress):
-            attempt("remedy", _with(best, activation=replace(best.activation, observer=obs)),
-                    f"activation observer {obs} everywhere")
-        int8 = {s.name for s in best.int8_sites(sites)}
-        worst = [n for n in only_table.sort_values("rank")["candidate"] if n in int8][:offending]
-        for site_name in tqdm(worst, desc="plan: per-site remedies", disable=not self.progress):
-            for obs in OBSERVERS:
-                if obs != best.spec_for(self.qmodel.site_by_name[site_name], "activation").observer:
-                    attempt("remedy", _override(best, site_name, "activation", observer=obs),
-                            f"{site_name}: activation observer {obs}")
-            site = self.qmodel.site_by_name[site_name]
-            if site.has_weight() and not best.spec_for(site, "weight").per_channel:
-                attempt("remedy", _override(best, site_name, "weight", per_channel=True),
-                        f"{site_name}: per-channel weights")
-        order = all_but_table.sort_values("rank")["candidate"].tolist()
-        fallbacks = [n for n in order if n in int8][:max_fallbacks]
-        for site_name in tqdm(fallbacks, desc="plan: float fallbacks", disable=not self.progress):
-            if self.budget.met(best_row):
-                break
-            attempt("float", best.with_float([site_name]), f"float {site_name}")
+        points = [p for path in self.paths.values() for p in path] + list(references.values())
+        self.frontier = pareto(points, self.objective)
+        meeting = [p for p in self.frontier if self.budget.met(p.row)]
+        if meeting:
+            chosen = min(meeting, key=lambda p: (p.row["cost"], p.row[self.objective]))
+        else:
+            chosen = min(self.frontier, key=lambda p: (p.row[self.objective], p.row["cost"]))
+        self.met = self.budget.met(chosen.row)
+        self.chosen = chosen
+        plan = copy.deepcopy(chosen.config)
+        plan.name = "plan"
+        self.plan_config = plan
         self.wall_s = time.time() - t0
-        self.met = self.budget.met(best_row)
-        return best
+        return plan
 
-    def table(self) -> pd.DataFrame:
-        cols = ["step", "kind", "config", "change", "float_sites", "top1", "top5", "top1_drop", "top5_drop",
-                "agreement", "kl", "logit_sqnr_db", "int8_macs_share"]
-        return pd.DataFrame(self.steps)[cols]
+    def _path(self, name: str, start: QuantConfig, change: str, moves: list[Move], max_steps: int) -> None:
+        """Greedy path: try ``moves`` in order from ``start``; keep those that beat the noise;
+        stop once the budget is met or ``max_steps`` float moves were measured."""
+        stats = self.measure(start)
+        current = Point(start, stats, self._record(name, "start", change, start, stats, True))
+        path = [current]
+        float_tried = 0
+        for move in tqdm(moves, desc=f"plan: path from {name}", unit="move", disable=not self.progress):
+            if self.budget.met(current.row) or (move.kind == "float" and float_tried >= max_steps):
+                break
+            if move.kind == "float" and all(current.config.is_float(self.qmodel.site_by_name[s])
+                                            for s in move.floats):
+                continue  # nothing left to change
+            candidate = move.make(current.config)
+            candidate.name = "plan"
+            start_block = self._start_block(move)
+            stats = self.measure(candidate, start_block=start_block, background=current.config)
+            float_tried += move.kind == "float"
+            gain = self.compare(stats, current.stats)
+            kept = gain["gain_lo"] > 0
+            row = self._record(name, move.kind, move.change, candidate, stats, kept, current.stats)
+            if kept:
+                current = Point(candidate, stats, row)
+                path.append(current)
+        self.paths[name] = path
+
+    def _start_block(self, move: Move) -> int:
+        if move.kind != "float" or not move.floats:
+            return -1
+        blocks = [self.qmodel.site_by_name[s].block for s in move.floats]
+        if any(b is None for b in blocks):
+            return -1
+        return min(blocks)
+
+    # -- candidate moves ---------------------------------------------------------------
+    def _estimates(self, only: pd.DataFrame, all_but: pd.DataFrame | None) -> dict[str, float]:
+        """Estimated objective gain of keeping each site float: its ``all-but`` gain when
+        that table exists, else its ``only`` damage (first order: damages add up)."""
+        metric = "kl" if self.objective == "kl" else "logit_mse"
+        if all_but is not None and metric in all_but:
+            base = float(all_but.attrs.get("baseline", {}).get(metric, all_but[metric].max()))
+            return {r["candidate"]: base - float(r[metric]) for _, r in all_but.iterrows()}
+        if metric not in only:
+            metric = "kl"
+        return {r["candidate"]: float(r[metric]) for _, r in only.iterrows()}
+
+    def _floats(self, config: QuantConfig, estimates: dict[str, float]) -> list[Move]:
+        """Float moves ordered by estimated gain per unit of cost (largest first)."""
+        int8 = [s for s in config.int8_sites(self.sites) if s.name in estimates]
+        groups: dict[str, list[str]] = {}
+        for kind, label in (("residual", "all residual adds"), ("matmul_av", "all matmul_av")):
+            members = [s.name for s in int8 if s.kind == kind]
+            if len(members) > 1:
+                groups[label] = members
+        for b in sorted({s.block for s in int8 if s.block is not None}):
+            groups[f"block {b}"] = [s.name for s in int8 if s.block == b]
+        groups.update({s.name: [s.name] for s in int8})
+        moves = []
+        for label, members in groups.items():
+            gain = sum(max(estimates[m], 0.0) for m in members)
+            extra = config.with_float(members)
+            cost = cost_of(extra, self.sites, self.macs, self.site_cost) - cost_of(config, self.sites, self.macs,
+                                                                                 self.site_cost)
+            moves.append(Move(f"float {label}", "float", lambda c, m=tuple(members): c.with_float(m),
+                              gain / max(cost, 1e-3), tuple(members)))
+        return sorted(moves, key=lambda m: -m.estimate)
+
+    def _remedies(self, config: QuantConfig, only: pd.DataFrame, worst_sites: int) -> list[Move]:
+        """Cheap remedies, tried before any float fallback."""
+        moves = [Move(f"activation observer {obs} everywhere", "remedy",
+                      lambda c, o=obs: _with(c, activation=replace(c.activation, observer=o)))
+                 for obs in ("percentile", "mse", "entropy") if obs != config.activation.observer]
+        if any(s.kind == "matmul_av" for s in config.int8_sites(self.sites)):
+            moves.append(Move("softmax probabilities (matmul_av input): fixed range [0, 1]", "remedy",
+                              lambda c: _override(c, "*.matmul_av", "probs", observer="unit")))
+        int8 = {s.name for s in config.int8_sites(self.sites)}
+        ranked = only.sort_values("kl", ascending=False)["candidate"] if "kl" in only else only["candidate"]
+        for name in [n for n in ranked if n in int8][:worst_sites]:
+            for obs in ("percentile", "mse"):
+                moves.append(Move(f"{name}: activation observer {obs}", "remedy",
+                                  lambda c, n=name, o=obs: _override(c, n, "activation", observer=o)))
+        return moves
+
+    # -- results -----------------------------------------------------------------------
+    def steps_table(self) -> pd.DataFrame:
+        """References and every kept point of every path, frontier points marked."""
+        on_frontier = {id(p.row) for p in self.frontier}
+        rows = [dict(r, on_frontier=id(r) in on_frontier, plan=r is self.chosen.row)
+                for r in self.tried if r["kept"]]
+        return pd.DataFrame(rows)
+
+    def tried_table(self) -> pd.DataFrame:
+        return pd.DataFrame(self.tried)
+
+    def confirm(self, mixed_2_float: list[str] | None = None) -> pd.DataFrame:
+        """FP32, the reference presets and the plan on the confirm images."""
+        if self.confirm_runner is None:
+            raise ValueError("no confirm images")
+        fp32 = self.measure(None, confirm=True)
+        rows = []
+        configs = {"fp32": None, **{n: preset(n, self.sites, mixed_2_float) for n in REFERENCES},
+                   "plan": self.plan_config}
+        f = fp32.summary()
+        for name, cfg in configs.items():
+            stats = self.measure(cfg, confirm=True)
+            s = stats.summary()
+            row = {"config": name, **s, "top1_drop": f["top1"] - s["top1"], "top5_drop": f["top5"] - s["top5"],
+                   **config_cost(cfg, self.sites, self.macs), "cost": cost_of(cfg, self.sites, self.macs,
+                                                                            self.site_cost)}
+            if name != "fp32":
+                top1 = paired_bootstrap(fp32.array("top1"), stats.array("top1"), n_boot=self.n_boot, seed=self.seed)
+                row["top1_drop_se"] = 100 * top1["se"]
+            rows.append(row)
+        self.confirm_rows = rows
+        return pd.DataFrame(rows)
+
+    def verdict(self) -> str:
+        """One sentence: budget met or not, at which point, float sites, and the plan
+        against the best reference preset on the confirm images."""
+        c = self.chosen.row
+        text = (f"Budget ({self.budget.describe()}) {'met' if self.met else 'NOT met'} on {len(self.runner)} plan "
+                f"images by {'the plan' if self.met else 'no measured point; the plan is the lowest-' + self.objective + ' point'}"
+                f" (attempt {c['attempt']}, {c['change']}): {c['float_sites']} float sites, "
+                f"int8 share of matmul MACs {c['int8_macs_share']:.1f} %, KL {c['kl']:.4g}, "
+                f"agreement {c['agreement']:.2f} %, top-1 drop {c['top1_drop']:.2f} pp.")
+        rows = {r["config"]: r for r in getattr(self, "confirm_rows", [])}
+        if rows:
+            refs = {n: rows[n] for n in REFERENCES}
+            best = min(refs, key=lambda n: refs[n]["kl"])
+            p, b = rows["plan"], refs[best]
+            better = p["kl"] < b["kl"] and p["agreement"] >= b["agreement"]
+            text += (f" On {p['images']} confirm images the plan is {'better than' if better else 'NOT better than'}"
+                     f" the best reference preset {best}: KL {p['kl']:.4g} vs {b['kl']:.4g}, agreement "
+                     f"{p['agreement']:.2f} vs {b['agreement']:.2f} %, {p['float_sites']} vs {b['float_sites']} "
+                     f"float sites, int8 MAC share {p['int8_macs_share']:.1f} vs {b['int8_macs_share']:.1f} %.")
+        return text
+
+
+def pareto(points: list[Point], objective: str = "kl") -> list[Point]:
+    """Points not dominated in (cost, objective), cheapest first: along the result
+    the objective strictly falls as the cost rises."""
+    front: list[Point] = []
+    for p in sorted(points, key=lambda p: (p.row["cost"], p.row[objective])):
+        if not front or p.row[objective] < front[-1].row[objective]:
+            front.append(p)
+    return front
 
 
 def _with(config: QuantConfig, **changes) -> QuantConfig:
     return replace(copy.deepcopy(config), **changes)
 
 
-def _override(config: QuantConfig, site: str, part: str, **changes) -> QuantConfig:
+def _override(config: QuantConfig, pattern: str, part: str, **changes) -> QuantConfig:
     new = copy.deepcopy(config)
-    new.overrides.setdefault(site, {}).setdefault(part, {}).update(changes)
+    new.overrides.setdefault(pattern, {}).setdefault(part, {}).update(changes)
     return new

@@ -19,9 +19,10 @@ import yaml
 
 from .observers import check_observer
 from .quantizer import QuantSpec
-from .sites import KINDS, Site
+from .sites import KINDS, SLOTS, Site
 
 BACKEND_FLOAT_KINDS = ("layernorm", "gelu", "softmax")
+ACTIVATION_SLOTS = tuple(sorted({s for slots in SLOTS.values() for s in slots} - {"weight"}))
 
 
 class ConfigError(ValueError):
@@ -58,23 +59,34 @@ class QuantConfig:
         if bad:
             raise ConfigError(f"unknown site kind(s) {bad} in float_kinds; kinds are {list(KINDS)}")
         for pattern, spec in self.overrides.items():
-            extra = sorted(set(spec) - {"activation", "weight"})
+            extra = sorted(set(spec) - {"activation", "weight", *ACTIVATION_SLOTS})
             if extra:
-                raise ConfigError(f"override {pattern!r}: unknown key(s) {extra}; use activation/weight")
-            for part in ("activation", "weight"):
-                _spec(spec.get(part), getattr(self, part), f"override {pattern!r} {part}")
+                raise ConfigError(f"override {pattern!r}: unknown key(s) {extra}; use activation/weight or an "
+                                  f"activation slot ({', '.join(ACTIVATION_SLOTS)})")
+            for part in spec:
+                base = self.weight if part == "weight" else self.activation
+                _spec(spec.get(part), base, f"override {pattern!r} {part}")
 
     # -- decisions per site ----------------------------------------------
     def is_float(self, site: Site) -> bool:
         return site.kind in self.float_kinds or any(_matches(site.name, p) for p in self.float_sites)
 
-    def spec_for(self, site: Site, part: str) -> QuantSpec:
-        """The spec of ``part`` ('activation' or 'weight') at ``site``; later overrides win."""
+    def spec_for(self, site: Site, part: str, slot: str | None = None) -> QuantSpec:
+        """The spec of ``part`` ('activation' or 'weight') at ``site``; later overrides win.
+        With ``slot``, an override keyed by that slot's name (e.g. ``probs``, the
+        softmax input of ``matmul_av``) applies on top of the site's activation spec."""
         spec = getattr(self, part)
-        for pattern, override in self.overrides.items():
-            if _matches(site.name, pattern) and part in override:
-                spec = _spec(override[part], spec, f"override {pattern!r}")
+        keys = (part,) if slot is None or part == "weight" else (part, slot)
+        for key in keys:
+            for pattern, override in self.overrides.items():
+                if _matches(site.name, pattern) and key in override:
+                    spec = _spec(override[key], spec, f"override {pattern!r}")
         return spec
+
+    def slot_specs(self, site: Site) -> dict[str, QuantSpec]:
+        """The spec of every slot (tensor) of ``site``."""
+        return {slot: self.spec_for(site, "weight" if slot == "weight" else "activation", slot)
+                for slot in site.slots}
 
     def int8_sites(self, sites: Iterable[Site]) -> list[Site]:
         return [s for s in sites if not self.is_float(s)]

@@ -213,9 +213,10 @@ class QuantModel:
             if mode == OBSERVE and not tq.is_weight:
                 tq.mode = OBSERVE
 
-    def quantize_site(self, name: str, activation: QuantSpec, weight: QuantSpec) -> None:
+    def quantize_site(self, name: str, specs: dict[str, QuantSpec]) -> None:
+        """Fake-quantize every slot of site ``name`` with its spec (QuantConfig.slot_specs)."""
         for slot, tq in self.quantizers[name].items():
-            tq.quantize(weight if tq.is_weight else activation, self._weights.get(name))
+            tq.quantize(specs[slot], self._weights.get(name))
 
     def float_site(self, name: str) -> None:
         for tq in self.quantizers[name].values():
@@ -231,7 +232,7 @@ class QuantModel:
             if config.is_float(site):
                 self.float_site(site.name)
             else:
-                self.quantize_site(site.name, config.spec_for(site, "activation"), config.spec_for(site, "weight"))
+                self.quantize_site(site.name, config.slot_specs(site))
 
     def snapshot(self) -> dict[str, tuple]:
         """The quantization state of every tensor, cheap to restore with :meth:`restore`

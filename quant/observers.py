@@ -18,7 +18,11 @@ import torch
 
 from .quantizer import QParams, QuantSpec, fake_quantize, qparams_from_range
 
-OBSERVERS = ("minmax", "percentile", "mse", "entropy")
+# "unit": the fixed range [0, 1], for tensors whose range is known whatever the data
+# (softmax probabilities, the input of matmul_av): unsigned 8-bit gives scale 1/255,
+# zero point 0, as int8 attention kernels quantize them.
+OBSERVERS = ("minmax", "percentile", "mse", "entropy", "unit")
+FIXED_RANGES = {"unit": (0.0, 1.0)}
 
 
 class NonFiniteError(ValueError):
@@ -188,7 +192,10 @@ def activation_qparams(h: StreamingHistogram, spec: QuantSpec) -> QParams:
     check_observer(spec.observer)
     if h.count == 0:
         raise RuntimeError("no calibration data reached this tensor")
-    lo, hi = (h.min, h.max) if h.radius == 0.0 else _ACTIVATION_RANGES[spec.observer](h, spec)
+    if spec.observer in FIXED_RANGES:
+        lo, hi = FIXED_RANGES[spec.observer]
+    else:
+        lo, hi = (h.min, h.max) if h.radius == 0.0 else _ACTIVATION_RANGES[spec.observer](h, spec)
     return qparams_from_range(torch.tensor(lo), torch.tensor(hi), spec)
 
 
@@ -210,7 +217,8 @@ def weight_qparams(weight: torch.Tensor, spec: QuantSpec) -> QParams:
     elif spec.observer == "mse":
         lo, hi = _mse_row_ranges(rows, spec)
     else:
-        raise ValueError("the entropy observer calibrates activations; use minmax, percentile or mse for weights")
+        raise ValueError(f"the {spec.observer} observer calibrates activations; use minmax, percentile or mse "
+                         f"for weights")
     return qparams_from_range(lo, hi, spec, ch_axis=0 if spec.per_channel else None)
 
 

@@ -26,7 +26,7 @@ import pandas as pd
 import yaml
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from vitq.results import atomic_write_text
+from quant.store import atomic_write_text
 
 from . import figures
 

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from analysis.metrics import top1_agreement
 from quant.presets import preset
 from vitq.backends import OnnxRuntimeInt8, OrtRunner
-from vitq.results import atomic_write_text
+from quant.store import atomic_write_text
 from vitq.session import Options, Session
 
 PERTURBATION = 1e-6

@@ -37,7 +37,7 @@ from PIL import Image
 from analysis.errors import ACTIVATION_COLUMNS, WEIGHT_COLUMNS
 from reports import render_report
 from reports import figures
-from vitq.results import write_table
+from quant.store import write_table
 
 SITE = "vit.layers.{b}.{op}"
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from analysis.sensitivity import analyze_sensitivity, make_candidates, most_sensitive_fc
+from analysis.runner import Runner
 from quant.calibrate import calibrate
 from quant.config import QuantConfig
 from quant.model import QuantModel
@@ -29,8 +30,10 @@ def _setup(plant: bool = False, seed: int = 0):
 
 
 def _run(qm, pixels, labels, tmp_path, **kw):
-    return analyze_sensitivity(qm, kw.pop("config", preset("mixed_1", qm.sites)), iter(pixels), labels, tmp_path,
-                               progress=False, batch_size=8, **kw)
+    """(table, meta with the run info under "run"), as the tests below read them."""
+    df, meta, run = analyze_sensitivity(Runner(qm, pixels, labels), kw.pop("config", preset("mixed_1", qm.sites)),
+                                        tmp_path, progress=False, **kw)
+    return df, {**meta, "run": run}
 
 
 def test_planted_outlier_site_ranks_first(tmp_path):
@@ -54,15 +57,24 @@ def test_cached_prefix_equals_naive_full_reevaluation(tmp_path):
     assert meta["run"]["speedup_vs_naive"] is not None and meta["run"]["full_pass_s"] > 0
 
 
-def test_identity_quantizer_gives_zero_drop_and_infinite_sqnr(tmp_path):
+def test_near_identity_quantizer_gives_near_zero_kl_and_high_sqnr(tmp_path):
     qm, pixels, labels = _setup()
-    # 16-bit everything: not identity; the identity is a candidate whose sites stay float
     cfg = QuantConfig(float_kinds=[], float_sites=["*"])  # nothing int8 -> no candidates
     with pytest.raises(ValueError, match="no candidate"):
         _run(qm, pixels, labels, tmp_path, config=cfg)
+    spec16 = dict(bits=16)
+    fine = QuantConfig(name="16bit", activation=QuantConfig().activation.__class__(bits=16),
+                       overrides={"*": {"weight": spec16}})
+    df16, _ = _run(qm, pixels, labels, tmp_path / "16", config=fine)
+    df8, _ = _run(qm, pixels, labels, tmp_path / "8", config=preset("all", qm.sites))
+    # 16-bit sites are 256x finer than 8-bit ones: ~48 dB more SQNR, KL near zero, agreement 100 %
+    assert (df16["agreement"] == 100).all() and df16["kl"].max() < 1e-6
+    both = df16.merge(df8, on="candidate", suffixes=("16", "8"))
+    assert len(both) == len(df8) and (both["logit_sqnr_db16"] > both["logit_sqnr_db8"] + 20).all()
     df, meta = _run(qm, pixels, labels, tmp_path, config=preset("all", qm.sites), mode="all-but", group="kind")
-    assert meta["fp32"]["agreement"] == 100 and meta["fp32"]["logit_sqnr_db"] == float("inf")
     assert set(df["candidate"]) == {"kind conv", "kind linear", "kind matmul_qk", "kind matmul_av", "kind residual"}
+    # all-but: the top-ranked kind, kept float, moves the model towards FP32 (KL below the all-int8 baseline)
+    assert df.loc[0, "kl"] < meta["baseline"]["kl"] and df["kl"].is_monotonic_increasing
 
 
 def test_groups():

@@ -26,6 +26,7 @@ import torch
 
 from quant.config import ConfigError, QuantConfig
 from quant.export_onnx import ExportResult, export_onnx, float_state
+from analysis.metrics import OutputStats
 from quant.model import QuantModel
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
@@ -143,16 +144,20 @@ def make_backend(kind: str, qmodel: QuantModel, out_dir: str | Path, example_pix
 # -- evaluation through a backend -------------------------------------------------
 @dataclass
 class _SimTally:
-    images: int = 0
-    agree: int = 0
+    """The backend's logits against the simulation's (the reference here), through the
+    one metrics accumulator, plus the largest logit difference seen."""
+
+    stats: OutputStats = field(default_factory=OutputStats)
     max_abs_diff: float = 0.0
-    signal: float = 0.0
-    noise: float = 0.0
+
+    def update(self, backend_logits: torch.Tensor, simulated: torch.Tensor) -> None:
+        self.stats.update(backend_logits, simulated)
+        self.max_abs_diff = max(self.max_abs_diff, float((simulated - backend_logits).abs().max()))
 
     def row(self) -> dict:
-        sqnr = float("inf") if self.noise == 0 else 10 * float(torch.log10(torch.tensor(self.signal / self.noise)))
-        return {"images": self.images, "agreement": 100.0 * self.agree / max(self.images, 1),
-                "max_abs_logit_diff": self.max_abs_diff, "logit_sqnr_db": sqnr}
+        s = self.stats.summary()
+        return {"images": s["images"], "agreement": s["agreement"], "max_abs_logit_diff": self.max_abs_diff,
+                "logit_sqnr_db": s["logit_sqnr_db"]}
 
 
 @dataclass
@@ -200,13 +205,7 @@ class BackendEval:
         out = runner(pixels)
         if sim is not None:
             self.qmodel.restore(sim)
-            ref = self.qmodel(pixels).float()
-            t = self._tallies[name]
-            t.images += len(pixels)
-            t.agree += int((ref.argmax(-1) == out.argmax(-1)).sum())
-            t.max_abs_diff = max(t.max_abs_diff, float((ref - out).abs().max()))
-            t.signal += float(ref.double().pow(2).sum())
-            t.noise += float((ref.double() - out.double()).pow(2).sum())
+            self._tallies[name].update(out, self.qmodel(pixels).float())
         return out
 
     def apply(self, config: QuantConfig | None) -> None:
@@ -215,7 +214,7 @@ class BackendEval:
     def simulation_agreement(self) -> dict[str, dict]:
         """Per config: top-1 agreement (%) of the backend with the fake-quant
         simulation, max |logit difference| and logit SQNR (dB) between them."""
-        return {name: t.row() for name, t in self._tallies.items() if t.images}
+        return {name: t.row() for name, t in self._tallies.items() if len(t.stats)}
 
 
 def describe_export(int8: ExportResult, fp32: ExportResult | None = None) -> str:
@@ -256,7 +255,7 @@ def run_export(session, config: QuantConfig, opset: int = 17) -> list[str]:
     output folder, plus ``export.json``; returns the lines to print."""
     import json
 
-    from .results import atomic_write_text
+    from quant.store import atomic_write_text
 
     example = example_pixels(session)
     fp32, int8 = export_fp32_and_int8(session.qmodel, config, session.out, example, opset)

@@ -18,9 +18,10 @@ from quant.model import SiteError
 from quant.presets import PRESETS, preset
 from analysis.planner import Budget
 from analysis.sensitivity import GROUPS, MODES, RANK_METRICS, most_sensitive_fc
+from analysis import artifacts
 
 from .data import DataError
-from .pipeline import run_errors, run_eval, run_plan, run_sensitivity, save_eval
+from .pipeline import PlanOptions, run_errors, run_eval, run_plan, run_sensitivity, save_eval
 from .models import ModelLoadError
 from .session import Options, Session
 
@@ -67,9 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES, default="only",
                    help="only: quantize one candidate at a time; all-but: everything except one")
     p.add_argument("--group", choices=GROUPS, default="op", help="one site, one block or one kind per candidate")
-    p.add_argument("--eval-images", type=int, default=512, help="val images measured (seeded sample)")
+    p.add_argument("--eval-images", type=int, default=256, help="val images measured (seeded sample, default 256)")
     p.add_argument("--config", help="QuantConfig giving int8 specs and the all-but background (default: preset all)")
-    p.add_argument("--rank-by", choices=RANK_METRICS, default="top1_drop")
+    p.add_argument("--rank-by", choices=RANK_METRICS, default="kl",
+                   help="ranking metric (default kl: smooth and per image; the top-1 drop is shown beside it)")
     p.add_argument("--worst", type=int, default=10, help="print this many top-ranked candidates")
 
     p = sub.add_parser("errors", help="SQNR/cosine per activation and weight, outlier statistics")
@@ -104,11 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="QuantConfig to start from (default: preset all)")
-    p.add_argument("--max-drop", type=float, help="top-1 drop vs FP32 allowed, pp (default 0.5)")
+    p.add_argument("--max-drop", type=float, help="top-1 drop vs FP32 allowed, pp (default 0.5 when no budget is given)")
     p.add_argument("--min-agreement", type=float, help="top-1 agreement with FP32 required, %%")
-    p.add_argument("--eval-images", type=int, default=512, help="val images the plan is measured on")
-    p.add_argument("--offending", type=int, default=4, help="worst sites offered per-site remedies")
-    p.add_argument("--max-fallbacks", type=int, default=12, help="float-fallback candidates tried at most")
+    p.add_argument("--max-kl", type=float, help="mean KL(FP32 || plan) allowed, nats")
+    p.add_argument("--eval-images", type=int, default=256,
+                   help="val images sensitivity and the plan search are measured on (default 256)")
+    p.add_argument("--confirm-images", type=int,
+                   help="other val images the plan is confirmed on (default: as many as --eval-images; 0: none)")
+    p.add_argument("--objective", choices=("kl", "logit_mse"), default="kl", help="search objective (default kl)")
+    p.add_argument("--max-steps", type=int, default=12, help="float fallbacks measured per search path (default 12)")
+    p.add_argument("--worst-sites", type=int, default=3, help="worst sites offered per-site observer remedies")
+    p.add_argument("--all-but", action="store_true",
+                   help="also measure all-but sensitivity for the gain estimates (one full pass per site: slow)")
 
 
 def _options(args: argparse.Namespace) -> Options:
@@ -161,11 +170,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.backend != "torch":
         from .backends import backend_eval
         model = backend_eval(session, args.backend)
-    df, meta = run_eval(session, configs, limit=args.limit, model=model)
+    df, meta, run = run_eval(session, configs, limit=args.limit, model=model)
     if args.backend != "torch":
         from .backends import add_simulation_columns
         backend_line = add_simulation_columns(model, df, meta)
-    csv_path, json_path = save_eval(session, df, meta, configs)
+    csv_path, json_path = save_eval(session, df, meta, run, configs)
     print(format_table(df))
     if args.backend != "torch":
         print(backend_line)
@@ -195,12 +204,12 @@ def cmd_sensitivity(args: argparse.Namespace) -> None:
     session = Session(_options(args))
     config = _start_config(args, session)
     session.calibrate()
-    df, meta, paths = run_sensitivity(session, config, mode=args.mode, group=args.group,
-                                      images=args.eval_images, rank_by=args.rank_by)
-    cols = ["rank", "candidate", "kind", "block", "top1", "top1_drop", "agreement", "kl", "logit_sqnr_db"]
+    df, meta, run, paths = run_sensitivity(session, config, mode=args.mode, group=args.group,
+                                           images=args.eval_images, rank_by=args.rank_by)
+    cols = ["rank", "candidate", "kind", "block", "kl", "top1_drop", "agreement", "logit_sqnr_db"]
     print(df[cols].head(args.worst).to_string(index=False, float_format=_fmt))
-    speed = f", {meta['run']['speedup_vs_naive']}x faster than naive re-evaluation" if meta["run"]["speedup_vs_naive"] else ""
-    print(f"{meta['candidates']} candidates on {meta['images']} images in {meta['run']['wall_s']:.0f} s{speed}")
+    speed = f", {run['speedup_vs_naive']}x faster than naive re-evaluation" if run["speedup_vs_naive"] else ""
+    print(f"{meta['candidates']} candidates on {meta['images']} images in {run['wall_s']:.0f} s{speed}")
     print("wrote " + " and ".join(str(p) for p in paths))
 
 
@@ -232,25 +241,34 @@ def cmd_errors(args: argparse.Namespace) -> None:
 
 
 def _budget(args: argparse.Namespace) -> Budget:
-    if args.max_drop is None and args.min_agreement is None:
+    if args.max_drop is None and args.min_agreement is None and args.max_kl is None:
         args.max_drop = 0.5
-    return Budget(args.max_drop, args.min_agreement)
+    return Budget(args.max_drop, args.min_agreement, args.max_kl)
 
 
-def print_plan(steps: pd.DataFrame, plan: QuantConfig) -> None:
-    cols = ["step", "kind", "change", "top1", "top1_drop", "agreement", "kl", "int8_macs_share"]
+def _plan_options(args: argparse.Namespace) -> PlanOptions:
+    return PlanOptions(images=args.eval_images, confirm_images=args.confirm_images, objective=args.objective,
+                       max_steps=args.max_steps, worst_sites=args.worst_sites, all_but=args.all_but)
+
+
+def print_plan(planner) -> None:
+    steps = planner.steps_table()
+    cols = ["attempt", "path", "kind", "change", "kl", "agreement", "top1_drop", "float_sites", "int8_macs_share"]
     print(steps[cols].to_string(index=False, float_format=_fmt))
+    tried = planner.tried_table()
+    print(f"\n{len(tried)} configurations measured, {int(tried['kept'].sum())} kept (reference rows included)")
     print("\nfloat skip-list (copy into a QuantConfig):")
-    print(yaml.safe_dump({"float_kinds": plan.float_kinds, "float_sites": plan.float_sites}, sort_keys=False))
+    print(yaml.safe_dump({"float_kinds": planner.plan_config.float_kinds,
+                          "float_sites": planner.plan_config.float_sites}, sort_keys=False))
+    print(planner.verdict())
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
     session = Session(_options(args))
     start = _start_config(args, session)
     session.calibrate()
-    plan, steps, paths = run_plan(session, start, _budget(args), images=args.eval_images,
-                                  offending=args.offending, max_fallbacks=args.max_fallbacks)
-    print_plan(steps, plan)
+    planner, paths = run_plan(session, start, _budget(args), _plan_options(args))
+    print_plan(planner)
     print("wrote " + ", ".join(str(p) for p in paths))
 
 
@@ -271,18 +289,15 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     start = _start_config(args, session)
     session.images("val", args.limit)  # fail on bad data before any long work
     session.calibrate()
-    plan, steps, _ = run_plan(session, start, _budget(args), images=args.eval_images,
-                              offending=args.offending, max_fallbacks=args.max_fallbacks)
+    planner, _ = run_plan(session, start, _budget(args), _plan_options(args))
     report, _ = run_errors(session, start, images=args.error_images)
-    only = pd.read_csv(session.out / "sensitivity_only_op.csv")
-    mixed_2 = most_sensitive_fc(only)
-    configs = {n: preset(n, session.sites, mixed_2) for n in ("all", "mixed_1", "mixed_2")}
-    configs["plan"] = plan
-    df, meta = run_eval(session, configs, limit=args.limit)
-    save_eval(session, df, meta, configs)
-    print_plan(steps, plan)
+    configs = {n: preset(n, session.sites) for n in ("all", "mixed_1", "mixed_2")}
+    configs["plan"] = planner.plan_config
+    df, meta, run = run_eval(session, configs, limit=args.limit)
+    save_eval(session, df, meta, run, configs, spec=artifacts.ACCURACY)
+    print_plan(planner)
     print_errors(report, 5)
-    print("\naccuracy on the val images:")
+    print("\naccuracy on all val images:")
     print(format_table(df))
     path = render_report(session.out)
     print(f"\nreport: {path}  ({time.time() - t0:.0f} s)")

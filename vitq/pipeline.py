@@ -1,24 +1,33 @@
-"""The steps behind the commands (sensitivity, errors, plan), each writing its
-artefacts into the session's output folder. ``vitq analyze`` chains them; each
-step resumes from what an interrupted run left."""
+"""The steps behind the commands (eval, sensitivity, errors, plan), each writing its
+artefacts into the session's output folder as :mod:`analysis.artifacts` declares
+them. ``vitq analyze`` chains them; each step resumes from what an interrupted run
+left."""
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
+import yaml
 
+from analysis import artifacts
+from analysis.cost import float_site_names, site_macs
 from analysis.errors import ErrorReport, analyze_errors
 from analysis.planner import Budget, Planner
-from analysis.sensitivity import ResultLog, analyze_sensitivity, most_sensitive_fc, settings_key
+from analysis.runner import Runner
+from analysis.sensitivity import analyze_sensitivity
 from quant.config import QuantConfig
+from quant.store import ResultLog, atomic_write_text, settings_key
 
 from .evaluate import evaluate_configs
-from .results import atomic_write_text, write_table
 from .session import Session
+
+# Bumped when the per-image records of the logs change shape (old logs are not mixed in).
+LOG_VERSION = 2
 
 
 @dataclass
@@ -30,94 +39,163 @@ class EvalSet:
     files: list[str]
 
 
-def eval_set(session: Session, n: int) -> EvalSet:
-    cached = getattr(session, "_eval_sets", {})
-    if n not in cached:
-        images = session.images("val", n)
+def _val_split(session: Session, n_plan: int, n_confirm: int) -> tuple[list[int], list[int]]:
+    """Disjoint seeded positions in val: the plan images, then the confirm images."""
+    total = len(session.images("val", None))
+    order = random.Random(session.opts.seed).sample(range(total), total)
+    n_plan = min(n_plan, total)
+    return sorted(order[:n_plan]), sorted(order[n_plan:n_plan + max(n_confirm, 0)])
+
+
+def eval_set(session: Session, n: int, which: str = "plan", n_confirm: int = 0) -> EvalSet:
+    """The ``plan`` images (``n`` of val, seeded) or the ``confirm`` images (the next
+    ``n_confirm`` of the same seeded order: never a plan image), decoded once."""
+    cached = session.__dict__.setdefault("_eval_sets", {})
+    key = (n, which, n_confirm if which == "confirm" else 0)
+    if key not in cached:
+        plan, confirm = _val_split(session, n, n_confirm)
+        images = session.images("val", None).subset(plan if which == "plan" else confirm)
         loaded = list(session.batches(images))
-        cached[n] = EvalSet([p for p, _, _ in loaded], torch.cat([lab for _, lab, _ in loaded]),
-                            [str(images.items[i][0].resolve()) for _, _, idx in loaded for i in idx])
-        session._eval_sets = cached
-    return cached[n]
+        by_id = dict(zip(images.ids, images.items))
+        cached[key] = EvalSet([p for p, _, _ in loaded], torch.cat([lab for _, lab, _ in loaded]),
+                              [str(by_id[i][0].resolve()) for _, _, idx in loaded for i in idx])
+    return cached[key]
 
 
+def runner(session: Session, data: EvalSet) -> Runner:
+    """One Runner (FP32 reference computed once) per image set of the session."""
+    cached = session.__dict__.setdefault("_runners", {})
+    if id(data) not in cached:
+        cached[id(data)] = Runner(session.qmodel, data.pixels, data.labels)
+    return cached[id(data)]
+
+
+def macs(session: Session) -> dict[str, float]:
+    """Matmul MACs per image of every site, from one calibration image."""
+    if "_macs" not in session.__dict__:
+        pixels, _, _ = next(iter(session.batches(session.images("train", 1))))
+        session._macs = site_macs(session.qmodel, pixels[:1])
+    return session._macs
+
+
+def _run_info(session: Session, **extra) -> dict:
+    return {"calibration_s": session.calibration_s, **extra}
+
+
+# -- eval ------------------------------------------------------------------------------
 def run_eval(session: Session, configs: dict[str, QuantConfig], *, limit: int | None = None,
-             model=None) -> tuple[pd.DataFrame, dict]:
+             model=None) -> tuple[pd.DataFrame, dict, dict]:
     """FP32 and ``configs`` on the val images (``limit``: a seeded sample); ``model``
     replaces the fake-quant simulation by another backend with the same interface."""
     for cfg in configs.values():
         cfg.validate(session.sites)
     val = session.images("val", limit)
     t0 = time.time()
-    settings = {**session.describe(), "val_files": [str(p) for p, _ in val.items],
+    backend = getattr(model, "backend", None)
+    settings = {**session.describe(), "val_files": [str(p) for p, _ in val.items], "log_version": LOG_VERSION,
                 "configs": {k: v.to_dict() for k, v in configs.items()}, "backend": type(model).__name__}
     log = ResultLog(session.out / f"eval.{settings_key(settings)}.jsonl", settings)
     done = {i for r in log.done.values() for i in r["indices"]}
     if done:
         print(f"resuming: {len(done)} of {len(val)} images already evaluated ({log.path})")
     todo = val.subset([i for i in range(len(val)) if i not in done])
-    df = evaluate_configs(model or session.qmodel, configs, session.batches(todo), session.num_batches(todo),
-                          session.opts.progress, log=log)
+    df = evaluate_configs(model or session.qmodel, configs, session.batches(todo), session.sites, macs(session),
+                          session.num_batches(todo), session.opts.progress, log=log)
     meta = {**session.describe(), "val_images": int(df.loc[0, "images"]), "skipped_images": session.bad,
             "configs": {k: v.to_dict() for k, v in configs.items()},
-            "run": {"evaluation_s": round(time.time() - t0, 1), "resumed_images": len(done), "log": str(log.path)}}
-    return df, meta
+            "backend": getattr(backend, "name", "torch"), "simulation_agreement": None, "onnx_models": None}
+    run = _run_info(session, evaluation_s=round(time.time() - t0, 1), resumed_images=len(done), log=str(log.path))
+    return df, meta, run
 
 
-def save_eval(session: Session, df: pd.DataFrame, meta: dict, configs: dict[str, QuantConfig]) -> tuple[Path, Path]:
-    """eval.csv/json and one config_<name>.yaml per evaluated config."""
+def save_eval(session: Session, df: pd.DataFrame, meta: dict, run: dict, configs: dict[str, QuantConfig],
+              spec: artifacts.TableSpec = artifacts.EVAL) -> tuple[Path, Path]:
+    """The eval (or analyze's accuracy) table and one config_<name>.yaml per config."""
     for name, cfg in configs.items():
-        cfg.save(session.out / f"config_{name}.yaml")
-    return write_table(df, session.out / "eval", meta)
+        cfg.save(session.out / artifacts.config_file(name))
+    return artifacts.write(session.out, spec, df, meta, run)
 
 
+# -- sensitivity ---------------------------------------------------------------------------
 def run_sensitivity(session: Session, config: QuantConfig, *, mode: str = "only", group: str = "op",
-                    images: int = 512, rank_by: str = "top1_drop") -> tuple[pd.DataFrame, dict, list[Path]]:
+                    images: int = 256, rank_by: str = "kl") -> tuple[pd.DataFrame, dict, dict, list[Path]]:
     data = eval_set(session, images)
-    settings = {**session.describe(), "val_files": data.files}
-    df, meta = analyze_sensitivity(
-        session.qmodel, config, iter(data.pixels), data.labels, session.out, mode=mode, group=group,
-        rank_by=rank_by, settings=settings, progress=session.opts.progress, batch_size=session.opts.batch_size)
-    stem = session.out / f"sensitivity_{mode.replace('-', '_')}_{group}"
-    return df, meta, list(write_table(df, stem, {**session.describe(), **meta}))
+    settings = {**session.describe(), "val_files": data.files, "log_version": LOG_VERSION}
+    df, meta, run = analyze_sensitivity(runner(session, data), config, session.out, mode=mode, group=group,
+                                        rank_by=rank_by, settings=settings, progress=session.opts.progress)
+    meta = {**session.describe(), **meta}
+    run = _run_info(session, **run)
+    paths = artifacts.write(session.out, artifacts.sensitivity(mode, group), df, meta, run)
+    return df, meta, run, list(paths)
 
 
+# -- errors ------------------------------------------------------------------------------------
 def run_errors(session: Session, config: QuantConfig, *, images: int = 64,
                outlier_k: float = 6.0) -> tuple[ErrorReport, list[Path]]:
+    t0 = time.time()
     val = session.images("val", images)
     settings = {**session.describe(), "val_files": [str(p.resolve()) for p, _ in val.items],
                 "config": config.to_dict(), "outlier_k": outlier_k, "batch_size": session.opts.batch_size}
     session.out.mkdir(parents=True, exist_ok=True)
+    checkpoint = session.out / f"errors_state.{settings_key(settings)}.pt"
     report = analyze_errors(session.qmodel, config, (p for p, _, _ in session.batches(val)),
                             outlier_k=outlier_k, progress=session.opts.progress,
-                            total=session.num_batches(val),
-                            checkpoint=session.out / f"errors_state.{settings_key(settings)}.pt")
+                            total=session.num_batches(val), checkpoint=checkpoint)
     report.meta.update(session.describe())
-    return report, report.save(session.out)
+    paths = report.save(session.out, _run_info(session, wall_s=round(time.time() - t0, 1)))
+    checkpoint.unlink(missing_ok=True)  # the tables hold everything now
+    return report, paths
 
 
-def run_plan(session: Session, start: QuantConfig, budget: Budget, *, images: int = 512,
-             offending: int = 4, max_fallbacks: int = 12) -> tuple[QuantConfig, pd.DataFrame, list[Path]]:
-    """Sensitivity in both modes (reused when already measured), then the planner."""
-    only, _, _ = run_sensitivity(session, start, mode="only", images=images)
-    all_but, _, _ = run_sensitivity(session, start, mode="all-but", images=images)
-    data = eval_set(session, images)
-    planner = Planner(session.qmodel, data.pixels, data.labels, session.out, budget,
-                      {**session.describe(), "val_files": data.files, "start": start.to_dict(),
-                       "budget": vars(budget)}, session.opts.progress)
-    plan = planner.plan(start, only, all_but, offending=offending, max_fallbacks=max_fallbacks,
-                        mixed_2_float=most_sensitive_fc(only))
-    steps = planner.table()
-    plan.save(session.out / "plan.yaml")
-    skiplist = {"float_kinds": plan.float_kinds, "float_sites": plan.float_sites}
-    atomic_write_text(session.out / "plan_skiplist.yaml", _yaml(skiplist))
-    meta = {**session.describe(), "budget": vars(budget), "met": planner.met, "run": {"wall_s": round(planner.wall_s, 1)},
-            "plan_images": len(data.labels), "plan": plan.to_dict()}
-    paths = [*write_table(steps, session.out / "plan_steps", meta), session.out / "plan.yaml",
-             session.out / "plan_skiplist.yaml"]
-    return plan, steps, paths
+# -- plan ----------------------------------------------------------------------------------------
+@dataclass
+class PlanOptions:
+    images: int = 256  # plan images (sensitivity and search)
+    confirm_images: int | None = None  # disjoint confirm images (default: as many as plan images)
+    objective: str = "kl"
+    max_steps: int = 12  # float moves measured per path
+    worst_sites: int = 3  # sites offered per-site observer remedies
+    all_but: bool = False  # also measure the all-but sensitivity (better gain estimates, much slower)
 
 
-def _yaml(data: dict) -> str:
-    import yaml
-    return yaml.safe_dump(data, sort_keys=False)
+def run_plan(session: Session, start: QuantConfig, budget: Budget,
+             opts: PlanOptions | None = None) -> tuple[Planner, list[Path]]:
+    """Sensitivity (reused when already measured), the planner's search on the plan
+    images, confirmation on the confirm images; writes plan_* artefacts."""
+    opts = opts or PlanOptions()
+    n_confirm = opts.images if opts.confirm_images is None else opts.confirm_images
+    only, _, _, _ = run_sensitivity(session, start, mode="only", images=opts.images)
+    all_but = None
+    if opts.all_but:
+        all_but, ab_meta, _, _ = run_sensitivity(session, start, mode="all-but", images=opts.images)
+        all_but.attrs["baseline"] = ab_meta["baseline"]
+    plan_data = eval_set(session, opts.images)
+    confirm_data = eval_set(session, opts.images, "confirm", n_confirm) if n_confirm > 0 else None
+    if confirm_data is not None and not len(confirm_data.labels):
+        confirm_data = None
+    settings = {**session.describe(), "val_files": plan_data.files, "start": start.to_dict(),
+                "log_version": LOG_VERSION}
+    planner = Planner(runner(session, plan_data), None if confirm_data is None else runner(session, confirm_data),
+                      session.out, macs(session), budget, settings, objective=opts.objective,
+                      seed=session.opts.seed, progress=session.opts.progress)
+    plan = planner.plan(start, only, all_but, worst_sites=opts.worst_sites, max_steps=opts.max_steps)
+    confirm = planner.confirm() if confirm_data is not None else pd.DataFrame()
+    plan.save(session.out / artifacts.PLAN_YAML)
+    floats = [n for n in float_site_names(plan, session.sites)
+              if session.qmodel.site_by_name[n].kind not in plan.float_kinds]
+    atomic_write_text(session.out / artifacts.PLAN_SKIPLIST,
+                      yaml.safe_dump({"float_kinds": plan.float_kinds, "float_sites": floats}, sort_keys=False))
+    meta = {**session.describe(), "budget": vars(budget), "met": planner.met,
+            "met_at_step": planner.chosen.row["attempt"] if planner.met else None,
+            "plan_images": len(plan_data.labels), "confirm_images": 0 if confirm_data is None else len(confirm_data.labels),
+            "plan": plan.to_dict(), "float_sites": floats, "start": start.name,
+            "best_reference": planner.best_reference, "verdict": planner.verdict(),
+            "noise": {"objective": planner.objective, "test": "paired bootstrap over images", "level": planner.level,
+                      "resamples": planner.n_boot}}
+    run = _run_info(session, wall_s=round(planner.wall_s, 1), measured_now=planner.measured_now,
+                    log=str(planner.log.path))
+    paths = [*artifacts.write(session.out, artifacts.PLAN_STEPS, planner.steps_table(), meta, run),
+             *artifacts.write(session.out, artifacts.PLAN_TRIED, planner.tried_table(), meta, run)]
+    if len(confirm):
+        paths += artifacts.write(session.out, artifacts.PLAN_CONFIRM, confirm, meta, run)
+    return planner, [*paths, session.out / artifacts.PLAN_YAML, session.out / artifacts.PLAN_SKIPLIST]

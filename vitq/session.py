@@ -5,6 +5,7 @@ model, data, image count and seed match, so reruns and later commands skip it.""
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from quant.model import QuantModel
 
 from .data import BadImages, ImageSet, batches
 from .models import DEFAULT_DATA, LoadedModel, load_model
-from .results import atomic_torch_save
+from quant.store import atomic_torch_save
 
 
 @dataclass
@@ -56,6 +57,8 @@ class Session:
     def num_batches(self, images: ImageSet) -> int:
         return -(-len(images) // self.opts.batch_size)
 
+    calibration_s: float | None = None  # seconds the (possibly cached) calibration took
+
     def calibrate(self) -> int:
         """Calibrate (or load the cached statistics); returns the number of images."""
         images = self.images("train", self.opts.calib)
@@ -68,9 +71,13 @@ class Session:
             if saved.get("key") == key:
                 self.qmodel.load_calibration_state(saved["state"])
                 self.calibration_images = saved["seen"]
+                self.calibration_s = saved.get("seconds")
                 return saved["seen"]
+        t0 = time.time()
         seen = calibrate(self.qmodel, (p for p, _, _ in self.batches(images)), self.num_batches(images), self.opts.progress)
-        atomic_torch_save(cache, {"key": key, "seen": seen, "state": self.qmodel.calibration_state()})
+        self.calibration_s = round(time.time() - t0, 1)
+        atomic_torch_save(cache, {"key": key, "seen": seen, "seconds": self.calibration_s,
+                                  "state": self.qmodel.calibration_state()})
         self.calibration_images = seen
         return seen
 

@@ -1,0 +1,63 @@
+"""What a configuration costs: how much of the model's matmul work stays in int8.
+
+The cost the planner trades fidelity against, and the site counts every table
+shows, computed in one place so the planner's rows and the evaluation's rows agree.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quant.config import QuantConfig
+from quant.model import QuantModel
+from quant.sites import Site
+
+MATMUL_KINDS = ("linear", "conv", "matmul_qk", "matmul_av")
+
+
+def site_macs(qmodel: QuantModel, pixels: torch.Tensor) -> dict[str, float]:
+    """Multiply-accumulates per image of every Linear/Conv/matmul site, read from the
+    tensor shapes of one float forward (no family-specific shape knowledge)."""
+    macs: dict[str, float] = {}
+    modules = dict(qmodel.model.named_modules())
+
+    def tap(tq, x, out):
+        site, per_image = tq.site, x.numel() / len(x)
+        if site.kind == "linear" and tq.slot == "input":
+            macs[site.name] = per_image * modules[site.name].out_features
+        elif site.kind == "conv" and tq.slot == "input":
+            conv = modules[site.name]
+            positions = (x.shape[-1] // conv.stride[1]) * (x.shape[-2] // conv.stride[0])
+            macs[site.name] = positions * conv.out_channels * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        elif site.kind in ("matmul_qk", "matmul_av") and tq.slot in ("q", "v"):
+            # q @ k^T: (H, T, D) x (H, D, T); probs @ v: (H, T, T) x (H, T, D): H*T*T*D each
+            macs[site.name] = per_image * x.shape[-2]
+
+    quantizers = [tq for tq in qmodel.tensor_quantizers() if tq.site.kind in MATMUL_KINDS]
+    saved = qmodel.snapshot()
+    for tq in quantizers:
+        tq.taps.append(tap)
+    try:
+        qmodel.apply(None)
+        qmodel(pixels[:1])
+    finally:
+        for tq in quantizers:
+            tq.taps.remove(tap)
+        qmodel.restore(saved)
+    return macs
+
+
+def float_site_names(config: QuantConfig | None, sites: list[Site]) -> list[str]:
+    """Every site kept float, globs and float kinds expanded (FP32: all of them)."""
+    if config is None:
+        return [s.name for s in sites]
+    return [s.name for s in sites if config.is_float(s)]
+
+
+def config_cost(config: QuantConfig | None, sites: list[Site], macs: dict[str, float]) -> dict[str, float]:
+    """int8 and float site counts (expanded) and the int8 share of matmul MACs (%)."""
+    floats = set(float_site_names(config, sites))
+    total = sum(macs.values())
+    int8_macs = sum(m for name, m in macs.items() if name not in floats)
+    return {"int8_sites": len(sites) - len(floats), "float_sites": len(floats),
+            "int8_macs_share": 100.0 * int8_macs / total if total else 0.0}

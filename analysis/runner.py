@@ -1,0 +1,153 @@
+"""The one measuring loop: quantization state -> logits over a fixed image set ->
+:class:`~analysis.metrics.OutputStats` against FP32.
+
+Every analysis measures through :class:`Runner` (sensitivity, planner) or
+:func:`stream` (evaluation over images decoded batch by batch), so they all see
+the same forward, the same reference logits and the same metrics. A measurement
+that only changes sites from block k on restarts from the hidden states cached
+at block k (:class:`BoundaryCache`): the blocks before it are not re-run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from quant.config import QuantConfig
+from quant.model import QuantModel
+
+from .metrics import OutputStats
+
+State = dict  # QuantModel.snapshot()
+
+
+class _Memmap:
+    """A float32 array on disk filled chunk by chunk (memory stays bounded)."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...]) -> None:
+        self.array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+
+    def write(self, start: int, values: torch.Tensor) -> None:
+        self.array[start:start + len(values)] = values.cpu().numpy()
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.array[start:stop]))
+
+
+class BoundaryCache:
+    """The hidden states entering every block (and the head) of a fixed image set
+    under one background state, on disk."""
+
+    def __init__(self, qmodel: QuantModel, batches: list[torch.Tensor], folder: Path) -> None:
+        self.qmodel, self.batches = qmodel, batches
+        self.bounds: list[_Memmap] = []
+        n = sum(len(b) for b in batches)
+        folder.mkdir(parents=True, exist_ok=True)
+        start = 0
+        with torch.inference_mode():
+            for pixels in batches:
+                h = qmodel.embed(pixels)
+                for k in range(qmodel.num_blocks + 1):
+                    if len(self.bounds) <= k:
+                        self.bounds.append(_Memmap(folder / f"bound_{k}.npy", (n, *h.shape[1:])))
+                    self.bounds[k].write(start, h)
+                    if k < qmodel.num_blocks:
+                        h = qmodel.run_blocks(h, k, k + 1)
+                start += len(pixels)
+
+    def hidden(self, block: int, batch: int) -> torch.Tensor:
+        start = sum(len(b) for b in self.batches[:batch])
+        return self.bounds[block].read(start, start + len(self.batches[batch]))
+
+
+class Runner:
+    """A calibrated QuantModel and an image set held in memory (list of pixel
+    batches, labels): FP32 reference logits once, then any state's logits/metrics."""
+
+    def __init__(self, qmodel: QuantModel, batches: list[torch.Tensor], labels: torch.Tensor | None = None) -> None:
+        self.qmodel, self.batches, self.labels = qmodel, list(batches), labels
+        self.fp32_state = qmodel.prepare(None)
+        self.reference = self.logits(self.fp32_state)
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self.batches)
+
+    def state(self, config: QuantConfig | None) -> State:
+        """The model's quantizer state for ``config`` (None: FP32); the model is left in it."""
+        return self.qmodel.prepare(config)
+
+    @torch.inference_mode()
+    def logits(self, state: State, start_block: int = -1, cache: BoundaryCache | None = None) -> torch.Tensor:
+        """Logits (float64) of every image under ``state``; with ``cache`` (built under a
+        background state that differs from ``state`` only from ``start_block`` on) the
+        blocks before ``start_block`` are read from the cache instead of re-run."""
+        q = self.qmodel
+        q.restore(state)
+        out = []
+        for i, pixels in enumerate(self.batches):
+            if cache is None or start_block < 0:
+                h, start = q.embed(pixels), 0
+            else:
+                h, start = cache.hidden(start_block, i), start_block
+            out.append(q.head(q.run_blocks(h, start)).double())
+        return torch.cat(out)
+
+    def measure(self, state: State | QuantConfig | None, start_block: int = -1,
+                cache: BoundaryCache | None = None) -> OutputStats:
+        """Per-image metrics of ``state`` (or a config) against FP32."""
+        if state is None or isinstance(state, QuantConfig):
+            state = self.state(state)
+        return OutputStats.of(self.logits(state, start_block, cache), self.reference, self.labels)
+
+    def boundaries(self, state: State, folder: Path) -> BoundaryCache:
+        self.qmodel.restore(state)
+        return BoundaryCache(self.qmodel, self.batches, folder)
+
+
+def stream(model, states: dict[str, object], batches: Iterable[tuple[torch.Tensor, torch.Tensor, list[int]]]
+           ) -> Iterator[tuple[list[int], dict[str, OutputStats]]]:
+    """Images decoded batch by batch (too many to hold): every state on each batch,
+    the first state being the FP32 reference. ``model`` is a QuantModel or anything
+    with its ``restore``/``__call__`` (a real-int8 backend)."""
+    for pixels, labels, idx in batches:
+        reference, out = None, {}
+        for name, state in states.items():
+            model.restore(state)
+            logits = model(pixels).double()
+            reference = logits if reference is None else reference
+            out[name] = OutputStats.of(logits, reference, labels)
+        yield list(idx), out
+
+
+SCRATCH_PREFIX = "vitq-sens-"
+
+
+@contextlib.contextmanager
+def scratch(out_dir: Path) -> Iterator[Path]:
+    """A scratch folder for boundary caches inside ``out_dir``, removed on exit; those
+    left by killed runs (their process is gone) are removed first."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for folder in out_dir.glob(f"{SCRATCH_PREFIX}*"):
+        pid = folder.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        if not (pid.isdigit() and _alive(int(pid))):
+            shutil.rmtree(folder, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=out_dir) as tmp:
+        yield Path(tmp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

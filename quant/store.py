@@ -1,0 +1,115 @@
+"""Writing results so that a killed run loses nothing and leaves nothing half-written.
+
+The bottom of the stack: every layer (quant, analysis, reports, the CLI) writes
+through these helpers, so there is one write-then-rename, one strict-JSON table
+writer and one append-only result log.
+
+- :func:`atomic_write` and friends: write a temporary file, then rename it;
+- :func:`write_table`: ``stem.csv`` + ``stem.json`` (rows and metadata) and
+  ``stem.run.json`` (wall times: kept apart so reruns give byte-identical results);
+- :class:`ResultLog`: append-only JSONL of finished work items, keyed by
+  :func:`settings_key` of the settings that produced them (resume after a crash).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+import pandas as pd
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write-then-rename, so a killed run never leaves a half-written file
+    (``write`` fills the open temporary file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    tmp.replace(path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def atomic_torch_save(path: str | Path, obj: Any) -> None:
+    import torch
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def clean_json(value: Any) -> Any:
+    """Strict JSON: NaN/NA -> null, +-inf -> "inf"/"-inf", numpy scalars -> Python."""
+    if isinstance(value, dict):
+        return {k: clean_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean_json(v) for v in value]
+    if value is pd.NA or value is pd.NaT:
+        return None
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)) and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    path = Path(path)
+    atomic_write_text(path, json.dumps(clean_json(data), indent=2, default=str, allow_nan=False) + "\n")
+    return path
+
+
+def write_table(df: pd.DataFrame, stem: str | Path, meta: dict[str, Any] | None = None,
+                run: dict[str, Any] | None = None) -> tuple[Path, Path]:
+    """``stem``.csv and ``stem``.json (rows plus metadata).
+
+    ``run`` (wall times, what this invocation measured, where its logs are) goes to
+    ``stem``.run.json instead, so the same inputs and seed give byte-identical
+    result files whether a run was resumed or not.
+    """
+    stem = Path(stem)
+    csv_path, json_path = stem.with_suffix(".csv"), stem.with_suffix(".json")
+    if run is not None:
+        write_json(stem.with_suffix(".run.json"), run)
+    atomic_write_text(csv_path, df.to_csv(index=False, float_format="%.6g"))
+    write_json(json_path, {"meta": dict(meta or {}), "rows": df.to_dict(orient="records")})
+    return csv_path, json_path
+
+
+def settings_key(settings: Any) -> str:
+    """A short stable hash of JSON-able settings (names a log, a cache, a config)."""
+    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+class ResultLog:
+    """Append-only JSONL of finished work items (``row["candidate"]`` is the key).
+
+    The first line holds the settings. A torn last line (a killed run) is ignored,
+    so a rerun with the same settings resumes where the last one died.
+    """
+
+    def __init__(self, path: Path, settings: dict) -> None:
+        self.path = Path(path)
+        self.done: dict[str, dict] = {}
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines()[1:]:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                self.done[row["candidate"]] = row
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps({"settings": clean_json(settings)}, default=str) + "\n")
+
+    def append(self, row: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done[row["candidate"]] = row
