@@ -62,7 +62,7 @@ def site_macs(qmodel: QuantModel, pixels: torch.Tensor) -> dict[str, float]:
     """Multiply-accumulates per image of every Linear/Conv/matmul site (from one forward)."""
     macs: dict[str, float] = {}
     modules = dict(qmodel.model.named_modules())
-    head_dim = qmodel.model.config.hidden_size // qmodel.model.config.num_attention_heads
+    head_dim = qmodel.head_dim
 
     def tap(tq, x, out):
         site, per_image = tq.site, x.numel() / len(x)
