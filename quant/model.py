@@ -2,26 +2,24 @@
 
 ``QuantModel`` instruments the model in place (patched forwards and hooks, no edit
 of the transformers source) and runs it as embed -> blocks -> head, so analysis
-code can restart the forward at any block. Each slot of each site has a
-:class:`TensorQuantizer` that is either float (identity), observing (calibration)
-or quantizing (fake-quant with calibrated parameters).
+code can restart the forward at any block. Everything that depends on the
+model's layout is delegated to its family adapter (``quant.families``). Each slot
+of each site has a :class:`TensorQuantizer` that is either float (identity),
+observing (calibration) or quantizing (fake-quant with calibrated parameters).
 """
 
 from __future__ import annotations
 
-import types
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers import AttentionInterface
 
-from .families import Family, family_of
+from .families import FamilyAdapter, family_of
 from .observers import NonFiniteError, StreamingHistogram, activation_qparams, weight_qparams
 from .quantizer import QParams, QuantSpec, fake_quantize
 from .config import QuantConfig
-from .sites import Site, discover_sites
+from .sites import Site
 
 FLOAT, OBSERVE, QUANT = "float", "observe", "quant"
 
@@ -87,59 +85,13 @@ class TensorQuantizer:
         self.mode, self.spec, self.qparams, self._weight_cache = FLOAT, None, None, None
 
 
-def _vitq_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers' eager attention with the two matmuls and softmax made visible."""
-    q = module._vitq
-    if scaling is None:
-        scaling = query.size(-1) ** -0.5
-    attn = torch.matmul(q["matmul_qk"]["q"](query), q["matmul_qk"]["k"](key).transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        attn = attn + attention_mask
-    attn = F.softmax(attn, dim=-1, dtype=torch.float32).to(query.dtype)
-    attn = q["softmax"]["output"](attn)
-    attn = F.dropout(attn, p=dropout, training=module.training)
-    out = torch.matmul(q["matmul_av"]["probs"](attn), q["matmul_av"]["v"](value))
-    return out.transpose(1, 2).contiguous(), attn
-
-
-AttentionInterface.register("vitq_eager", _vitq_attention)
-
-
-def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    q = self._vitq
-    return F.linear(q["input"](x), q["weight"](self.weight), self.bias)
-
-
-def _conv_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    q = self._vitq
-    return self._conv_forward(q["input"](x), q["weight"](self.weight), self.bias)
-
-
-def _output_hook(quantizer: TensorQuantizer):
-    def hook(module, args, output):
-        return quantizer(output)
-    return hook
-
-
-def _block_forward(family: Family, res_attn: TensorQuantizer, res_mlp: TensorQuantizer):
-    """The pre-norm block of all supported families, residual adds quantizable."""
-    def forward(self, hidden_states, attention_mask=None, **kwargs):
-        residual = hidden_states
-        h = getattr(self, family.norm1)(hidden_states)
-        h, _ = self.attention(h, attention_mask, **kwargs)
-        hidden_states = res_attn(family.post_attn(self, h) + residual)
-        h = self.mlp(getattr(self, family.norm2)(hidden_states))
-        return res_mlp(family.post_mlp(self, h) + hidden_states)
-    return forward
-
-
 class QuantModel:
     """A supported HF classifier, instrumented; see the module docstring."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.family = family_of(model)
+        self.family: FamilyAdapter = family_of(model)
         self.model = model.eval()
-        self.sites = discover_sites(model, self.family)
+        self.sites = self.family.sites(model)
         self.site_by_name = {s.name: s for s in self.sites}
         self.quantizers: dict[str, dict[str, TensorQuantizer]] = {
             s.name: {slot: TensorQuantizer(s, slot) for slot in s.slots} for s in self.sites
@@ -149,52 +101,34 @@ class QuantModel:
 
     # -- instrumentation -------------------------------------------------
     def _instrument(self) -> None:
-        model, family = self.model, self.family
-        model.config._attn_implementation = "vitq_eager"
-        modules = dict(model.named_modules())
-        for site in self.sites:
-            q = self.quantizers[site.name]
-            if site.kind in ("linear", "conv"):
-                module = modules[site.name]
-                module._vitq = q
-                self._weights[site.name] = module.weight
-                fwd = _linear_forward if site.kind == "linear" else _conv_forward
-                module.forward = types.MethodType(fwd, module)
-            elif site.kind == "layernorm":
-                modules[site.name].register_forward_hook(_output_hook(q["output"]))
-            elif site.kind == "gelu":
-                mlp = modules[site.name.rsplit(".", 1)[0]]
-                mlp.activation_fn.register_forward_hook(_output_hook(q["output"]))
-        for i, layer in enumerate(family.blocks(model)):
-            prefix = {s.role: s.name for s in self.sites if s.block == i}
-            layer.attention._vitq = {
-                role: self.quantizers[prefix[role]] for role in ("matmul_qk", "softmax", "matmul_av")
-            }
-            layer.forward = types.MethodType(
-                _block_forward(family, self.quantizers[prefix["residual_attn"]]["output"],
-                               self.quantizers[prefix["residual_mlp"]]["output"]),
-                layer,
-            )
+        """Attach the quantizers; how is the family adapter's business."""
+        self._weights = {s.name: self.family.weight(self.model, s) for s in self.sites if s.has_weight()}
+        self.family.instrument(self.model, self.sites, self.quantizers)
 
     # -- running ---------------------------------------------------------
     @property
     def backbone(self) -> nn.Module:
-        return getattr(self.model, self.family.backbone)
+        return self.family.backbone(self.model)
 
     @property
     def num_blocks(self) -> int:
-        return len(self.family.blocks(self.model))
+        return self.family.num_blocks(self.model)
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head (what analyses need instead of reading HF configs)."""
+        return self.family.head_dim(self.model)
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.backbone.embeddings(pixel_values)
+        return self.family.embed(self.model, pixel_values)
 
     def run_blocks(self, hidden: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        for layer in list(self.family.blocks(self.model))[start:stop]:
-            hidden = layer(hidden, None)
+        for block in list(self.family.blocks(self.model))[start:stop]:
+            hidden = self.family.run_block(block, hidden)
         return hidden
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.family.head(self.model, self.backbone.layernorm(hidden))
+        return self.family.head(self.model, hidden)
 
     @torch.inference_mode()
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:

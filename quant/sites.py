@@ -5,15 +5,18 @@ is quantized: a Linear/Conv quantizes its input and weight, a matmul both inputs
 a residual add / softmax / GELU / LayerNorm its output. Names come from the module
 path (``vit.layers.4.mlp.fc2``); operators without a module are named after their
 owner (``vit.layers.4.attention.matmul_qk``, ``vit.layers.4.residual_mlp``).
+Which sites a model has is the business of its family adapter (``quant.families``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import nn
 
-from .families import Family
+if TYPE_CHECKING:
+    from .families import FamilyAdapter
 
 KINDS = ("conv", "linear", "matmul_qk", "softmax", "matmul_av", "residual", "layernorm", "gelu")
 SLOTS = {
@@ -43,31 +46,9 @@ class Site:
         return "weight" in self.slots
 
 
-def discover_sites(model: nn.Module, family: Family) -> list[Site]:
-    """All sites of ``model`` in execution order."""
-    names = {module: name for name, module in model.named_modules()}
-    backbone = getattr(model, family.backbone)
-    sites = [Site(names[backbone.embeddings.patch_embeddings.projection], "conv", None, "patch_embed")]
-    for i, layer in enumerate(family.blocks(model)):
-        at, mlp, path = layer.attention, layer.mlp, names[layer]
-        sites += [
-            Site(names[getattr(layer, family.norm1)], "layernorm", i, "norm1"),
-            Site(names[at.q_proj], "linear", i, "q"),
-            Site(names[at.k_proj], "linear", i, "k"),
-            Site(names[at.v_proj], "linear", i, "v"),
-            Site(f"{names[at]}.matmul_qk", "matmul_qk", i, "matmul_qk"),
-            Site(f"{names[at]}.softmax", "softmax", i, "softmax"),
-            Site(f"{names[at]}.matmul_av", "matmul_av", i, "matmul_av"),
-            Site(names[at.o_proj], "linear", i, "o"),
-            Site(f"{path}.residual_attn", "residual", i, "residual_attn"),
-            Site(names[getattr(layer, family.norm2)], "layernorm", i, "norm2"),
-            Site(names[mlp.fc1], "linear", i, "fc1"),
-            Site(f"{names[mlp]}.gelu", "gelu", i, "gelu"),
-            Site(names[mlp.fc2], "linear", i, "fc2"),
-            Site(f"{path}.residual_mlp", "residual", i, "residual_mlp"),
-        ]
-    sites.append(Site(names[backbone.layernorm], "layernorm", None, "final_norm"))
-    for name, module in model.named_children():
-        if isinstance(module, nn.Linear):
-            sites.append(Site(name, "linear", None, "head"))
-    return sites
+def discover_sites(model: nn.Module, family: FamilyAdapter | None = None) -> list[Site]:
+    """All sites of ``model`` in execution order; the family adapter decides them
+    (kept as a shortcut for ``family_of(model).sites(model)``)."""
+    from .families import family_of  # the adapters import this module: import late
+
+    return (family or family_of(model)).sites(model)

@@ -4,14 +4,13 @@ from quant.config import ConfigError, QuantConfig
 from quant.families import family_of
 from quant.presets import preset
 from quant.quantizer import QuantSpec
-from quant.sites import discover_sites
 from tests.conftest import tiny_model
 
 
 @pytest.fixture(scope="module")
 def sites():
     model = tiny_model("vit", num_hidden_layers=6)
-    return discover_sites(model, family_of(model))
+    return family_of(model).sites(model)
 
 
 def _float(cfg, sites):
@@ -32,7 +31,7 @@ def test_mixed_2_takes_sites_from_a_ranking_and_falls_back_on_shallow_models(sit
     cfg = preset("mixed_2", sites, ["vit.layers.0.mlp.fc1"])
     assert "vit.layers.0.mlp.fc1" in _float(cfg, sites) and "vit.layers.4.mlp.fc2" not in _float(cfg, sites)
     shallow = tiny_model("vit")  # 2 blocks: no block 4/5, so the last two fc2
-    s2 = discover_sites(shallow, family_of(shallow))
+    s2 = family_of(shallow).sites(shallow)
     assert preset("mixed_2", s2).float_sites[-2:] == ["vit.layers.0.mlp.fc2", "vit.layers.1.mlp.fc2"]
 
 

@@ -1,7 +1,6 @@
 import pytest
 
 from quant.families import UnsupportedModelError, family_of
-from quant.sites import discover_sites
 from tests.conftest import tiny_model
 
 BLOCK_ROLES = ["norm1", "q", "k", "v", "matmul_qk", "softmax", "matmul_av", "o", "residual_attn",
@@ -10,7 +9,8 @@ BLOCK_ROLES = ["norm1", "q", "k", "v", "matmul_qk", "softmax", "matmul_av", "o",
 
 def _names(family):
     model = tiny_model(family)
-    return [s.name for s in discover_sites(model, family_of(model))], discover_sites(model, family_of(model))
+    sites = family_of(model).sites(model)
+    return [s.name for s in sites], sites
 
 
 def test_vit_site_names_exact():

@@ -1,0 +1,25 @@
+"""DeiT (``DeiTForImageClassification`` and ``...WithTeacher``).
+
+Same blocks as ViT; the sequence has a distillation token after CLS, and the
+distilled classifier has two heads whose logits it averages at inference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import register_family
+from .hf_common import HFPreNormAdapter
+
+
+@register_family("deit")
+class DeiT(HFPreNormAdapter):
+    model_classes = ("DeiTForImageClassification", "DeiTForImageClassificationWithTeacher")
+    backbone_attr = "deit"
+    special_tokens = 2  # CLS + distillation
+
+    def classify(self, model: nn.Module, seq: torch.Tensor) -> torch.Tensor:
+        if hasattr(model, "distillation_classifier"):  # ...WithTeacher
+            return (model.cls_classifier(seq[:, 0, :]) + model.distillation_classifier(seq[:, 1, :])) / 2
+        return model.classifier(seq[:, 0, :])
