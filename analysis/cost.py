@@ -55,9 +55,13 @@ def float_site_names(config: QuantConfig | None, sites: list[Site]) -> list[str]
 
 
 def config_cost(config: QuantConfig | None, sites: list[Site], macs: dict[str, float]) -> dict[str, float]:
-    """int8 and float site counts (expanded) and the int8 share of matmul MACs (%)."""
+    """int8 and float site counts (expanded), the skip-list length (float sites beyond the
+    kinds a backend keeps float anyway: what a person chose to keep float) and the int8
+    share of matmul MACs (%)."""
     floats = set(float_site_names(config, sites))
+    kinds = set(config.float_kinds) if config is not None else set()
+    skipped = sum(1 for s in sites if s.name in floats and s.kind not in kinds)
     total = sum(macs.values())
     int8_macs = sum(m for name, m in macs.items() if name not in floats)
-    return {"int8_sites": len(sites) - len(floats), "float_sites": len(floats),
+    return {"int8_sites": len(sites) - len(floats), "float_sites": len(floats), "skipped_sites": skipped,
             "int8_macs_share": 100.0 * int8_macs / total if total else 0.0}

@@ -123,12 +123,12 @@ class Planner:
         self.confirm_log = None if confirm_runner is None else ResultLog(
             Path(out_dir) / f"plan_confirm.{settings_key(settings)}.jsonl",
             {**settings, "confirm_images": len(confirm_runner)})
-        self.fp32 = self.measure(None)
         self.tried: list[dict] = []
         self.measured_now = 0
         self._cache: tuple[str, BoundaryCache] | None = None
         self.out_dir = Path(out_dir)
         self._scratch: Path | None = None
+        self.fp32 = self.measure(None)
 
     # -- measuring -------------------------------------------------------------------
     def measure(self, config: QuantConfig | None, *, confirm: bool = False, start_block: int = -1,
@@ -351,7 +351,7 @@ class Planner:
         c = self.chosen.row
         text = (f"Budget ({self.budget.describe()}) {'met' if self.met else 'NOT met'} on {len(self.runner)} plan "
                 f"images by {'the plan' if self.met else 'no measured point; the plan is the lowest-' + self.objective + ' point'}"
-                f" (attempt {c['attempt']}, {c['change']}): {c['float_sites']} float sites, "
+                f" (attempt {c['attempt']}, {c['change']}): {c['skipped_sites']} sites kept float beyond the backend-float kinds, "
                 f"int8 share of matmul MACs {c['int8_macs_share']:.1f} %, KL {c['kl']:.4g}, "
                 f"agreement {c['agreement']:.2f} %, top-1 drop {c['top1_drop']:.2f} pp.")
         rows = {r["config"]: r for r in getattr(self, "confirm_rows", [])}
@@ -362,8 +362,8 @@ class Planner:
             better = p["kl"] < b["kl"] and p["agreement"] >= b["agreement"]
             text += (f" On {p['images']} confirm images the plan is {'better than' if better else 'NOT better than'}"
                      f" the best reference preset {best}: KL {p['kl']:.4g} vs {b['kl']:.4g}, agreement "
-                     f"{p['agreement']:.2f} vs {b['agreement']:.2f} %, {p['float_sites']} vs {b['float_sites']} "
-                     f"float sites, int8 MAC share {p['int8_macs_share']:.1f} vs {b['int8_macs_share']:.1f} %.")
+                     f"{p['agreement']:.2f} vs {b['agreement']:.2f} %, {p['skipped_sites']} vs {b['skipped_sites']} "
+                     f"sites kept float, int8 MAC share {p['int8_macs_share']:.1f} vs {b['int8_macs_share']:.1f} %.")
         return text
 
 
