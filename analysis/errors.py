@@ -47,7 +47,7 @@ ACTIVATION_COLUMNS = (
     "tensor", "site", "slot", "kind", "block", "role", "int8",
     *(f"isolated_{m}" for m in ERROR_METRICS), *(f"acc_{m}" for m in ERROR_METRICS),
     "max_abs", "p99", "p99_9", "p99_99", "max_over_p99_9", "kurtosis",
-    "n_outlier_channels", "outlier_channels", "outlier_tokens", "bits_lost",
+    "n_outlier_channels", "outlier_channels", "outlier_tokens", "bits_lost", "same_tensor_as",
 )
 WEIGHT_COLUMNS = ("site", "kind", "block", "role", "w_min", "w_max",
                   "per_tensor_sqnr_db", "per_channel_sqnr_db", "per_channel_gain_db")
@@ -223,23 +223,39 @@ def _ratio(a: float, b: float) -> float:
     return math.inf if a > 0 else math.nan
 
 
+# The reference a channel's max is compared with: the 90th percentile of the channel
+# maxima. Not the median: in a sparse activation (a GELU output, most channels
+# rarely firing) the median channel max is small and k x median flags dozens of
+# ordinary channels; the 90th percentile is still the bulk when a few channels carry
+# the outliers (DINOv2's residual channels 278 and 324).
+OUTLIER_REFERENCE_QUANTILE = 0.9
+
+
+def outlier_threshold(channel_max: np.ndarray, outlier_k: float) -> float:
+    """``outlier_k`` x the 90th-percentile channel max (see OUTLIER_REFERENCE_QUANTILE)."""
+    if channel_max.size == 0:
+        return 0.0
+    return outlier_k * float(np.quantile(np.asarray(channel_max, dtype=np.float64), OUTLIER_REFERENCE_QUANTILE))
+
+
 def channel_outliers(token_channel_max: np.ndarray, outlier_k: float) -> dict[str, Any]:
     """Outlier channels of a (T, C) max|x| matrix and what they cost.
 
-    A channel is an outlier when its max exceeds ``outlier_k`` x the median channel
-    max (none when that median is 0: it would flag every non-zero channel). Its
-    tokens are the positions where an outlier channel exceeds that threshold.
-    ``bits_lost`` = log2(max|x| / max of the other channels): the part of a
+    A channel is an outlier when its max exceeds :func:`outlier_threshold` (none when
+    the reference is 0: it would flag every non-zero channel). Its tokens are the
+    positions where an outlier channel exceeds that threshold ("all" when every token
+    does). ``bits_lost`` = log2(max|x| / max of the other channels): the part of a
     per-tensor int8 range that only the outliers use.
     """
     channel_max = token_channel_max.max(0).astype(np.float64)
-    threshold = outlier_k * float(np.median(channel_max))
+    threshold = outlier_threshold(channel_max, outlier_k)
     channels = np.flatnonzero(channel_max > threshold) if threshold > 0 else np.array([], dtype=int)
     tokens = np.flatnonzero((token_channel_max[:, channels] > threshold).any(1)) if channels.size else channels
     rest = np.delete(channel_max, channels)
     bits_lost = math.log2(channel_max.max() / rest.max()) if channels.size else 0.0
+    every_token = channels.size and tokens.size == token_channel_max.shape[0] and token_channel_max.shape[0] > 1
     return {"n_outlier_channels": int(channels.size), "outlier_channels": _join(channels),
-            "outlier_tokens": _join(tokens), "bits_lost": bits_lost}
+            "outlier_tokens": "all" if every_token else _join(tokens), "bits_lost": bits_lost}
 
 
 def _join(indices: np.ndarray) -> str:
@@ -277,10 +293,18 @@ class _Analyzer:
         self.snapshots = {_FLOAT_PASS: qmodel.prepare(None), _QUANT_PASS: qmodel.prepare(config)}
         self.phase = _FLOAT_PASS
         self.float_values: dict[str, torch.Tensor] = {}
+        # tensor -> the tensor it is: a quantizer whose input is another one's output
+        # object (fc2's input is the GELU output) sees the same tensor; listed once
+        self.same_tensor_as: dict[str, str] = {}
+        self._owner: dict[int, str] = {}
 
     def tap(self, tq: TensorQuantizer, x: torch.Tensor, out: torch.Tensor) -> None:
         record = self.records[tq.name]
         if self.phase == _FLOAT_PASS:
+            first = self._owner.get(id(x))
+            if first is not None and first != tq.name and torch.equal(self.float_values[first], out):
+                self.same_tensor_as.setdefault(tq.name, first)
+            self._owner.setdefault(id(out), tq.name)
             self.float_values[tq.name] = out
             record.observe_float(out)
         else:
@@ -307,6 +331,7 @@ class _Analyzer:
                     raise RuntimeError(f"tensors seen only in the float pass: {sorted(self.float_values)}")
 
     def _pass(self, phase: str, segment: Segment, hidden: torch.Tensor) -> torch.Tensor:
+        self._owner.clear()  # ids are only unique while float_values holds the tensors
         self.qmodel.restore(self.snapshots[phase])
         self.phase = phase
         return segment(hidden)
@@ -338,7 +363,7 @@ def _activation_table(analyzer: _Analyzer, config: QuantConfig,
                      "int8": not config.is_float(site),
                      **{f"isolated_{k}": v for k, v in record.isolated.metrics().items()},
                      **{f"acc_{k}": v for k, v in record.accumulated.metrics().items()},
-                     **outliers})
+                     **outliers, "same_tensor_as": analyzer.same_tensor_as.get(name, "")})
         if cmax is not None:
             channel_max[name] = cmax
     return _frame(rows, ACTIVATION_COLUMNS), channel_max
@@ -406,6 +431,7 @@ def analyze_errors(qmodel: QuantModel, config: QuantConfig, batches: Iterable[to
         if checkpoint is not None and checkpoint.is_file():
             saved = torch.load(checkpoint, weights_only=False)
             analyzer.load_state(saved["state"])
+            analyzer.same_tensor_as.update(saved.get("same_tensor_as", {}))
             seen, n_batches = saved["seen"], saved["batches"]
             print(f"resuming: {n_batches} batches ({seen} images) already analysed ({checkpoint})")
         for record in analyzer.records.values():
@@ -418,7 +444,8 @@ def analyze_errors(qmodel: QuantModel, config: QuantConfig, batches: Iterable[to
             analyzer.run_batch(pixels)
             seen, n_batches = seen + len(pixels), n_batches + 1
             if checkpoint is not None:
-                atomic_torch_save(checkpoint, {"state": analyzer.state(), "seen": seen, "batches": n_batches})
+                atomic_torch_save(checkpoint, {"state": analyzer.state(), "seen": seen, "batches": n_batches,
+                                               "same_tensor_as": analyzer.same_tensor_as})
     finally:
         if analyzer is not None:
             for record in analyzer.records.values():

@@ -1,12 +1,14 @@
 """The error analyzer: planted outliers are found, metrics match analysis.metrics."""
 
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from analysis.errors import ACTIVATION_COLUMNS, WEIGHT_COLUMNS, analyze_errors
+from analysis.errors import ACTIVATION_COLUMNS, WEIGHT_COLUMNS, analyze_errors, channel_outliers
+from analysis.artifacts import RUN_CONTEXT
 from analysis.metrics import cosine, mse, relative_l2, sqnr_db
 from quant.calibrate import calibrate
 from quant.config import QuantConfig
@@ -158,7 +160,11 @@ def test_per_channel_weights_help_only_uneven_rows(planted):
 
 def test_save_writes_tables_and_channel_maxima(planted, tmp_path):
     _, report = planted
-    paths = report.save(tmp_path / "out")
+    with pytest.raises(ValueError, match="missing"):  # the schema wants the run context (model, data, ...)
+        report.save(tmp_path / "out", {"calibration_s": 1.0, "wall_s": 2.0})
+    report.meta.update({k: None for k in RUN_CONTEXT})
+    paths = report.save(tmp_path / "out", {"calibration_s": 1.0, "wall_s": 2.0})
+    assert json.loads((tmp_path / "out" / "errors_weights.run.json").read_text())["wall_s"] == 2.0
     names = sorted(p.name for p in paths)
     assert names == sorted(["errors_activations.csv", "errors_activations.json", "errors_weights.csv",
                             "errors_weights.json", "errors_channels.npz"])
@@ -171,3 +177,32 @@ def test_save_writes_tables_and_channel_maxima(planted, tmp_path):
         assert sorted(npz.files) == sorted(with_channels) == sorted(report.channel_max)
         assert np.array_equal(npz["vit.layers.1.residual_mlp:output"],
                               report.channel_max["vit.layers.1.residual_mlp:output"])
+
+
+def test_each_tensor_is_listed_once_through_same_tensor_as(planted):
+    _, report = planted
+    acts = report.activations.set_index("tensor")
+    # fc2's input is the GELU output; q/k/v and fc1 read the LayerNorm outputs
+    assert acts.loc["vit.layers.1.mlp.fc2:input", "same_tensor_as"] == "vit.layers.1.mlp.gelu:output"
+    assert acts.loc["vit.layers.0.attention.k_proj:input", "same_tensor_as"] == "vit.layers.0.layernorm_before:output"
+    assert acts.loc["vit.layers.0.mlp.fc1:input", "same_tensor_as"] == "vit.layers.0.layernorm_after:output"
+    assert acts.loc["vit.layers.1.residual_mlp:output", "same_tensor_as"] == ""
+    once = acts[acts["same_tensor_as"] == ""]
+    # the residual outputs feed the next LayerNorm, not a quantizer: every residual is its own tensor
+    assert (once["kind"] == "residual").sum() == (acts["kind"] == "residual").sum()
+
+
+def test_sparse_activation_is_not_flagged_but_a_real_outlier_is():
+    # 1000 tokens x 64 channels: 50 channels fire rarely (max ~0.1), 13 fire often (max ~3):
+    # the median channel max is small, so k x median would flag all 13 ordinary channels
+    rng = np.random.default_rng(0)
+    tcm = np.abs(rng.normal(0, 0.03, (1000, 64)))
+    tcm[:, 50:63] = np.abs(rng.normal(0, 1.0, (1000, 13)))
+    sparse = channel_outliers(tcm, 6.0)
+    assert sparse["n_outlier_channels"] == 0
+    tcm[0, 63] = 400.0  # one massive activation on token 0, channel 63
+    planted = channel_outliers(tcm, 6.0)
+    assert planted["outlier_channels"] == "63" and planted["outlier_tokens"] == "0"
+    assert planted["bits_lost"] == pytest.approx(np.log2(400.0 / tcm[:, :63].max()))
+    tcm[:, 63] = 400.0  # on every token
+    assert channel_outliers(tcm, 6.0)["outlier_tokens"] == "all"

@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=64, help="val images analysed (seeded sample, default 64)")
     p.add_argument("--config", help="QuantConfig for the accumulated error (default: preset all)")
     p.add_argument("--outlier-k", type=float, default=6.0,
-                   help="a channel is an outlier if its max |x| exceeds k x the median channel max")
+                   help="a channel is an outlier if its max |x| exceeds k x the 90th-percentile channel max")
     p.add_argument("--worst", type=int, default=10, help="print this many worst tensors")
 
     p = sub.add_parser("plan", help="mixed-precision plan within an accuracy budget")
@@ -219,7 +219,8 @@ def print_errors(report, worst: int) -> None:
     print("lowest accumulated SQNR among int8 tensors:")
     print(low[["tensor", "acc_sqnr_db", "isolated_sqnr_db", "max_over_p99_9", "bits_lost"]].to_string(
         index=False, float_format=_fmt))
-    outliers = acts[acts["n_outlier_channels"].fillna(0).astype(int) > 0].sort_values("bits_lost", ascending=False)
+    once = acts[acts["same_tensor_as"].fillna("") == ""]  # fc2:input is the GELU output: list it once
+    outliers = once[once["n_outlier_channels"].fillna(0).astype(int) > 0].sort_values("bits_lost", ascending=False)
     print(f"\n{len(outliers)} tensors carry outlier channels (k={report.meta['outlier_k']}); most bits lost:")
     view = outliers[["tensor", "n_outlier_channels", "outlier_channels", "outlier_tokens", "bits_lost"]].head(worst)
     view = view.assign(outlier_channels=view["outlier_channels"].map(_short), outlier_tokens=view["outlier_tokens"].map(_short))
