@@ -236,8 +236,12 @@ class Planner:
         current = Point(start, stats, self._record(name, "start", change, start, stats, True))
         path = [current]
         float_tried = 0
-        for move in tqdm(moves, desc=f"plan: path from {name}", unit="move", disable=not self.progress):
+        bar = tqdm(moves, desc=f"plan: path from {name}", unit="move", disable=not self.progress)
+        for move in bar:
             if self.budget.met(current.row) or (move.kind == "float" and float_tried >= max_steps):
+                # say why the bar stops short (it counts every candidate move, not those needed)
+                bar.set_postfix_str("budget met" if self.budget.met(current.row) else f"{max_steps} fallbacks tried")
+                bar.close()
                 break
             if move.kind == "float" and all(current.config.is_float(self.qmodel.site_by_name[s])
                                             for s in move.floats):

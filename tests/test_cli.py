@@ -126,19 +126,19 @@ def test_interrupted_eval_resumes_to_the_same_table(model_dir, data_dir, tmp_pat
     args = ["eval", "--model", str(model_dir), "--data", str(data_dir), "--calib", "8", "--no-progress",
             "--batch-size", "4"]
     assert main(args + ["--out", str(tmp_path / "whole")]) == 0
-    real, calls = ev.batch_record, {"n": 0}
+    real = ev.stream
 
     def dies_on_the_second_batch(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
+        for n, item in enumerate(real(*a, **k)):
+            if n == 1:
+                raise KeyboardInterrupt
+            yield item
 
-    monkeypatch.setattr(ev, "batch_record", dies_on_the_second_batch)
+    monkeypatch.setattr(ev, "stream", dies_on_the_second_batch)
     assert main(args + ["--out", str(tmp_path / "cut")]) == 130
     assert "rerun the same command to resume" in capsys.readouterr().err
     assert not (tmp_path / "cut" / "eval.csv").exists()
-    monkeypatch.setattr(ev, "batch_record", real)
+    monkeypatch.setattr(ev, "stream", real)
     assert main(args + ["--out", str(tmp_path / "cut")]) == 0
     assert "resuming: 4 of 12 images already evaluated" in capsys.readouterr().out
     for name in ("eval.csv", "eval.json"):
@@ -167,3 +167,25 @@ def test_interrupted_error_analysis_resumes_to_the_same_tables(model_dir, data_d
     assert "resuming: 1 batches (4 images) already analysed" in capsys.readouterr().out
     for name in ("errors_activations.csv", "errors_activations.json", "errors_weights.csv"):
         assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+def test_plan_end_to_end_writes_a_loadable_plan_and_confirms_it(model_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "p"
+    common = ["--model", str(model_dir), "--data", str(data_dir), "--calib", "8", "--out", str(out), "--no-progress"]
+    assert main(["plan", *common, "--eval-images", "6", "--max-kl", "0", "--max-steps", "3", "--batch-size", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "NOT met" in printed  # KL 0 is out of reach with any int8 site
+    steps = json.loads((out / "plan_steps.json").read_text())
+    meta = steps["meta"]
+    assert meta["plan_images"] == 6 and meta["confirm_images"] == 6 and meta["met"] is False
+    assert meta["verdict"] in printed
+    tried = pd.read_csv(out / "plan_tried.csv")
+    assert tried["attempt"].tolist() == list(range(len(tried)))
+    assert len(tried[tried["kind"] == "float"]) <= 3 * 2  # at most --max-steps per path, two paths
+    confirm = pd.read_csv(out / "plan_confirm.csv")
+    assert confirm["config"].tolist() == ["fp32", "all", "mixed_1", "mixed_2", "plan"]
+    # the plan file is a QuantConfig that vitq eval accepts, and its skip-list names real sites
+    assert main(["eval", *common, "--preset", "all", "--config", str(out / "plan.yaml")]) == 0
+    ev = pd.read_csv(out / "eval.csv").set_index("config")
+    chosen = pd.DataFrame(steps["rows"]).query("plan").iloc[0]
+    assert ev.loc["plan", "float_sites"] == chosen["float_sites"]  # one count, planner and eval alike
