@@ -11,7 +11,9 @@ CALIB  ?= 256
 EVAL   ?=
 MAX_DROP ?= 0.5
 MIN_AGREEMENT ?=
+MAX_KL ?=
 PLAN_IMAGES ?=
+CONFIRM_IMAGES ?=
 ARGS    = $(if $(MODEL),--model $(MODEL)) $(if $(DATA),--data $(DATA)) $(if $(OUT),--out $(OUT)) --calib $(CALIB)
 
 .PHONY: install test test-slow eval sites sensitivity errors plan analyze bench clean
@@ -37,7 +39,8 @@ sensitivity errors plan:
 # Whole pipeline -> out/<model>/report.html. EVAL limits the val images of the final table.
 analyze:
 	$(BIN)/vitq analyze $(ARGS) $(if $(EVAL),--limit $(EVAL)) --max-drop $(MAX_DROP) \
-		$(if $(MIN_AGREEMENT),--min-agreement $(MIN_AGREEMENT)) $(if $(PLAN_IMAGES),--eval-images $(PLAN_IMAGES))
+		$(if $(MIN_AGREEMENT),--min-agreement $(MIN_AGREEMENT)) $(if $(MAX_KL),--max-kl $(MAX_KL)) \
+		$(if $(PLAN_IMAGES),--eval-images $(PLAN_IMAGES)) $(if $(CONFIRM_IMAGES),--confirm-images $(CONFIRM_IMAGES))
 
 # Benchmarks are scripts, not timed tests (they need ../shared and minutes of CPU).
 bench:
