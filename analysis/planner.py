@@ -139,7 +139,7 @@ class Planner:
         runner, log = (self.confirm_runner, self.confirm_log) if confirm else (self.runner, self.log)
         key = "fp32" if config is None else settings_key(config.to_dict())
         if key not in log.done:
-            state = runner.state(config)
+            state = runner.fp32_state if config is None else runner.state(config)
             use_cache = background is not None and start_block > 0 and not confirm and self._scratch is not None
             cache = self._boundaries(background) if use_cache else None
             stats = runner.measure(state, start_block if cache is not None else -1, cache)

@@ -101,8 +101,10 @@ class Runner:
 
     def measure(self, state: State | QuantConfig | None, start_block: int = -1,
                 cache: BoundaryCache | None = None) -> OutputStats:
-        """Per-image metrics of ``state`` (or a config) against FP32."""
-        if state is None or isinstance(state, QuantConfig):
+        """Per-image metrics of ``state`` (or a config) against FP32 (FP32 itself: no pass)."""
+        if state is None or state is self.fp32_state:
+            return OutputStats.of(self.reference, self.reference, self.labels)
+        if isinstance(state, QuantConfig):
             state = self.state(state)
         return OutputStats.of(self.logits(state, start_block, cache), self.reference, self.labels)
 
