@@ -64,4 +64,4 @@ def config_cost(config: QuantConfig | None, sites: list[Site], macs: dict[str, f
     total = sum(macs.values())
     int8_macs = sum(m for name, m in macs.items() if name not in floats)
     return {"int8_sites": len(sites) - len(floats), "float_sites": len(floats), "skipped_sites": skipped,
-            "int8_macs_share": 100.0 * int8_macs / total if total else 0.0}
+            "int8_macs_share": 100.0 * int8_macs / total if total else float("nan")}

@@ -20,6 +20,7 @@ import yaml
 from .observers import check_observer
 from .quantizer import QuantSpec
 from .sites import KINDS, SLOTS, Site
+from .store import atomic_write_text
 
 BACKEND_FLOAT_KINDS = ("layernorm", "gelu", "softmax")
 ACTIVATION_SLOTS = tuple(sorted({s for slots in SLOTS.values() for s in slots} - {"weight"}))
@@ -138,9 +139,7 @@ class QuantConfig:
         path = Path(path)
         text = json.dumps(self.to_dict(), indent=2) if path.suffix == ".json" else yaml.safe_dump(
             self.to_dict(), sort_keys=False)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        atomic_write_text(path, text)
 
     @classmethod
     def load(cls, path: str | Path) -> "QuantConfig":

@@ -39,6 +39,7 @@ from torch import nn
 from .config import ConfigError
 from .model import OBSERVE, QUANT, QuantModel, TensorQuantizer
 from .quantizer import QParams, fake_quantize, quantize_to_int
+from .store import atomic_write
 
 Q_OP, DQ_OP = "QuantizeLinear", "DequantizeLinear"
 STANDARD_DOMAINS = ("", "ai.onnx")
@@ -403,8 +404,7 @@ def export_onnx(qmodel: QuantModel, path: str | os.PathLike, example_pixels: tor
         if metadata:
             onnx.helper.set_model_props(model, {str(k): str(v) for k, v in metadata.items()})
         onnx.checker.check_model(model)
-        onnx.save(model, str(tmp))
-        tmp.replace(path)
+        atomic_write(path, lambda f: f.write(model.SerializeToString()))
     finally:
         tmp.unlink(missing_ok=True)
     result = summarize(model, path)

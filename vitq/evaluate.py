@@ -44,12 +44,14 @@ def summarize(records: list[dict], configs: dict[str, QuantConfig | None], sites
 
 
 def evaluate_configs(model, configs: dict[str, QuantConfig | None],
-                     batches: Iterable[tuple[torch.Tensor, torch.Tensor, list[int]]], sites,
-                     macs: dict[str, float], total: int | None = None, progress: bool = True,
+                     batches: Iterable[tuple[torch.Tensor, torch.Tensor, list[int]]], sites=None,
+                     macs: dict[str, float] | None = None, total: int | None = None, progress: bool = True,
                      log: ResultLog | None = None) -> pd.DataFrame:
     """FP32 (always first) and ``configs`` on ``batches``; with ``log``, batches already
     in it are reused and new ones appended (the caller skips their images). ``model``
-    is the QuantModel or a backend with its prepare/restore/__call__ interface."""
+    is the QuantModel or a backend with its prepare/restore/__call__ interface;
+    ``sites`` default to its sites, ``macs`` (analysis.cost.site_macs) to none (no MAC share)."""
+    sites = model.sites if sites is None else sites
     configs = {FP32: None, **{k: v for k, v in configs.items() if k != FP32}}
     states = {name: model.prepare(cfg) for name, cfg in configs.items()}
     records = list(log.done.values()) if log else []
@@ -63,4 +65,4 @@ def evaluate_configs(model, configs: dict[str, QuantConfig | None],
                 log.append(record)
     finally:
         model.apply(None)
-    return summarize(records, configs, sites, macs)
+    return summarize(records, configs, sites, macs or {})
