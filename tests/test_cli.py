@@ -103,6 +103,28 @@ def test_console_script_runs_as_a_subprocess(model_dir):
     assert result.returncode == 0 and "31 sites in 2 blocks" in result.stdout
 
 
+def test_help_builds_the_parser_without_the_heavy_modules():
+    """`vitq --help` answers in a fraction of a second: the parser needs no torch,
+    transformers, pandas or matplotlib (main() imports them after parsing)."""
+    code = ("import sys, runpy; sys.argv = ['vitq', 'sensitivity', '--help']\n"
+            "try:\n    runpy.run_module('vitq', run_name='__main__')\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "heavy = {'torch', 'transformers', 'pandas', 'matplotlib', 'quant', 'analysis', 'reports'} & set(sys.modules)\n"
+            "assert not heavy, heavy")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "--rank-by {top1_drop,kl,agreement,logit_sqnr_db}" in result.stdout
+
+
+def test_parser_choices_match_the_modules_that_own_them():
+    from analysis import sensitivity
+    from quant import presets
+    from vitq import constants
+
+    assert constants.PRESETS == presets.PRESETS
+    assert (constants.MODES, constants.GROUPS, constants.RANK_METRICS) == (
+        sensitivity.MODES, sensitivity.GROUPS, sensitivity.RANK_METRICS)
+
+
 def test_sensitivity_and_errors_commands(model_dir, data_dir, tmp_path, capsys):
     out = tmp_path / "o"
     common = ["--model", str(model_dir), "--data", str(data_dir), "--calib", "8", "--out", str(out), "--no-progress"]
