@@ -9,8 +9,10 @@ import pytest
 from PIL import Image
 from transformers import ViTImageProcessor
 
+from quant.model import QuantModel
 from tests.conftest import tiny_model
 from vitq.cli import main
+from vitq.models import load_model
 
 LABELS = ["cat", "dog", "fish", "bird", "frog"]
 
@@ -138,7 +140,11 @@ def test_sensitivity_and_errors_commands(model_dir, data_dir, tmp_path, capsys):
     assert all(name in (out / "config_mixed_2.yaml").read_text() for name in fc)
     assert main(["errors", *common, "--images", "8"]) == 0
     acts = pd.read_csv(out / "errors_activations.csv")
-    assert len(acts) == sum(1 for _ in acts["tensor"]) and (out / "errors_channels.npz").is_file()
+    qmodel = QuantModel(load_model(str(model_dir)).model)
+    activations = [tq.name for tq in qmodel.tensor_quantizers() if not tq.is_weight]
+    assert len(activations) == 31 + 2 * 2  # one per site, two for each matmul (qk, av) of the 2 blocks
+    assert sorted(acts["tensor"]) == sorted(activations)  # one row per activation tensor, each once
+    assert (out / "errors_channels.npz").is_file()
     assert (out / "errors_weights.csv").is_file()
 
 
