@@ -40,6 +40,12 @@ cpu)
         echo "torch: $cpu_index cannot be reached; CPU build from the configured registries: $fallback"
         # shellcheck disable=SC2086
         "$python" -m pip install -q $fallback || fail "$cpu_index cannot be reached and the fallback $fallback does not install"
+        # A torchvision left by an earlier CUDA install cannot load beside this torch, and
+        # transformers imports it when it is there.
+        if "$python" -m pip show -q torchvision >/dev/null 2>&1 && ! "$python" -W ignore -c "import torchvision" 2>/dev/null; then
+            echo "torch: removing torchvision, which does not load beside this torch"
+            "$python" -m pip uninstall -y -q torchvision
+        fi
     else
         fail "CPU build: $cpu_index cannot be reached and TORCH_CPU_FALLBACK is empty"
     fi
