@@ -2,8 +2,17 @@
 VENV   ?= .venv
 PYTHON ?= python3
 BIN     = $(VENV)/bin
-# The CPU-usable torch pair this project is tested with (installed before the package).
+# The torch pair this project is tested with (installed before the package).
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
+# auto: the CUDA build of $(TORCH) where `nvidia-smi -L` lists a GPU, else the CPU build; or cpu, cuda.
+TORCH_BUILD ?= auto
+# The CPU build comes from PyTorch's CPU index (PyPI's Linux wheels carry ~4 GB of CUDA libraries) ...
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# ... or, where that index cannot be reached, this CPU torch from the configured package registries
+# (a local mirror; empty: none), without torchvision: PyPI's torchvision needs PyPI's CUDA torch
+# ('operator torchvision::nms does not exist' beside a CPU torch), and vitq runs without it.
+# Only for the default TORCH: an overridden TORCH gets no fallback.
+TORCH_CPU_FALLBACK ?= $(if $(filter file,$(origin TORCH)),torch==2.13.0+cpu)
 MODEL  ?=
 DATA   ?=
 OUT    ?=
@@ -21,8 +30,9 @@ ARGS    = $(if $(MODEL),--model $(MODEL)) $(if $(DATA),--data $(DATA)) $(if $(OU
 install:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH)
+	scripts/install_torch.sh $(BIN)/python "$(TORCH_BUILD)" "$(TORCH)" "$(TORCH_CPU_INDEX)" "$(TORCH_CPU_FALLBACK)"
 	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -c "import torch; print('installed torch', torch.__version__, f'(CUDA {torch.version.cuda})' if torch.version.cuda else '(CPU)')"
 
 test:
 	$(BIN)/python -m pytest -q -m "not slow"

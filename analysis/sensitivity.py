@@ -23,10 +23,7 @@ from quant.store import ResultLog, settings_key
 
 from .runner import Runner, scratch
 
-MODES = ("only", "all-but")
-GROUPS = ("op", "block", "kind")
-# KL first: per-image and smooth; top-1 on a few hundred images moves in one-image steps.
-RANK_METRICS = ("kl", "top1_drop", "agreement", "logit_sqnr_db")
+from .names import GROUPS, MODES, RANK_METRICS  # re-exported: a light module, the CLI parser reads it
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,10 @@ import pytest
 from PIL import Image
 from transformers import ViTImageProcessor
 
+from quant.model import QuantModel
 from tests.conftest import tiny_model
 from vitq.cli import main
+from vitq.models import load_model
 
 LABELS = ["cat", "dog", "fish", "bird", "frog"]
 
@@ -103,6 +105,18 @@ def test_console_script_runs_as_a_subprocess(model_dir):
     assert result.returncode == 0 and "31 sites in 2 blocks" in result.stdout
 
 
+def test_help_builds_the_parser_without_the_heavy_modules():
+    """`vitq --help` answers in a fraction of a second: the parser needs no torch,
+    transformers, pandas or matplotlib (main() imports them after parsing)."""
+    code = ("import sys, runpy; sys.argv = ['vitq', 'sensitivity', '--help']\n"
+            "try:\n    runpy.run_module('vitq', run_name='__main__')\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "heavy = {'torch', 'transformers', 'pandas', 'matplotlib', 'quant', 'analysis', 'reports'} & set(sys.modules)\n"
+            "assert not heavy, heavy")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "--rank-by {kl,top1_drop,agreement,logit_sqnr_db}" in result.stdout
+
+
 def test_sensitivity_and_errors_commands(model_dir, data_dir, tmp_path, capsys):
     out = tmp_path / "o"
     common = ["--model", str(model_dir), "--data", str(data_dir), "--calib", "8", "--out", str(out), "--no-progress"]
@@ -116,7 +130,11 @@ def test_sensitivity_and_errors_commands(model_dir, data_dir, tmp_path, capsys):
     assert all(name in (out / "config_mixed_2.yaml").read_text() for name in fc)
     assert main(["errors", *common, "--images", "8"]) == 0
     acts = pd.read_csv(out / "errors_activations.csv")
-    assert len(acts) == sum(1 for _ in acts["tensor"]) and (out / "errors_channels.npz").is_file()
+    qmodel = QuantModel(load_model(str(model_dir)).model)
+    activations = [tq.name for tq in qmodel.tensor_quantizers() if not tq.is_weight]
+    assert len(activations) == 31 + 2 * 2  # one per site, two for each matmul (qk, av) of the 2 blocks
+    assert sorted(acts["tensor"]) == sorted(activations)  # one row per activation tensor, each once
+    assert (out / "errors_channels.npz").is_file()
     assert (out / "errors_weights.csv").is_file()
 
 

@@ -1,7 +1,14 @@
-"""Fault injection: the ``vitq`` CLI, run as a subprocess, on broken inputs and killed runs.
+"""Fault injection: the ``vitq`` CLI on broken inputs and killed runs.
 
-Every fault case runs ``python -m vitq eval ...`` (HF_HUB_OFFLINE=1) on a tiny ViT saved
-to a tmp folder and a handful of tiny images, and checks what a user sees:
+Every fault case runs ``vitq eval ...`` on a tiny ViT saved to a tmp folder and a handful
+of tiny images, and checks what a user sees. The cases call ``vitq.cli.main(argv)`` in
+this process (``vitq()`` below: stdout/stderr captured, SystemExit turned into the exit
+code) under the conditions of ``python -m vitq`` with HF_HUB_OFFLINE=1 and one torch
+thread, and put back what a run changes in the process (``_cli_state``). A real
+subprocess (``vitq_subprocess()``) runs where the process is what is tested: the
+SIGKILLed and the SIGINTed run, and [model-offline-hub-id], which also checks that the
+whole command, interpreter start and imports included, fails within 15 s with one line
+on stderr.
 
 * exit code 2 (a user error), stderr exactly ONE line ``vitq: error: ...`` carrying the
   key phrase, no ``Traceback``;
@@ -37,13 +44,16 @@ Other cases:
             [test_sigint_exits_130_with_a_resume_hint]
             [test_eval_is_byte_identical_across_runs]
 
-44 tests in all (25 fault + 1 debug + 5 skipped + 7 converted + 4 long runs + 2
-housekeeping checks of the material: the good data evaluates, the slow run is slow
-enough to be killed mid-way). About 5-6 minutes on 2 CPU cores.
+45 tests in all (25 fault + 1 debug + 5 skipped + 7 converted + 4 long runs + 3
+housekeeping checks: the good data evaluates, the slow run is slow enough to be killed
+mid-way, an in-process run leaves no state behind). About 30 s on 2 CPU cores (6-7 min
+when every case was a subprocess).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import random
@@ -53,11 +63,14 @@ import struct
 import subprocess
 import sys
 import time
+import traceback
+import warnings
 import zlib
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 from typing import Callable
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -67,6 +80,8 @@ import yaml
 from PIL import Image
 
 from tests.conftest import ROOT, tiny_model
+from vitq.cli import main
+from vitq.data import DataError
 
 LABELS = ["cat", "dog", "fish", "bird", "frog"]
 TIMEOUT = 120  # seconds per CLI run
@@ -77,7 +92,70 @@ GOOD_VAL = 8  # val images of the good data folder (4 classes x 2)
 
 # -- running the CLI -------------------------------------------------------------
 
-def vitq(*args, cwd: Path = ROOT, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+@dataclass
+class Run:
+    """One in-process run: what a CompletedProcess tells of a subprocess run."""
+    returncode: int
+    stdout: str
+    stderr: str
+    elapsed: float
+
+
+@contextlib.contextmanager
+def _cli_state():
+    """The conditions of ``python -m vitq`` with ENV, and afterwards back to how they were.
+
+    main() replaces ``warnings.showwarning`` and adds a filter (catch_warnings restores
+    both; inside, the filters are a fresh interpreter's defaults, not pytest's); Session
+    seeds torch's generator; load_model turns off transformers' progress bars. Also
+    restored: numpy's and random's generators, torch's thread count (1 here, as
+    OMP_NUM_THREADS=1), transformers' verbosity, the environment (HF_HUB_OFFLINE=1 here)
+    and the working directory (ROOT here)."""
+    from transformers.utils import logging as hf_logging
+
+    torch_rng, np_rng, py_rng = torch.random.get_rng_state(), np.random.get_state(), random.getstate()
+    threads, cwd = torch.get_num_threads(), os.getcwd()
+    verbosity, progress = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    with warnings.catch_warnings(), mock.patch.dict(os.environ, HF_HUB_OFFLINE="1"):
+        warnings.resetwarnings()
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", category)
+        torch.set_num_threads(1)
+        os.chdir(ROOT)
+        try:
+            yield
+        finally:
+            os.chdir(cwd)
+            torch.set_num_threads(threads)
+            torch.random.set_rng_state(torch_rng)
+            np.random.set_state(np_rng)
+            random.setstate(py_rng)
+            hf_logging.set_verbosity(verbosity)
+            (hf_logging.enable_progress_bar if progress else hf_logging.disable_progress_bar)()
+
+
+def vitq(*args) -> Run:
+    """``vitq *args`` in this process: ``vitq.cli.main`` with stdout and stderr captured,
+    transformers' log messages included (its handler keeps the stream it was made with).
+    Exceptions that main() lets through (--debug) propagate. Every case passes an absolute --out."""
+    from transformers.utils import logging as hf_logging
+
+    out, err = io.StringIO(), io.StringIO()
+    hf_logging.get_logger("transformers")  # makes its handler, if no import has yet
+    handler = hf_logging._default_handler
+    t0 = time.monotonic()
+    with _cli_state(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        stream = handler.setStream(err)
+        try:
+            rc = main([str(a) for a in args])
+        except SystemExit as e:  # argparse: usage errors and --help
+            rc = e.code if isinstance(e.code, int) else int(e.code is not None)
+        finally:
+            handler.setStream(stream)
+    return Run(rc, out.getvalue(), err.getvalue(), time.monotonic() - t0)
+
+
+def vitq_subprocess(*args, cwd: Path = ROOT, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
     """``python -m vitq *args``. The working directory is the repository root, as for
     ``make``: the editable install maps only vitq/quant/analysis, so ``reports`` (imported
     by the CLI) is found through the working directory. Every case passes an absolute --out."""
@@ -289,6 +367,7 @@ class Case:
     argv: Callable[[dict], list]
     phrases: tuple[str, ...]
     max_s: float | None = None  # the run must fail within this many seconds
+    in_subprocess: bool = False  # run as `python -m vitq` (else in this process)
 
 
 BAD_NAMES = {"corrupt-jpeg": "corrupt.JPEG", "truncated-jpeg": "truncated.JPEG", "zero-bytes": "empty.JPEG",
@@ -323,7 +402,7 @@ USER_ERROR_CASES = [
          ("BeitForImageClassification", "is not supported", "ViTForImageClassification")),
     Case("model-is-a-file", lambda w: _eval(w, model="model_file"), ("not a folder",)),
     Case("model-offline-hub-id", lambda w: _eval(w) + ["--model", "someone/not-cached-model"],
-         ("someone/not-cached-model", "cannot be reached", "--local-dir"), max_s=15),
+         ("someone/not-cached-model", "cannot be reached", "--local-dir"), max_s=15, in_subprocess=True),
     # config
     _config_case("config-unknown-site", "unknown_site", "vit.layers.0.mlp.fc3", "close matches",
                  "vit.layers.0.mlp.fc1"),
@@ -349,7 +428,7 @@ def _params(cases):
 @pytest.mark.parametrize("case", _params(USER_ERROR_CASES))
 def test_user_error_is_one_actionable_line(case: Case, world, tmp_path):
     out = tmp_path / "out"
-    proc = vitq(*case.argv(world), "--out", out)
+    proc = (vitq_subprocess if case.in_subprocess else vitq)(*case.argv(world), "--out", out)
     assert proc.returncode == 2, proc.stderr
     lines = stderr_lines(proc)
     assert "Traceback" not in proc.stderr
@@ -364,12 +443,30 @@ def test_user_error_is_one_actionable_line(case: Case, world, tmp_path):
 
 
 def test_debug_shows_the_traceback(world, tmp_path):
+    """With --debug main() lets the error through: the interpreter prints its traceback
+    and exits with 1 (neither 0 nor the user-error code 2)."""
     out = tmp_path / "out"
-    proc = vitq(*_eval(world), "--data", world["root"] / "nope", "--out", out, "--debug")
-    assert proc.returncode not in (0, 2)
-    assert "Traceback (most recent call last)" in proc.stderr
-    assert "DataError" in proc.stderr and "no such folder" in proc.stderr
+    with pytest.raises(DataError) as raised:
+        vitq(*_eval(world), "--data", world["root"] / "nope", "--out", out, "--debug")
+    printed = "".join(traceback.format_exception(raised.value))
+    assert "Traceback (most recent call last)" in printed
+    assert "DataError" in printed and "no such folder" in printed
     assert not out.exists()
+
+
+def test_in_process_runs_leave_no_state_behind(world, tmp_path):
+    """What main() and a run change in this process is put back by _cli_state."""
+    from transformers.utils import logging as hf_logging
+
+    def state():
+        return (list(warnings.filters), warnings.showwarning, torch.random.get_rng_state().tolist(),
+                torch.get_num_threads(), hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(),
+                hf_logging._default_handler.stream, os.getcwd(), os.environ.get("HF_HUB_OFFLINE"))
+
+    before = state()
+    assert vitq(*_eval(world, extra=("--preset", "all")), "--out", tmp_path / "out").returncode == 0
+    assert vitq(*_eval(world, extra=("--preset", "int4")), "--out", tmp_path / "bad").returncode == 2
+    assert state() == before
 
 
 # -- runs that must succeed ------------------------------------------------------------

@@ -9,24 +9,35 @@ import warnings
 
 from pathlib import Path
 
-import pandas as pd
-import yaml
+from analysis.names import GROUPS, MODES, RANK_METRICS
+from quant.names import PRESETS
 
-from quant.config import ConfigError, QuantConfig
-from reports.html import render_report
-from quant.model import SiteError
-from quant.presets import PRESETS, preset
-from analysis.planner import Budget
-from analysis.sensitivity import GROUPS, MODES, RANK_METRICS, most_sensitive_fc
-from analysis import artifacts
 
-from .data import DataError
-from .pipeline import PlanOptions, run_errors, run_eval, run_plan, run_sensitivity, save_eval
-from .models import ModelLoadError
-from .session import Options, Session
+def _import_command_modules() -> None:
+    """Bind what the commands use (torch, transformers, pandas, matplotlib behind them) as
+    module globals. main() calls it after parsing, so `vitq --help` and usage errors don't
+    wait seconds for these imports."""
+    global pd, yaml, ConfigError, QuantConfig, render_report, SiteError, preset, Budget, most_sensitive_fc
+    global DataError, run_errors, run_eval, run_plan, run_sensitivity, save_eval, ModelLoadError, Options, Session
+    global USER_ERRORS, artifacts, PlanOptions
 
-USER_ERRORS = (DataError, ModelLoadError, ConfigError, SiteError)
+    import pandas as pd
+    import yaml
 
+    from quant.config import ConfigError, QuantConfig
+    from reports.html import render_report
+    from quant.model import SiteError
+    from quant.presets import preset
+    from analysis.planner import Budget
+    from analysis.sensitivity import most_sensitive_fc
+    from analysis import artifacts
+
+    from .data import DataError
+    from .pipeline import PlanOptions, run_errors, run_eval, run_plan, run_sensitivity, save_eval
+    from .models import ModelLoadError
+    from .session import Options, Session
+
+    USER_ERRORS = (DataError, ModelLoadError, ConfigError, SiteError)
 
 
 def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
@@ -321,6 +332,7 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _import_command_modules()
     if not args.debug:
         warnings.filterwarnings("ignore", module="transformers")
         warnings.showwarning = _one_line_warning

@@ -1,0 +1,7 @@
+"""Sensitivity modes, groups and ranking metrics, importable without torch or pandas
+(the command line builds its parser from them before any heavy import)."""
+
+MODES = ("only", "all-but")
+GROUPS = ("op", "block", "kind")
+# KL first: per-image and smooth; top-1 on a few hundred images moves in one-image steps.
+RANK_METRICS = ("kl", "top1_drop", "agreement", "logit_sqnr_db")
