@@ -476,7 +476,7 @@ def _gain_columns(objective: str) -> list[Column]:
     return [Column("gain", f"gain ± se ({unit})", text=_pm("gain", "gain_se", fmt_small),
                    title=f"{objective} of the previous kept point minus this one's (> 0 = closer to FP32),"
                          " ± its paired-bootstrap standard error"),
-            Column("gain_lo", "95 % interval of the gain", text=_interval, numeric=False,
+            Column("gain_lo", "95 % interval of the gain", text=_interval,
                    title="paired bootstrap over images; a move is kept when the interval lies above 0")]
 
 
@@ -529,8 +529,9 @@ def planner_section(a: Artefacts) -> Section:
         + f". Search objective: {_esc(OBJECTIVE_NAMES.get(objective, objective))} on {fmt_int(m['plan_images'])} plan images, starting from"
         f" <code>{_esc(fmt_text(m['start']))}</code> and from the best reference preset"
         f" <code>{_esc(fmt_text(m['best_reference']))}</code>. A move is kept when the"
-        f" {fmt_fixed(0)(level * 100) if not math.isnan(level) else '95'} % {_esc(noise.get('test') or 'bootstrap')}"
-        f" interval ({fmt_int(noise.get('resamples'))} resamples) of its gain lies above zero. The plan is then"
+        f" {fmt_fixed(0)(level * 100) if not math.isnan(level) else '95'} % interval of its gain"
+        f" ({_esc(noise.get('test') or 'bootstrap')}, {fmt_int(noise.get('resamples'))} resamples) lies above"
+        " zero. The plan is then"
         f" measured again on {fmt_int(m['confirm_images'])} confirm images, beside the presets.")))
     steps = a.plan_steps.rows if a.plan_steps is not None else pd.DataFrame()
     tried = a.plan_tried.rows if a.plan_tried is not None else None
@@ -606,7 +607,8 @@ def run_rows(a: Artefacts) -> list[dict[str, Any]]:
         rows.append({"step": "plan", "artefact": ", ".join(x.path.name for x in plan), "command": t.spec.command,
                      "images": t.meta["plan_images"], "calib": t.meta["calibration_images"],
                      "calibration_s": t.run["calibration_s"], "wall": t.run["wall_s"],
-                     "detail": f"{fmt_int(n_tried)} configurations measured ({fmt_int(t.run['measured_now'])} now),"
+                     "detail": f"{fmt_int(n_tried)} configurations tried; {fmt_int(t.run['measured_now'])} measurements"
+                               f" run now (the rest from the log), confirm runs included;"
                                f" {fmt_int(t.meta['confirm_images'])} confirm images"})
     return rows
 

@@ -110,6 +110,8 @@
       }
     });
     document.body.setAttribute("data-selftest", problems.length ? "fail " + problems.join(",") : "ok " + checks);
+    var root = document.documentElement;  /* the page must not scroll sideways (wide tables scroll in their box) */
+    document.body.setAttribute("data-overflow-px", String(Math.max(0, root.scrollWidth - root.clientWidth)));
   }
 
   if (window.location.hash === "#selftest") { selftest(); }
