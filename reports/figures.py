@@ -337,33 +337,68 @@ def weight_ranges(weights: pd.DataFrame) -> bytes:
 
 
 # -- planner -----------------------------------------------------------------------
-def plan_curve(steps: pd.DataFrame) -> bytes:
-    """Planner trade-off per step: top-1 drop vs FP32 (pp, left axis) and the share
-    of linear-layer FLOPs still in int8 (%, right axis; ``int8_linear_flops_share``
-    must already be in percent)."""
-    df = steps.reset_index(drop=True)
-    x = _floats(df["step"]) if "step" in df else np.arange(len(df), dtype=float)
+PATH_COLORS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9")
+OBJECTIVE_LABELS = {"kl": "KL(FP32 ‖ config) (nats, log scale)", "logit_mse": "logit MSE vs FP32 (log scale)"}
+
+
+def _flags(values: Iterable) -> np.ndarray:
+    return np.array([v is True or v in ("True", "true", 1) for v in values], dtype=bool)
+
+
+def frontier(steps: pd.DataFrame, tried: pd.DataFrame | None = None, *, objective: str = "kl",
+             max_objective: float | None = None) -> bytes:
+    """The planner's search as cost (x: % of matmul MACs kept float plus the per-site
+    charge, the planner's ``cost`` column) against the objective (y, log scale).
+
+    ``tried`` (every attempt): faint grey points. ``steps`` (kept points): one line per
+    search path in attempt order, frontier points circled, reference presets as
+    labelled diamonds, the plan as a star. Points with objective <= 0 (FP32) cannot
+    sit on a log axis and are left out. Every legend entry is an artist drawn here.
+    """
+    def xy(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        x, y = _floats(df["cost"]), _floats(df[objective])
+        return x, y, np.isfinite(x) & np.isfinite(y) & (y > 0)
+
     with _styled():
-        fig = _figure(3.4)
+        fig = _figure(4.8)
         ax = fig.subplots()
-        if "top1_drop" in df:
-            ax.plot(x, _floats(df["top1_drop"]), "o-", color=BAD, label="top-1 drop vs FP32 (pp)")
-        ax.axhline(0, color="#555", linewidth=0.7)
-        ax.set_xlabel("planner step (one more float site or remedy per step)")
-        ax.set_ylabel("top-1 drop vs FP32 (pp)", color=BAD)
+        if tried is not None and len(tried) and {"cost", objective} <= set(tried):
+            x, y, ok = xy(tried)
+            if ok.any():
+                ax.scatter(x[ok], y[ok], s=22, color="#aab1ba", alpha=0.55, linewidths=0, zorder=1,
+                           label=f"every measured attempt ({int(ok.sum())})")
+        paths = [p for p in dict.fromkeys(steps["path"]) if p != "reference"]
+        for i, path in enumerate(paths):
+            sub = steps[steps["path"] == path].sort_values("attempt")
+            x, y, ok = xy(sub)
+            if ok.any():
+                ax.plot(x[ok], y[ok], "o-", color=PATH_COLORS[i % len(PATH_COLORS)], markersize=5, linewidth=1.6,
+                        zorder=2, label=f"kept points, path from {path}")
+        x, y, ok = xy(steps)
+        front = ok & _flags(steps["on_frontier"])
+        if front.any():
+            order = np.argsort(x[front], kind="stable")
+            ax.scatter(x[front][order], y[front][order], s=130, facecolors="none", edgecolors="#111",
+                       linewidths=1.4, zorder=4, label="frontier (nothing cheaper is closer)")
+        refs = ok & (steps["path"] == "reference").to_numpy()
+        if refs.any():
+            ax.scatter(x[refs], y[refs], marker="D", s=52, color="#4d4d4d", zorder=3, label="reference presets")
+            for name, xx, yy in zip(steps["config"][refs], x[refs], y[refs]):
+                ax.annotate(str(name), (xx, yy), xytext=(7, -12), textcoords="offset points", fontsize=9,
+                            color="#333")
+        plan = ok & _flags(steps["plan"])
+        if plan.any():
+            ax.scatter(x[plan], y[plan], marker="*", s=380, color=BAD, edgecolors="white", linewidths=0.8,
+                       zorder=5, label="plan")
+        if max_objective is not None and math.isfinite(max_objective) and max_objective > 0:
+            ax.axhline(max_objective, color=BAD, linestyle="--", linewidth=1, zorder=1,
+                       label=f"budget: {'KL' if objective == 'kl' else objective} ≤ {max_objective:g}")
+        if ok.any() or (tried is not None and len(tried)):
+            ax.set_yscale("log")
+        ax.set_xlabel("cost (% of matmul MACs kept float + a charge per float residual add; lower = more int8)")
+        ax.set_ylabel(OBJECTIVE_LABELS.get(objective, f"{objective} (log scale)"))
+        ax.set_title("the planner's search: cost against distance to FP32", loc="left")
         handles, labels = ax.get_legend_handles_labels()
-        if "int8_linear_flops_share" in df:
-            share = _floats(df["int8_linear_flops_share"])
-            ax2 = ax.twinx()
-            ax2.plot(x, share, "s--", color=ACCENT, label="int8 share of linear FLOPs (%)")
-            ax2.set_ylabel("int8 share of linear FLOPs (%)", color=ACCENT)
-            ax2.set_ylim(0, 105)
-            ax2.grid(False)
-            ax2.spines["right"].set_visible(True)
-            h2, l2 = ax2.get_legend_handles_labels()
-            handles, labels = handles + h2, labels + l2
-        if len(x) and np.isfinite(x).all():
-            ax.set_xticks(np.unique(x))
-        fig.legend(handles, labels, loc="outside lower center", ncols=2)
-        ax.set_title("accuracy recovered vs int8 compute kept, step by step")
+        if handles:
+            fig.legend(handles, labels, loc="outside lower center", ncols=min(len(handles), 3))
         return _png(fig)

@@ -1,4 +1,9 @@
-"""The HTML report: rendering from synthetic artefacts, and a real headless browser.
+"""The HTML report, rendered from artefacts the real commands wrote.
+
+A session fixture runs ``vitq analyze`` once on the embedded default (with a KL
+budget the ``all`` preset misses, so the planner searches, keeps some moves and
+drops others) and ``vitq eval`` once in a second folder (one preset and one
+``--config`` file); the tests render those folders and read the HTML.
 
 The browser tests need Chromium (`apt-get install -y chromium` on Debian/Ubuntu) and
 are skipped with a reason when it is absent. They detect JavaScript errors two ways:
@@ -14,7 +19,8 @@ are skipped with a reason when it is absent. They detect JavaScript errors two w
 
 A negative control injects a failing script and checks that both detectors fire.
 Opening the page with `#selftest` also makes it sort every sortable table by every
-column, both ways, and record the verdict on `<body data-selftest>`.
+column, both ways, record the verdict on `<body data-selftest>`, and record how far
+the page overflows the window sideways on `<body data-overflow-px>`.
 """
 
 from __future__ import annotations
@@ -22,137 +28,66 @@ from __future__ import annotations
 import base64
 import io
 import json
-import math
 import re
 import shutil
 import subprocess
+from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
+from markupsafe import escape
 from PIL import Image
 
-from analysis.errors import ACTIVATION_COLUMNS, WEIGHT_COLUMNS
-from reports import render_report
-from reports import figures
-from quant.store import write_table
+from analysis import artifacts
+from reports import figures, render_report
+from reports.html import fmt_fixed, fmt_int, fmt_list, fmt_sig, fmt_small, model_name, one_row_per_tensor
+from vitq.cli import main as vitq
 
-SITE = "vit.layers.{b}.{op}"
-
-
-# -- synthetic artefacts ---------------------------------------------------------------
-def _meta(**extra):
-    return {"model": "/models/tiny-vit", "family": "vit", "data": "/data/tiny", "seed": 0,
-            "calibration_images": 64, "torch": "2.x", "transformers": "5.x", **extra}
-
-
-def write_eval(out: Path) -> None:
-    rows = [
-        {"config": "fp32", "images": 100, "top1": 80.0, "top5": 95.0, "top1_drop": 0.0, "top5_drop": 0.0,
-         "agreement": 100.0, "kl": 0.0, "logit_sqnr_db": math.inf, "int8_sites": 0, "float_sites": 20},
-        {"config": "all", "images": 100, "top1": 74.0, "top5": 93.0, "top1_drop": 6.0, "top5_drop": 2.0,
-         "agreement": 88.0, "kl": 0.12, "logit_sqnr_db": 14.2, "int8_sites": 14, "float_sites": 6},
-        {"config": "mixed_1", "images": 100, "top1": 79.0, "top5": 95.0, "top1_drop": 1.0, "top5_drop": 0.0,
-         "agreement": 97.0, "kl": 0.004, "logit_sqnr_db": 25.1, "int8_sites": 10, "float_sites": 10},
-    ]
-    write_table(pd.DataFrame(rows), out / "eval", _meta(val_images=100, skipped_images=[], calibration_s=1.5,
-                                                         evaluation_s=3.0, configs={}))
+ROOT = Path(__file__).resolve().parents[1]
+# analyze on the embedded default, cheapened (calibration 64, 300 val images, 128 plan/confirm images);
+# the KL budget is below the `all` preset's KL, so the planner has to search.
+ANALYZE = ["--no-progress", "--calib", "64", "--limit", "300", "--eval-images", "128", "--error-images", "16",
+           "--max-kl", "0.0002"]
+EXTRA_CONFIG = "fc2_float"  # the config file vitq eval measures beside the preset
+NOTE = "Not available"
 
 
-def _sens_rows(mode: str, n: int = 9) -> pd.DataFrame:
-    rows = []
-    for i in range(n):
-        b, op = divmod(i, 3)
-        name = SITE.format(b=b, op=("mlp.fc1", "mlp.fc2", "residual_mlp")[op])
-        top1 = 80.0 - (n - i) * 0.5 if mode == "only" else 74.0 + (n - i) * 0.3
-        rows.append({"candidate": name, "kind": "residual" if op == 2 else "linear", "block": b,
-                     "role": ("fc1", "fc2", "residual_mlp")[op], "sites": 1, "mode": mode, "start_block": b,
-                     "top1": top1, "top5": 95.0, "agreement": 95.0, "kl": 0.01 * (n - i),
-                     "logit_sqnr_db": 20.0 + i, "top1_drop": 80.0 - top1, "top5_drop": 0.0})
-        if mode == "all-but":
-            rows[-1]["top1_gain"] = top1 - 74.0
-    df = pd.DataFrame(rows)
-    df.insert(0, "rank", range(1, n + 1))
-    return df
+# -- artefacts from the real commands ---------------------------------------------------
+@pytest.fixture(scope="session")
+def analyzed(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("analyze")
+    assert vitq(["analyze", "--out", str(out), *ANALYZE]) == 0
+    return out
 
 
-def write_sensitivity(out: Path, mode: str = "only") -> None:
-    meta = _meta(mode=mode, group="op", images=50, candidates=9, measured_now=9, wall_s=2.5, full_pass_s=0.5,
-                 naive_estimate_s=4.5, speedup_vs_naive=1.8, rank_by="top1_drop",
-                 fp32={"top1": 80.0, "kl": 0.0, "logit_sqnr_db": math.inf},
-                 baseline={"top1": 74.0, "kl": 0.12, "logit_sqnr_db": 14.0})
-    write_table(_sens_rows(mode), out / f"sensitivity_{mode.replace('-', '_')}_op", meta)
+@pytest.fixture(scope="session")
+def evaluated(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("eval")
+    cfg = out.parent / f"{EXTRA_CONFIG}.yaml"
+    cfg.write_text(f"name: {EXTRA_CONFIG}\nfloat_sites:\n- vit.layers.1.mlp.fc2\n")
+    assert vitq(["eval", "--out", str(out), "--no-progress", "--calib", "64", "--limit", "100",
+                 "--preset", "all", "--config", str(cfg)]) == 0
+    return out
 
 
-def write_errors(out: Path, with_npz: bool = True) -> None:
-    rng = np.random.default_rng(0)
-    acts, channels = [], {}
-    tensors = [("vit.embeddings.patch_embeddings.projection", "input", "conv", None, "patch_embed", True)]
-    for b in range(3):
-        tensors += [(SITE.format(b=b, op="mlp.fc1"), "input", "linear", b, "fc1", True),
-                    (SITE.format(b=b, op="mlp.gelu"), "output", "gelu", b, "gelu", False),
-                    (SITE.format(b=b, op="residual_mlp"), "output", "residual", b, "residual_mlp", True)]
-    tensors.append(("classifier", "input", "linear", None, "head", True))
-    for i, (site, slot, kind, block, role, int8) in enumerate(tensors):
-        cmax = rng.uniform(0.5, 1.5, 32)
-        if kind == "residual":
-            cmax[[3, 17]] = [40.0, 25.0]  # two persistent outlier channels
-        has_channels = kind != "conv"
-        threshold = 6.0 * float(np.median(cmax))
-        outliers = np.flatnonzero(cmax > threshold)
-        bits = math.log2(cmax.max() / np.delete(cmax, outliers).max()) if outliers.size else 0.0
-        row = {"tensor": f"{site}:{slot}", "site": site, "slot": slot, "kind": kind, "block": block, "role": role,
-               "int8": int8, "max_abs": float(cmax.max()), "p99": 1.0, "p99_9": 1.4, "p99_99": 2.0,
-               "max_over_p99_9": float(cmax.max()) / 1.4, "kurtosis": 3.0 + i,
-               "n_outlier_channels": int(outliers.size) if has_channels else None,
-               "outlier_channels": ";".join(map(str, outliers)) if has_channels else "",
-               "outlier_tokens": "0;1;2" if outliers.size else "", "bits_lost": bits if has_channels else math.nan}
-        for m, v in (("sqnr_db", 40.0 - 3 * i), ("cosine", 0.999), ("mse", 1e-4), ("rel_l2", 0.01)):
-            row[f"isolated_{m}"] = v + (5 if m == "sqnr_db" else 0)
-            row[f"acc_{m}"] = v
-        acts.append(row)
-        if has_channels:
-            channels[f"{site}:{slot}"] = cmax
-    acts_df = pd.DataFrame(acts, columns=list(ACTIVATION_COLUMNS))
-    meta = _meta(images=16, batches=1, outlier_k=6.0)
-    write_table(acts_df, out / "errors_activations", meta)
-    weights = []
-    for site, _, kind, block, role, _ in tensors:
-        if kind in ("linear", "conv"):
-            weights.append({"site": site, "kind": kind, "block": block, "role": role, "w_min": -0.3, "w_max": 0.25,
-                            "per_tensor_sqnr_db": 35.0, "per_channel_sqnr_db": 41.0, "per_channel_gain_db": 6.0})
-    write_table(pd.DataFrame(weights, columns=list(WEIGHT_COLUMNS)), out / "errors_weights", meta)
-    if with_npz:
-        np.savez(out / "errors_channels.npz", **channels)
+@pytest.fixture(scope="session")
+def html(analyzed: Path) -> str:
+    return render_report(analyzed).read_text()
 
 
-def write_plan(out: Path) -> None:
-    steps = pd.DataFrame([
-        {"step": 0, "config": "all", "float_sites": 0, "change": "", "top1": 74.0, "top5": 93.0,
-         "top1_drop": 6.0, "agreement": 88.0, "kl": 0.12, "int8_macs_share": 1.0},
-        {"step": 1, "config": "plan_1", "float_sites": 1, "change": SITE.format(b=0, op="residual_mlp"),
-         "top1": 78.0, "top5": 94.0, "top1_drop": 2.0, "agreement": 95.0, "kl": 0.02,
-         "int8_macs_share": 1.0},
-        {"step": 2, "config": "plan_2", "float_sites": 2, "change": SITE.format(b=1, op="mlp.fc2"),
-         "top1": 79.6, "top5": 95.0, "top1_drop": 0.4, "agreement": 98.0, "kl": 0.005,
-         "int8_macs_share": 0.93},
-    ])
-    write_table(steps, out / "plan_steps", _meta(images=100, wall_s=12.0))
-    (out / "plan.yaml").write_text(
-        "name: planned\nfloat_kinds:\n- layernorm\n- gelu\n- softmax\nfloat_sites:\n"
-        f"- {SITE.format(b=0, op='residual_mlp')}\n- {SITE.format(b=1, op='mlp.fc2')}\noverrides: {{}}\n")
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.jsonl", "calibration.pt", "report.html"))
+    return dst
 
 
-@pytest.fixture
-def full(tmp_path: Path) -> Path:
-    write_eval(tmp_path)
-    write_sensitivity(tmp_path, "only")
-    write_sensitivity(tmp_path, "all-but")
-    write_errors(tmp_path)
-    write_plan(tmp_path)
-    return tmp_path
+def _table(src: artifacts.TableSpec, out: Path) -> artifacts.Table:
+    t = artifacts.read(out, src)
+    assert t is not None, src.stem
+    return t
 
 
 # -- HTML inspection -------------------------------------------------------------------
@@ -167,144 +102,341 @@ class Tags(HTMLParser):
     handle_startendtag = handle_starttag
 
 
-def parse(html: str) -> list[tuple[str, dict[str, str | None]]]:
+def parse(text: str) -> list[tuple[str, dict[str, str | None]]]:
     p = Tags()
-    p.feed(html)
+    p.feed(text)
     return p.tags
 
 
-NOTE = "Not available"
+def table(text: str, table_id: str) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """(header labels, [(row class, cell texts)]) of the table with that id."""
+    start = text.index(f'<table id="{table_id}"')
+    body = text[start:text.index("</table>", start)]
+    head = [unescape(re.sub(r"<[^>]+>", "", h)).strip() for h in re.findall(r"<th\b[^>]*>(.*?)</th>", body, re.S)]
+    rows = []
+    for attrs, inner in re.findall(r"<tr\b([^>]*)>(.*?)</tr>", body.split("<tbody>", 1)[1], re.S):
+        cls = re.search(r'class="([^"]*)"', attrs)
+        rows.append((cls.group(1) if cls else "",
+                     [unescape(re.sub(r"<[^>]+>", "", c)).strip() for c in re.findall(r"<td\b[^>]*>(.*?)</td>", inner, re.S)]))
+    return head, rows
 
 
-# -- (a) rendering -----------------------------------------------------------------------
-def test_full_report_renders_self_contained(full: Path):
-    path = render_report(full)
-    assert path == full / "report.html"
-    html = path.read_text()
+def column(text: str, table_id: str, label: str) -> list[str]:
+    head, rows = table(text, table_id)
+    i = head.index(label)
+    return [cells[i] for _, cells in rows]
+
+
+def section(text: str, section_id: str) -> str:
+    start = text.index(f'<section id="{section_id}">')
+    return text[start:text.index("</section>", start)]
+
+
+def notes(text: str) -> str:
+    return " ".join(unescape(re.sub(r"<[^>]+>", "", n)) for n in re.findall(r'<p class="missing">(.*?)</p>', text, re.S))
+
+
+def image(attrs: dict) -> Image.Image:
+    src = attrs["src"] or ""
+    assert src.startswith("data:image/png;base64,")
+    return Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+
+
+# -- the report of vitq analyze -----------------------------------------------------------
+def test_self_contained_with_every_section(html: str, analyzed: Path):
     tags = parse(html)
-    assert 'id="accuracy-table"' in html
-    for name in ("fp32", "all", "mixed_1", "planned"):
-        assert f">{name}<" in html
-    # Nothing is fetched: no remote reference in any attribute, no external script/style/font.
     for tag, attrs in tags:
         for key, value in attrs.items():
             assert not re.search(r"https?://|^//", value or ""), (tag, key, (value or "")[:80])
         assert tag != "link", attrs
         if tag == "script":
             assert "src" not in attrs
-    assert "http://" not in html and "https://" not in html  # we write no URL anywhere
+    assert "http://" not in html and "https://" not in html
     assert "@import" not in html and "url(" not in html
     images = [attrs for tag, attrs in tags if tag == "img"]
-    assert len(images) >= 7  # 2 sensitivity, depth, heatmap, channel maxima, weights, planner
+    assert len(images) >= 6  # frontier, sensitivity, depth, heatmap, channel maxima, weights
     for attrs in images:
-        src = attrs["src"] or ""
-        assert src.startswith("data:image/png;base64,")
-        img = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
-        assert img.format == "PNG" and img.width > 300 and img.height > 150
-        assert attrs.get("alt")
-    assert NOTE not in html  # every section has its artefact
-    for section in ("accuracy", "skiplist", "planner", "summary", "sensitivity", "depth", "outliers", "weights"):
-        assert f'<section id="{section}">' in html
+        img = image(attrs)
+        assert img.format == "PNG" and img.width > 300 and img.height > 150 and attrs.get("alt")
+    assert NOTE not in html  # analyze writes every artefact but all-but sensitivity (announced, not missing)
+    found = re.findall(r'<section id="([^"]+)"', html)
+    assert found == ["accuracy", "planner", "skiplist", "summary", "sensitivity", "depth", "outliers", "weights"]
 
 
-def test_accuracy_table_on_top_with_planner_row_and_units(full: Path):
-    html = render_report(full).read_text()
-    sections = re.findall(r'<section id="([^"]+)"', html)
-    assert sections[0] == "accuracy"
-    table = html[html.index('id="accuracy-table"'):]
-    table = table[:table.index("</table>")]
-    assert 'class="plan-row"' in table and ">planned<" in table and "planner, step 2" in table
-    assert ">∞<" in table  # FP32's logit SQNR, stored as "inf" in the JSON
-    assert "93.0" in table  # int8 linear FLOPs share 0.93 shown as %
-    for unit in ("top-1 (%)", "top-1 drop (pp)", "KL (nats)", "logit SQNR (dB)"):
-        assert unit in table
+def test_title_is_the_model_name(html: str, analyzed: Path):
+    assert _table(artifacts.ACCURACY, analyzed).meta["model"].rstrip("/").endswith("vitq/default/model")
+    assert "<h1>tiny-vit-fashion</h1>" in html
+    assert re.search(r"<title>tiny-vit-fashion\b", html)
+    assert "default/model</h1>" not in html and "<title>default/model" not in html
 
 
-def test_skiplist_yaml_is_copy_ready(full: Path):
-    html = render_report(full).read_text()
-    m = re.search(r'<pre id="skiplist-yaml">(.*?)</pre>', html, re.S)
+def test_model_name_rules():
+    assert model_name("/work/x/vitq/default/model") == "tiny-vit-fashion"
+    assert model_name("/models/vit-b16/") == "vit-b16"
+    assert model_name("google/vit-base-patch16-224") == "google/vit-base-patch16-224"
+    assert model_name("./checkpoints/model") == "model"
+
+
+def test_every_wall_time_is_shown(html: str, analyzed: Path):
+    runs = section(html, "summary")
+    steps = column(runs, "runs-table", "step")
+    assert steps == ["evaluation", "sensitivity", "errors", "plan"]
+    for label in ("wall time (s)", "calibration (s)"):
+        values = column(runs, "runs-table", label)
+        assert values and "–" not in values, (label, values)
+    expected = {"evaluation": _table(artifacts.ACCURACY, analyzed).run["evaluation_s"],
+                "sensitivity": _table(artifacts.sensitivity("only", "op"), analyzed).run["wall_s"],
+                "errors": _table(artifacts.ERRORS_ACTIVATIONS, analyzed).run["wall_s"],
+                "plan": _table(artifacts.PLAN_STEPS, analyzed).run["wall_s"]}
+    assert dict(zip(steps, column(runs, "runs-table", "wall time (s)"))) == {
+        k: fmt_sig(v) for k, v in expected.items()}
+    calib = fmt_sig(_table(artifacts.ACCURACY, analyzed).run["calibration_s"])
+    assert f"Wall times: calibration {calib} s;" in runs
+    for step, value in expected.items():
+        assert f"{step} {fmt_sig(value)} s" in runs
+
+
+def test_accuracy_table_from_accuracy_json(html: str, analyzed: Path):
+    acc = _table(artifacts.ACCURACY, analyzed)
+    sec = section(html, "accuracy")
+    head, rows = table(sec, "accuracy-table")
+    for label in ("int8 sites", "float sites", "sites kept float", "int8 MACs (%)", "top-1 drop (pp)", "KL (nats)"):
+        assert label in head
+    assert column(sec, "accuracy-table", "config") == list(acc.rows["config"])
+    assert set(column(sec, "accuracy-table", "from")) == {"vitq analyze (accuracy.json)"}
+    assert [cls for cls, _ in rows].count("plan-row") == 1
+
+
+def test_float_site_counts_agree_between_accuracy_and_planner(html: str, analyzed: Path):
+    steps = _table(artifacts.PLAN_STEPS, analyzed).rows
+    chosen = steps[steps["plan"].astype(bool)]
+    assert len(chosen) == 1
+    chosen = chosen.iloc[0]
+    assert int(chosen["skipped_sites"]) > 0  # the budget made the planner keep sites float
+    acc_head, acc_rows = table(section(html, "accuracy"), "accuracy-table")
+    plan_head, plan_rows = table(section(html, "planner"), "plan-table")
+    acc_plan = dict(zip(acc_head, next(c for cls, c in acc_rows if cls == "plan-row")))
+    step_plan = dict(zip(plan_head, next(c for cls, c in plan_rows if cls == "plan-row")))
+    assert step_plan["attempt"] == fmt_int(chosen["attempt"])
+    for label, key, fmt in (("float sites", "float_sites", fmt_int), ("sites kept float", "skipped_sites", fmt_int),
+                            ("int8 MACs (%)", "int8_macs_share", fmt_fixed(1))):
+        assert acc_plan[label] == step_plan[label] == fmt(chosen[key]), label
+    acc_int8 = int(_table(artifacts.ACCURACY, analyzed).rows.set_index("config").loc["plan", "int8_sites"])
+    assert acc_plan["int8 sites"] == fmt_int(acc_int8) == fmt_int(chosen["int8_sites"])
+
+
+def test_verdict_on_top_and_in_the_planner_section(html: str, analyzed: Path):
+    verdict = _table(artifacts.PLAN_STEPS, analyzed).meta["verdict"]
+    assert verdict and str(escape(verdict)) in html
+    main = html[html.index("<main>"):]
+    assert main.index('id="verdict"') < main.index('<section id="accuracy">')
+    assert f'<p class="verdict">{escape(verdict)}</p>' in section(html, "planner")
+
+
+def test_frontier_figure(html: str, analyzed: Path):
+    planner = section(html, "planner")
+    imgs = [a for t, a in parse(planner) if t == "img"]
+    assert len(imgs) == 1 and "frontier" in (imgs[0]["alt"] or "")
+    img = np.asarray(image(imgs[0]).convert("RGB")).astype(int)
+    red = np.array([0xC0, 0x39, 0x2B])  # figures.BAD: the plan's star
+    assert (np.abs(img - red).sum(axis=2) < 30).sum() > 50
+
+
+def test_frontier_draws_every_series_it_names(analyzed: Path):
+    steps = _table(artifacts.PLAN_STEPS, analyzed).rows
+    tried = _table(artifacts.PLAN_TRIED, analyzed).rows
+    assert (~tried["kept"].astype(bool)).any()  # some attempts were dropped: the grey series has its own points
+    both = figures.frontier(steps, tried)
+    assert both == figures.frontier(steps, tried)  # deterministic
+    assert both != figures.frontier(steps, None)  # the tried series is drawn
+    no_plan = steps.assign(plan=False)
+    assert both != figures.frontier(no_plan, tried)  # the plan is drawn
+    assert figures.frontier(steps, tried, max_objective=2e-4) != both  # the budget line is drawn
+
+
+def test_steps_tried_and_confirm_tables(html: str, analyzed: Path):
+    planner = section(html, "planner")
+    steps = _table(artifacts.PLAN_STEPS, analyzed).rows
+    tried = _table(artifacts.PLAN_TRIED, analyzed).rows
+    confirm = _table(artifacts.PLAN_CONFIRM, analyzed).rows
+    assert column(planner, "plan-table", "attempt") == [fmt_int(v) for v in steps["attempt"]]
+    head, rows = table(planner, "tried-table")
+    for label in ("change", "kept", "gain ± se (nats)", "95 % interval of the gain", "KL (nats)", "agreement (%)",
+                  "top-1 drop (pp)", "float sites", "int8 MACs (%)"):
+        assert label in head
+    assert len(rows) == len(tried)
+    kept = column(planner, "tried-table", "kept")
+    assert kept == ["yes" if k else "no" for k in tried["kept"]] and "no" in kept
+    measured = tried[tried["gain"].notna()].iloc[0]
+    cells = dict(zip(head, rows[int(np.flatnonzero(tried["attempt"] == measured["attempt"])[0])][1]))
+    assert cells["gain ± se (nats)"] == f"{fmt_small(measured['gain'])} ± {fmt_small(measured['gain_se'])}"
+    assert cells["95 % interval of the gain"] == f"[{fmt_small(measured['gain_lo'])}, {fmt_small(measured['gain_hi'])}]"
+    head, rows = table(planner, "confirm-table")
+    assert [c[0] for _, c in rows] == list(confirm["config"])
+    plan = dict(zip(head, next(c for _, c in rows if c[0] == "plan")))
+    row = confirm.set_index("config").loc["plan"]
+    assert plan["top-1 drop ± se (pp)"] == f"{fmt_fixed(2)(row['top1_drop'])} ± {fmt_fixed(2)(row['top1_drop_se'])}"
+
+
+def test_skiplist_shows_the_expanded_names(html: str, analyzed: Path):
+    sec = section(html, "skiplist")
+    m = re.search(r'<pre id="skiplist-yaml">(.*?)</pre>', sec, re.S)
     assert m
-    import yaml
-    from html import unescape
-    data = yaml.safe_load(unescape(m.group(1)))
-    assert data["float_sites"] == [SITE.format(b=0, op="residual_mlp"), SITE.format(b=1, op="mlp.fc2")]
-    assert 'class="copy" data-target="skiplist-yaml"' in html
-    assert "<b>2</b> site(s) float" in html
+    shown = yaml.safe_load(unescape(m.group(1)))
+    written = yaml.safe_load((analyzed / artifacts.PLAN_SKIPLIST).read_text())
+    assert shown == written and not any("*" in s for s in shown["float_sites"])  # globs expanded
+    steps = _table(artifacts.PLAN_STEPS, analyzed).rows
+    n = int(steps[steps["plan"].astype(bool)].iloc[0]["skipped_sites"])
+    assert len(shown["float_sites"]) == n
+    assert f"The plan keeps <b>{n}</b> site(s) float" in sec
+    assert 'class="copy" data-target="skiplist-yaml"' in sec and '<pre id="plan-yaml">' in sec
 
 
-def test_long_tables_are_sortable_and_have_raw_sort_values(full: Path):
-    html = render_report(full).read_text()
-    for table_id in ("sens-only-op", "sens-all_but-op", "plan-table", "outlier-table", "activations-table"):
-        if table_id == "plan-table":
-            continue  # three steps: short tables are not sortable
+def test_sensitivity_ranked_by_kl_with_the_drop_beside_it(html: str, analyzed: Path):
+    t = _table(artifacts.sensitivity("only", "op"), analyzed)
+    assert t.meta["rank_by"] == "kl"
+    sec = section(html, "sensitivity")
+    head, rows = table(sec, "sens-only-op")
+    i = head.index("KL (nats) ▸ rank key")
+    assert head[i + 1] == "top-1 drop (pp)" and head[:i] == ["rank", "candidate", "kind", "block", "role", "sites"]
+    kl = list(t.rows.sort_values("rank")["kl"])
+    assert kl == sorted(kl, reverse=True)
+    assert [c[i] for _, c in rows] == [fmt_small(v) for v in t.rows["kl"]]
+    assert "All-but sensitivity" in sec and "--mode all-but" in sec  # not measured: says how to add it
+
+
+def test_each_outlier_tensor_once(html: str, analyzed: Path):
+    raw = _table(artifacts.ERRORS_ACTIVATIONS, analyzed).rows
+    gelu = raw[raw["role"] == "gelu"]
+    assert (gelu["bits_lost"] > 0).any()  # the gelu/fc2 pair carries outliers: the table would list it twice
+    sec = section(html, "outliers")
+    tensors = column(sec, "outlier-table", "tensor")
+    assert tensors and len(tensors) == len(set(tensors))
+    assert not any(t.endswith("mlp.gelu:output") for t in tensors)
+    also = column(sec, "outlier-table", "same tensor as")
+    for t, a in zip(tensors, also):
+        if t.endswith("mlp.fc2:input"):
+            assert a == t.replace("mlp.fc2:input", "mlp.gelu:output")
+
+
+def test_one_row_per_tensor_rules():
+    stats = {"max_abs": 3.0, "p99_9": 2.0, "kurtosis": 50.0}
+    rows = pd.DataFrame([
+        {"tensor": "b.0.mlp.fc1:input", "block": 0, "int8": True, "max_abs": 4.0, "p99_9": 3.0, "kurtosis": 3.0},
+        {"tensor": "b.0.mlp.gelu:output", "block": 0, "int8": False, **stats},
+        {"tensor": "b.0.mlp.fc2:input", "block": 0, "int8": True, **stats},
+        {"tensor": "b.1.mlp.gelu:output", "block": 1, "int8": False, **stats},  # equal numbers, other block
+    ])
+    out = one_row_per_tensor(rows)
+    assert list(out["tensor"]) == ["b.0.mlp.fc1:input", "b.0.mlp.fc2:input", "b.1.mlp.gelu:output"]
+    assert list(out["also"]) == ["", "b.0.mlp.gelu:output", ""]
+    declared = rows.assign(same_tensor_as=["", "", "", "b.0.mlp.fc2:input"])  # the writer's own word wins
+    out = one_row_per_tensor(declared)
+    assert list(out["tensor"]) == ["b.0.mlp.fc1:input", "b.0.mlp.gelu:output", "b.0.mlp.fc2:input"]
+    assert list(out["also"]) == ["", "", "b.1.mlp.gelu:output"]
+
+
+def test_second_render_is_byte_identical(analyzed: Path, tmp_path: Path):
+    out = _copy(analyzed, tmp_path / "out")
+    first = render_report(out).read_bytes()
+    assert render_report(out).read_bytes() == first
+
+
+def test_long_tables_are_sortable(html: str):
+    for table_id in ("sens-only-op", "tried-table", "outlier-table", "activations-table", "weights-table"):
         assert re.search(rf'<table id="{table_id}" class="data sortable"', html), table_id
-    assert 'data-v="Infinity"' in html  # inf sorts as a number
-    assert "addEventListener(\"click\"" in html
+    assert 'data-v="Infinity"' in html  # FP32's logit SQNR, stored as "inf"
 
 
-def test_missing_artefacts_give_notes_naming_commands(tmp_path: Path):
-    write_eval(tmp_path)
-    html = render_report(tmp_path).read_text()
-    assert 'id="accuracy-table"' in html and ">mixed_1<" in html
-    notes = re.findall(r'<p class="missing">(.*?)</p>', html, re.S)
-    text = " ".join(notes)
-    assert "sensitivity_*.json" in text and "vitq sensitivity" in text and "--mode all-but" in text
-    assert "errors_activations.json" in text and "vitq errors" in text
-    assert "errors_weights.json" in text
-    assert "plan.yaml" in text and "plan_steps.json" in text
-    assert "<img" not in html
+def test_reports_spell_no_file_name_and_import_nothing_from_vitq():
+    for path in (ROOT / "reports").glob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"^\s*(from|import) vitq\b", text, re.M), path
+        names = re.findall(r"""["'][\w*.-]+\.(?:json|yaml|npz|csv|pt)["']""", text)
+        assert not names, (path.name, names)
+    html_py = (ROOT / "reports" / "html.py").read_text()
+    for stale in ("wall_s\")", "speedup_vs_naive\")", "int8_linear_flops_share", "_plan_share_scale",
+                  'meta.get("images"'):
+        assert stale not in html_py, stale
 
 
-def test_partial_artefacts(tmp_path: Path):
-    write_sensitivity(tmp_path, "only")
-    write_errors(tmp_path, with_npz=False)
-    html = render_report(tmp_path).read_text()
-    assert 'id="accuracy-table"' in html  # present even without eval.json (empty, with a note)
-    assert "no eval.json" in html
-    assert "sensitivity_all_but_*.json" in html  # the other mode is announced as missing
-    assert "errors_channels.npz" in html  # heatmap note
-    assert html.count("<img") == 3  # sensitivity, depth, weights
+# -- other folders ------------------------------------------------------------------------
+def test_eval_only_folder_names_the_missing_commands(evaluated: Path):
+    text = render_report(evaluated).read_text()
+    assert column(section(text, "accuracy"), "accuracy-table", "config") == ["fp32", "all", EXTRA_CONFIG]
+    assert set(column(section(text, "accuracy"), "accuracy-table", "from")) == {"vitq eval (eval.json)"}
+    missing = {s: notes(section(text, s)) for s in ("planner", "skiplist", "sensitivity", "depth", "outliers",
+                                                     "weights")}
+    assert "plan_steps.json" in missing["planner"] and "vitq plan --out" in missing["planner"]
+    assert "plan_skiplist.yaml" in missing["skiplist"] and "vitq plan --out" in missing["skiplist"]
+    assert "vitq sensitivity --mode only --group op --out" in missing["sensitivity"]
+    assert "errors_activations.json" in missing["depth"] and "vitq errors --out" in missing["depth"]
+    assert "errors_activations.json" in missing["outliers"] and "vitq errors --out" in missing["outliers"]
+    assert "errors_weights.json" in missing["weights"] and "vitq errors --out" in missing["weights"]
+    assert "<img" not in text and 'id="verdict"' not in text
+    assert column(section(text, "summary"), "runs-table", "step") == ["evaluation"]
+    assert "–" not in column(section(text, "summary"), "runs-table", "wall time (s)")
 
 
-def test_empty_folder(tmp_path: Path):
-    html = render_report(tmp_path).read_text()
-    assert 'id="accuracy-table"' in html
-    assert html.count(NOTE) >= 6
+def test_empty_folder_names_analyze(tmp_path: Path):
+    text = render_report(tmp_path).read_text()
+    assert 'id="accuracy-table"' in text and text.count(NOTE) >= 6
+    assert "vitq analyze --out" in notes(section(text, "accuracy"))
 
 
-def test_unreadable_artefact_becomes_a_warning(tmp_path: Path):
-    write_eval(tmp_path)
-    (tmp_path / "errors_activations.json").write_text("{not json")
-    html = render_report(tmp_path).read_text()
-    assert "could not read errors_activations.json" in html
-    assert ">mixed_1<" in html
+def test_eval_beside_accuracy_is_appended_and_labelled(analyzed: Path, evaluated: Path, tmp_path: Path):
+    out = _copy(analyzed, tmp_path / "both")
+    for p in evaluated.iterdir():
+        if p.name.startswith(artifacts.EVAL.stem + ".") or p.name == artifacts.config_file(EXTRA_CONFIG):
+            shutil.copy(p, out / p.name)
+    text = render_report(out).read_text()
+    sec = section(text, "accuracy")
+    configs = column(sec, "accuracy-table", "config")
+    sources = column(sec, "accuracy-table", "from")
+    acc = list(_table(artifacts.ACCURACY, out).rows["config"])
+    assert configs == [*acc, EXTRA_CONFIG]  # eval's fp32 and all are not repeated
+    assert sources == ["vitq analyze (accuracy.json)"] * len(acc) + ["vitq eval (eval.json)"]
+    assert column(section(text, "summary"), "runs-table", "step")[:2] == ["evaluation", "evaluation"]
 
 
-def test_values_are_escaped(tmp_path: Path):
-    write_eval(tmp_path)
-    (tmp_path / "plan.yaml").write_text("name: x\nfloat_sites:\n- '<script>alert(1)</script>'\n")
-    html = render_report(tmp_path, title="<b>t</b>").read_text()
-    assert "<script>alert(1)" not in html and "&lt;script&gt;alert(1)" in html
-    assert "<b>t</b>" not in html
+def test_unreadable_artefact_becomes_a_warning(evaluated: Path, tmp_path: Path):
+    out = _copy(evaluated, tmp_path / "bad")
+    (out / f"{artifacts.ERRORS_ACTIVATIONS.stem}.json").write_text("{not json")
+    text = render_report(out).read_text()
+    assert "could not read errors_activations.json" in text
+    assert f">{EXTRA_CONFIG}<" in text
 
 
-def test_mismatched_runs_are_flagged(tmp_path: Path):
-    write_eval(tmp_path)
-    write_sensitivity(tmp_path)
-    data = json.loads((tmp_path / "sensitivity_only_op.json").read_text())
+def test_values_are_escaped(evaluated: Path, tmp_path: Path):
+    out = _copy(evaluated, tmp_path / "esc")
+    (out / artifacts.PLAN_YAML).write_text("name: x\nfloat_sites:\n- '<script>alert(1)</script>'\n")
+    text = render_report(out, title="<b>t</b>").read_text()
+    assert "<script>alert(1)" not in text and "&lt;script&gt;alert(1)" in text
+    assert "<b>t</b>" not in text
+
+
+def test_mismatched_runs_are_flagged(evaluated: Path, tmp_path: Path):
+    out = _copy(evaluated, tmp_path / "mix")
+    data = json.loads(artifacts.EVAL.path(out).read_text())
     data["meta"]["model"] = "/models/other"
-    (tmp_path / "sensitivity_only_op.json").write_text(json.dumps(data))
-    html = render_report(tmp_path).read_text()
-    assert "do not all come from the same settings" in html and "/models/other" in html
+    artifacts.ACCURACY.path(out).write_text(json.dumps(data))
+    text = render_report(out).read_text()
+    assert "do not all come from the same settings" in text and "/models/other" in text
+    assert "do not all come from the same settings" not in render_report(evaluated).read_text()
 
 
-def test_deterministic(full: Path):
-    first = render_report(full).read_bytes()
-    assert render_report(full).read_bytes() == first
+# -- formatters and figures -----------------------------------------------------------------
+def test_formatters():
+    assert fmt_small(0) == "0" and fmt_small(0.000429) == "4.29e−04" and fmt_small(0.1234) == "0.1234"
+    assert fmt_small(None) == "–" and fmt_small("inf") == "∞"
+    assert fmt_fixed(2)(-0.1) == "−0.10" and fmt_fixed(1)(float("nan")) == "–"
+    assert fmt_int(42.0) == "42" and fmt_int(None) == "–"
+    assert fmt_list(2)("2;17;18;30") == "2, 17 … (+2)" and fmt_list()("") == "–"
+    assert fmt_sig(3.14159) == "3.14"
 
 
-def test_figures_are_png_with_fixed_size():
-    df = _sens_rows("only")
+def test_figures_are_png_and_deterministic(analyzed: Path):
+    df = _table(artifacts.sensitivity("only", "op"), analyzed).rows
     a, b = figures.sensitivity_bars(df, "only"), figures.sensitivity_bars(df, "only")
     assert a == b and a[:8] == b"\x89PNG\r\n\x1a\n"
     assert b"Software" not in a and figures.data_uri(a).startswith("data:image/png;base64,")
@@ -312,7 +444,7 @@ def test_figures_are_png_with_fixed_size():
     assert figures.short_name("dinov2.encoder.layer.11.mlp.fc2") == "b11 mlp.fc2"
 
 
-# -- (b) a real browser --------------------------------------------------------------------
+# -- a real browser --------------------------------------------------------------------
 def _chromium() -> str | None:
     if Path("/usr/bin/chromium").is_file():
         return "/usr/bin/chromium"
@@ -345,43 +477,50 @@ def _console_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if ":CONSOLE" in line]
 
 
+def _overflow(dom: str) -> int:
+    m = re.search(r'<body\b[^>]*data-overflow-px="(\d+)"', dom)
+    assert m, "the self-test did not record the page overflow"
+    return int(m.group(1))
+
+
 @needs_chromium
-def test_browser_screenshot(full: Path, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("chromium")
-    report = render_report(full)
-    shot = tmp / "shot.png"
-    proc = _run_chromium(tmp, report.resolve().as_uri(), f"--screenshot={shot}", "--window-size=1280,2000")
+@pytest.mark.parametrize("width", [1280, 390])
+def test_browser_screenshot(analyzed: Path, html: str, tmp_path: Path, width: int):
+    report = analyzed / artifacts.REPORT
+    shot = tmp_path / "shot.png"
+    proc = _run_chromium(tmp_path, report.resolve().as_uri(), f"--screenshot={shot}", f"--window-size={width},2000")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert shot.is_file() and shot.stat().st_size > 10_000
     img = Image.open(shot).convert("RGB")
-    assert img.size == (1280, 2000)
+    assert img.size == (width, 2000)
     assert img.getcolors(maxcolors=64) is None  # far more than a handful of colours: something was drawn
     assert not _console_lines(proc.stderr), _console_lines(proc.stderr)
 
 
 @needs_chromium
-def test_browser_dom_has_no_js_errors_and_tables_sort(full: Path, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("chromium")
-    report = render_report(full)
-    proc = _run_chromium(tmp, report.resolve().as_uri() + "#selftest", "--dump-dom")
+def test_browser_dom_has_no_js_errors_tables_sort_and_phone_width_fits(analyzed: Path, html: str, tmp_path: Path):
+    report = analyzed / artifacts.REPORT
+    proc = _run_chromium(tmp_path, report.resolve().as_uri() + "#selftest", "--dump-dom", "--window-size=390,2000")
     assert proc.returncode == 0, proc.stderr[-2000:]
     dom = proc.stdout
-    assert 'id="accuracy-table"' in dom and ">planned<" in dom
+    assert 'id="accuracy-table"' in dom and 'id="tried-table"' in dom
     assert re.search(r'<body\b[^>]*data-report-ready="1"', dom)  # the main script ran to its end
-    assert not _js_error_count(dom), _js_error_count(dom)  # no error event, rejection or console.error
+    assert not _js_error_count(dom), _js_error_count(dom)
     assert not _console_lines(proc.stderr), _console_lines(proc.stderr)
     m = re.search(r'data-selftest="([^"]*)"', dom)
     assert m and m.group(1).startswith("ok "), m and m.group(1)
     assert int(m.group(1).split()[1]) > 20  # several sortable tables, every column both ways
+    assert _overflow(dom) == 0  # at 390 px nothing pushes the page sideways
 
 
 @needs_chromium
-def test_browser_error_detection_works(full: Path, tmp_path_factory):
-    """Negative control: a page with a failing script trips both detectors."""
-    tmp = tmp_path_factory.mktemp("chromium")
-    html = render_report(full).read_text()
-    bad = tmp / "bad.html"
+def test_browser_detectors_work(analyzed: Path, html: str, tmp_path: Path):
+    """Negative controls: a failing script trips both error detectors; a wide element the overflow check."""
+    bad = tmp_path / "bad.html"
     bad.write_text(html.replace("</body>", "<script>undefinedFunctionXyz();</script></body>"))
-    proc = _run_chromium(tmp, bad.as_uri(), "--dump-dom")
+    proc = _run_chromium(tmp_path, bad.as_uri(), "--dump-dom")
     assert _js_error_count(proc.stdout) == 1
     assert any("undefinedFunctionXyz" in line for line in _console_lines(proc.stderr))
+    wide = tmp_path / "wide.html"
+    wide.write_text(html.replace("<main>", '<main><div style="width:2000px">x</div>'))
+    proc = _run_chromium(tmp_path, wide.as_uri() + "#selftest", "--dump-dom", "--window-size=390,2000")
+    assert _overflow(proc.stdout) > 1000

@@ -77,6 +77,11 @@
     button.addEventListener("click", function () { copyText(button); });
   });
 
+  /* Figures scale to the page width; a click shows one at full size, scrolling inside its box. */
+  Array.prototype.forEach.call(document.querySelectorAll("figure img"), function (img) {
+    img.addEventListener("click", function () { img.closest("figure").classList.toggle("zoomed"); });
+  });
+
   /* #selftest: sort every sortable table by each numeric column both ways and check
      the order; the verdict goes to <body data-selftest>. */
   function ordered(table, col, dir) {
@@ -105,6 +110,8 @@
       }
     });
     document.body.setAttribute("data-selftest", problems.length ? "fail " + problems.join(",") : "ok " + checks);
+    var root = document.documentElement;  /* the page must not scroll sideways (wide tables scroll in their box) */
+    document.body.setAttribute("data-overflow-px", String(Math.max(0, root.scrollWidth - root.clientWidth)));
   }
 
   if (window.location.hash === "#selftest") { selftest(); }
