@@ -195,12 +195,14 @@ class QuantModel:
         the original parameters: smoothing first (parameters changed, smoothed
         tensors marked), then the quantizers, then bias correction (biases)."""
         from .bias_correction import corrected_biases
-        from .smooth import smoothing
+        from .smooth import smoothing, smoothing_plan
 
         if config is None:
             self.set_mode(FLOAT)
             return
         config.validate(self.sites)
+        if config.smooth:
+            smoothing_plan(self, config)  # a bad pattern fails before the state changes
         self._reset_parameters()
         values, scales = smoothing(self, config) if config.smooth else ({}, {})
         self._set_parameters(values)
