@@ -4,6 +4,9 @@ A config is data (YAML/JSON round-trip): default specs for activations and weigh
 per-site overrides by name or glob, float kinds (the backend's limits: LayerNorm,
 GELU and Softmax by default) and a float skip-list of names or globs. Every pattern
 must match at least one site of the model it is applied to, so a typo fails loudly.
+Two remedies are options too: ``smooth`` (LayerNorm -> alpha, SmoothQuant-style
+scale migration, :mod:`quant.smooth`) and ``bias_correction`` (Linear sites whose
+bias absorbs their expected quantization shift, :mod:`quant.bias_correction`).
 """
 
 from __future__ import annotations
@@ -54,6 +57,12 @@ class QuantConfig:
     float_sites: list[str] = field(default_factory=list)
     # pattern -> {"activation": {...}, "weight": {...}}: partial specs over the defaults
     overrides: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    # SmoothQuant-style scale migration: LayerNorm site name/glob -> alpha in (0, 1)
+    # (quant.smooth); the norm's output must feed Linear sites (the family knows which)
+    smooth: dict[str, float] = field(default_factory=dict)
+    # bias correction (quant.bias_correction): Linear site names/globs whose bias absorbs
+    # the expected output shift of their weight quantization
+    bias_correction: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         bad = sorted(set(self.float_kinds) - set(KINDS))
@@ -67,6 +76,13 @@ class QuantConfig:
             for part in spec:
                 base = self.weight if part == "weight" else self.activation
                 _spec(spec.get(part), base, f"override {pattern!r} {part}")
+        if not isinstance(self.smooth, dict):
+            raise ConfigError("smooth must map LayerNorm site names/globs to alpha in (0, 1)")
+        for pattern, alpha in self.smooth.items():
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < float(alpha) < 1.0:
+                raise ConfigError(f"smooth {pattern!r}: alpha must be a number in (0, 1), got {alpha!r}")
+        if isinstance(self.bias_correction, str) or not all(isinstance(p, str) for p in self.bias_correction):
+            raise ConfigError("bias_correction must be a list of Linear site names/globs")
 
     # -- decisions per site ----------------------------------------------
     def is_float(self, site: Site) -> bool:
@@ -100,6 +116,25 @@ class QuantConfig:
                 close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)
                 hint = f"; close matches: {', '.join(close)}" if close else "; `vitq sites` lists the names"
                 raise ConfigError(f"pattern {pattern!r} matches no site of this model{hint}")
+        for what, patterns, kind in (("smooth", self.smooth, "layernorm"),
+                                     ("bias_correction", self.bias_correction, "linear")):
+            for pattern in patterns:
+                if not any(_matches(s.name, pattern) for s in sites if s.kind == kind):
+                    close = difflib.get_close_matches(pattern, [s.name for s in sites if s.kind == kind], n=3,
+                                                      cutoff=0.5)
+                    hint = f"; close matches: {', '.join(close)}" if close else "; `vitq sites` lists the names"
+                    raise ConfigError(f"{what} pattern {pattern!r} matches no {kind} site of this model{hint}")
+
+    def smooth_alpha(self, site: Site) -> float | None:
+        """The smoothing alpha of LayerNorm ``site`` (later patterns win), or None."""
+        alpha = None
+        for pattern, a in self.smooth.items():
+            if _matches(site.name, pattern):
+                alpha = float(a)
+        return alpha
+
+    def corrects_bias(self, site: Site) -> bool:
+        return any(_matches(site.name, p) for p in self.bias_correction)
 
     def with_float(self, patterns: Iterable[str], name: str | None = None) -> "QuantConfig":
         """A copy with more float sites (duplicates dropped, order kept)."""
@@ -115,6 +150,9 @@ class QuantConfig:
             "float_kinds": list(self.float_kinds),
             "float_sites": list(self.float_sites),
             "overrides": dict(self.overrides),
+            # written only when used, so existing configs keep their keys (and hashes)
+            **({"smooth": {k: float(v) for k, v in self.smooth.items()}} if self.smooth else {}),
+            **({"bias_correction": list(self.bias_correction)} if self.bias_correction else {}),
         }
 
     @classmethod
@@ -133,6 +171,8 @@ class QuantConfig:
             float_kinds=list(data.get("float_kinds", base.float_kinds)),
             float_sites=list(data.get("float_sites", []) or []),
             overrides=dict(data.get("overrides", {}) or {}),
+            smooth=_mapping(data.get("smooth", {}), "smooth"),
+            bias_correction=_str_list(data.get("bias_correction", []), "bias_correction"),
         )
 
     def save(self, path: str | Path) -> None:
@@ -152,6 +192,22 @@ class QuantConfig:
             raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
                               f"{str(e).splitlines()[0]}") from None
         return cls.from_dict(data)
+
+
+def _mapping(value: Any, key: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key} must be a mapping of site name/glob -> alpha, got {type(value).__name__}")
+    return dict(value)
+
+
+def _str_list(value: Any, key: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key} must be a list of site names/globs, got {type(value).__name__}")
+    return list(value)
 
 
 def _matches(name: str, pattern: str) -> bool:

@@ -18,6 +18,11 @@ holding the integer codes, bit-exact with the simulation's weights. A Linear's
 initializer is stored transposed (``[in, out]``) and a per-channel DQ uses
 ``axis=1`` (the output channel), the layout ONNX Runtime's QDQ fusions expect.
 
+Remedies need nothing here: a config's smoothing (``QuantConfig.smooth``) and bias
+correction change the model's parameters (LayerNorm affine, consumer weights,
+Linear biases), which the trace exports as they are: smoothed LayerNorm weights and
+biases and corrected biases as float initializers, smoothed weights as int8.
+
 Only standard ``ai.onnx`` ops are produced (opset >= 13, needed by per-channel
 DequantizeLinear and tensor scales). Only 8-bit specs can be exported: opset 17
 has no int4/int16 Q/DQ.

@@ -6,6 +6,12 @@ code can restart the forward at any block. Everything that depends on the
 model's layout is delegated to its family adapter (``quant.families``). Each slot
 of each site has a :class:`TensorQuantizer` that is either float (identity),
 observing (calibration) or quantizing (fake-quant with calibrated parameters).
+
+Two config options change model parameters (``QuantConfig.smooth``: LayerNorm
+affine and consumer weights, :mod:`quant.smooth`; ``QuantConfig.bias_correction``:
+Linear biases, :mod:`quant.bias_correction`). ``apply`` always starts from the
+original parameters (copies kept on first change) and :meth:`QuantModel.snapshot`
+carries the changed values, so ``restore`` swaps parameters with the quantizers.
 """
 
 from __future__ import annotations
@@ -16,12 +22,15 @@ import torch
 from torch import nn
 
 from .families import FamilyAdapter, family_of
-from .observers import NonFiniteError, StreamingHistogram, activation_qparams, weight_qparams
-from .quantizer import QParams, QuantSpec, fake_quantize
+from .observers import (FIXED_RANGES, ChannelRange, NonFiniteError, StreamingHistogram, activation_qparams,
+                        smoothed_range, weight_qparams)
+from .quantizer import QParams, QuantSpec, fake_quantize, qparams_from_range
 from .config import QuantConfig
 from .sites import Site
 
 FLOAT, OBSERVE, QUANT = "float", "observe", "quant"
+# snapshot key of the model parameters a config changed (smoothing, bias correction)
+PARAMS_KEY = "__params__"
 
 # A tap sees (quantizer, float input, value passed on): the error analyzer uses it.
 Tap = Callable[["TensorQuantizer", torch.Tensor, torch.Tensor], None]
@@ -38,6 +47,10 @@ class TensorQuantizer:
         self.site, self.slot = site, slot
         self.mode = FLOAT
         self.stats = StreamingHistogram()
+        # per-channel (last dim) statistics of the tensors smoothing/bias correction use
+        self.channels: ChannelRange | None = ChannelRange() if tracks_channels(site, slot) else None
+        # per-channel scales s when this tensor is a smoothed X / s (set by QuantModel.apply)
+        self.smooth: torch.Tensor | None = None
         self.spec: QuantSpec | None = None
         self.qparams: QParams | None = None
         self.taps: list[Tap] = []
@@ -61,6 +74,8 @@ class TensorQuantizer:
             if self.mode == OBSERVE and not self.is_weight:
                 try:
                     self.stats.update(x)
+                    if self.channels is not None:
+                        self.channels.update(x)
                 except NonFiniteError as e:
                     raise SiteError(f"site {self.name}: {e} during calibration") from None
             out = x
@@ -70,7 +85,12 @@ class TensorQuantizer:
 
     def quantize(self, spec: QuantSpec, weight: torch.Tensor | None = None) -> None:
         """Switch to fake-quant with ``spec``: weights from their tensor, activations
-        from the calibration statistics gathered in OBSERVE mode."""
+        from the calibration statistics gathered in OBSERVE mode.
+
+        A smoothed activation (``self.smooth``: the tensor is X / s) takes the exact
+        range of X / s from X's per-channel min/max, for every observer: the
+        histogram observers (percentile, mse, entropy) saw X, not X / s, so they
+        fall back to that exact (minmax) range; fixed-range observers keep theirs."""
         self.spec = spec
         if self.is_weight:
             self.qparams = weight_qparams(weight, spec)
@@ -78,11 +98,21 @@ class TensorQuantizer:
         else:
             if self.stats.count == 0:
                 raise SiteError(f"site {self.name}: no calibration data; run calibration first")
-            self.qparams = activation_qparams(self.stats, spec)
+            if self.smooth is not None and spec.observer not in FIXED_RANGES:
+                lo, hi = smoothed_range(self.channels, self.smooth)
+                self.qparams = qparams_from_range(torch.tensor(lo), torch.tensor(hi), spec)
+            else:
+                self.qparams = activation_qparams(self.stats, spec)
         self.mode = QUANT
 
     def to_float(self) -> None:
         self.mode, self.spec, self.qparams, self._weight_cache = FLOAT, None, None, None
+
+
+def tracks_channels(site: Site, slot: str) -> bool:
+    """Tensors whose per-channel statistics calibration records: LayerNorm outputs
+    (smoothing) and Linear inputs (smoothing, bias correction)."""
+    return site.kind == "layernorm" or (site.kind == "linear" and slot == "input")
 
 
 class QuantModel:
@@ -97,6 +127,8 @@ class QuantModel:
             s.name: {slot: TensorQuantizer(s, slot) for slot in s.slots} for s in self.sites
         }
         self._weights: dict[str, torch.Tensor] = {}
+        self._originals: dict[str, torch.Tensor] = {}  # parameter name -> original value (copy)
+        self._param_values: dict[str, torch.Tensor] = {}  # parameters currently changed -> value
         self._instrument()
 
     # -- instrumentation -------------------------------------------------
@@ -141,7 +173,9 @@ class QuantModel:
             yield from slots.values()
 
     def set_mode(self, mode: str) -> None:
-        """FLOAT everywhere, or OBSERVE on every activation (calibration)."""
+        """FLOAT everywhere, or OBSERVE on every activation (calibration); the
+        original parameters (no smoothing, no bias correction) either way."""
+        self._reset_parameters()
         for tq in self.tensor_quantizers():
             tq.to_float()
             if mode == OBSERVE and not tq.is_weight:
@@ -157,25 +191,72 @@ class QuantModel:
             tq.to_float()
 
     def apply(self, config: QuantConfig | None) -> None:
-        """Quantize every site ``config`` does not keep float (None: all float)."""
+        """Quantize every site ``config`` does not keep float (None: all float), from
+        the original parameters: smoothing first (parameters changed, smoothed
+        tensors marked), then the quantizers, then bias correction (biases)."""
+        from .bias_correction import corrected_biases
+        from .smooth import smoothing, smoothing_plan
+
         if config is None:
             self.set_mode(FLOAT)
             return
         config.validate(self.sites)
+        if config.smooth:
+            smoothing_plan(self, config)  # a bad pattern fails before the state changes
+        self._reset_parameters()
+        values, scales = smoothing(self, config) if config.smooth else ({}, {})
+        self._set_parameters(values)
+        for norm, (s, consumers) in scales.items():
+            self.quantizers[norm]["output"].smooth = s
+            for name in consumers:
+                self.quantizers[name]["input"].smooth = s
         for site in self.sites:
             if config.is_float(site):
                 self.float_site(site.name)
             else:
                 self.quantize_site(site.name, config.slot_specs(site))
+        if config.bias_correction:
+            self._set_parameters({**values, **corrected_biases(self, config)})
+
+    # -- parameters changed by a config -------------------------------------
+    def original_parameter(self, name: str) -> torch.Tensor:
+        """The value parameter ``name`` had before any config changed it."""
+        if name in self._originals:
+            return self._originals[name]
+        return self.model.get_parameter(name).detach()
+
+    def _set_parameters(self, values: dict[str, torch.Tensor]) -> None:
+        """Parameters named in ``values`` take those values, every other parameter a
+        config changed before goes back to its original (values are never edited in
+        place, so an unchanged one is not copied again)."""
+        with torch.no_grad():
+            for name in values:
+                if name not in self._originals:
+                    self._originals[name] = self.model.get_parameter(name).detach().clone()
+            for name, original in self._originals.items():
+                new = values.get(name, original)
+                if new is not self._param_values.get(name, original):
+                    self.model.get_parameter(name).copy_(new)
+        self._param_values = dict(values)
+
+    def _reset_parameters(self) -> None:
+        self._set_parameters({})
+        for tq in self.tensor_quantizers():
+            tq.smooth = None
 
     def snapshot(self) -> dict[str, tuple]:
         """The quantization state of every tensor, cheap to restore with :meth:`restore`
-        (lets one pass over the data evaluate several configs)."""
-        return {tq.name: (tq.mode, tq.spec, tq.qparams, tq._weight_cache) for tq in self.tensor_quantizers()}
+        (lets one pass over the data evaluate several configs); under ``PARAMS_KEY``
+        the parameters the state changed (smoothing, bias correction)."""
+        state: dict = {tq.name: (tq.mode, tq.spec, tq.qparams, tq._weight_cache, tq.smooth)
+                       for tq in self.tensor_quantizers()}
+        state[PARAMS_KEY] = dict(self._param_values)
+        return state
 
     def restore(self, snapshot: dict[str, tuple]) -> None:
+        self._set_parameters(snapshot.get(PARAMS_KEY, {}))
         for tq in self.tensor_quantizers():
-            tq.mode, tq.spec, tq.qparams, tq._weight_cache = snapshot[tq.name]
+            tq.mode, tq.spec, tq.qparams, tq._weight_cache, tq.smooth = snapshot[tq.name]
 
     def prepare(self, config: QuantConfig | None) -> dict[str, tuple]:
         self.apply(config)
@@ -184,12 +265,29 @@ class QuantModel:
     def reset_calibration(self) -> None:
         for tq in self.tensor_quantizers():
             tq.stats = StreamingHistogram()
+            if tq.channels is not None:
+                tq.channels = ChannelRange()
 
     def calibration_state(self) -> dict[str, dict]:
-        """Calibration statistics of every activation tensor (saved for resume/reuse)."""
-        return {tq.name: tq.stats.state_dict() for tq in self.tensor_quantizers() if not tq.is_weight}
+        """Calibration statistics of every activation tensor (saved for resume/reuse):
+        the histogram, plus per-channel min/max/sum for LayerNorm outputs and Linear inputs."""
+        return {tq.name: {**tq.stats.state_dict(), **(tq.channels.state_dict() if tq.channels is not None else {})}
+                for tq in self.tensor_quantizers() if not tq.is_weight}
 
     def load_calibration_state(self, state: dict[str, dict]) -> None:
+        """Load :meth:`calibration_state`; a state saved before per-channel statistics
+        existed is refused (calibrate again)."""
+        for tq in self.tensor_quantizers():
+            if tq.is_weight:
+                continue
+            if tq.name not in state:
+                raise ValueError(f"calibration state has no statistics for {tq.name}: it was saved for another "
+                                 f"model; calibrate again")
+            if tq.channels is not None and "channel_min" not in state[tq.name]:
+                raise ValueError(f"calibration state of {tq.name} has no per-channel statistics (saved by an older "
+                                 f"vitq); calibrate again")
         for tq in self.tensor_quantizers():
             if not tq.is_weight:
                 tq.stats = StreamingHistogram.from_state_dict(state[tq.name])
+                if tq.channels is not None:
+                    tq.channels = ChannelRange.from_state_dict(state[tq.name])

@@ -99,6 +99,54 @@ class StreamingHistogram:
         return h
 
 
+class ChannelRange:
+    """Per-channel (last dimension) min, max and sum of an activation, beside its
+    per-tensor histogram: what SmoothQuant-style smoothing needs (the range of
+    ``X / s`` is exact from them) and bias correction (the channel means)."""
+
+    def __init__(self) -> None:
+        self.min: torch.Tensor | None = None
+        self.max: torch.Tensor | None = None
+        self.sum: torch.Tensor | None = None  # float64
+        self.rows = 0
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return (self.sum / max(self.rows, 1)).float()
+
+    def update(self, x: torch.Tensor) -> None:
+        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        if rows.numel() == 0:
+            return
+        lo, hi, total = rows.amin(0).cpu(), rows.amax(0).cpu(), rows.sum(0, dtype=torch.float64).cpu()
+        if self.min is None:
+            self.min, self.max, self.sum = lo, hi, total
+        else:
+            if lo.shape != self.min.shape:
+                raise ValueError(f"channel count changed during calibration ({self.min.numel()} -> {lo.numel()})")
+            self.min, self.max, self.sum = torch.minimum(self.min, lo), torch.maximum(self.max, hi), self.sum + total
+        self.rows += rows.shape[0]
+
+    def state_dict(self) -> dict:
+        return {"channel_min": self.min, "channel_max": self.max, "channel_sum": self.sum, "channel_rows": self.rows}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "ChannelRange":
+        c = cls()
+        c.min, c.max, c.sum, c.rows = (state["channel_min"], state["channel_max"], state["channel_sum"],
+                                       state["channel_rows"])
+        return c
+
+
+def smoothed_range(channels: ChannelRange, scale: torch.Tensor) -> tuple[float, float]:
+    """The exact range of ``X / scale`` (scale > 0 per channel) from X's per-channel
+    min/max: [min_j(min_j / s_j), max_j(max_j / s_j)]. Used for every observer on
+    a smoothed tensor (see ``TensorQuantizer.quantize``)."""
+    if channels.min is None:
+        raise RuntimeError("no per-channel calibration statistics for this tensor")
+    return float((channels.min / scale).min()), float((channels.max / scale).max())
+
+
 def _clip(h: StreamingHistogram, threshold: float) -> tuple[float, float]:
     return max(h.min, -threshold), min(h.max, threshold)
 

@@ -67,6 +67,13 @@ class FamilyAdapter(ABC):
         ``quant.sites`` such a site is named after its module."""
         return model.get_submodule(site.name).weight
 
+    def norm_consumers(self, model: nn.Module, sites: Sequence[Site]) -> dict[str, list[str]]:
+        """LayerNorm site -> the Linear sites reading its output, and nothing else:
+        the norms whose output can be smoothed (``QuantConfig.smooth``: the scale
+        folds into the norm's affine and the consumers' weight columns). Default:
+        none (the family does not support smoothing)."""
+        return {}
+
     # -- the forward, split so analyses can restart at any block --------------
     def backbone(self, model: nn.Module) -> nn.Module:
         """The module holding embeddings and blocks (the model itself unless nested)."""

@@ -101,6 +101,19 @@ class HFPreNormAdapter(FamilyAdapter):
                 sites.append(Site(name, "linear", None, "head"))
         return sites
 
+    def norm_consumers(self, model: nn.Module, sites: Sequence[Site]) -> dict[str, list[str]]:
+        """Pre-norm blocks: ``norm1`` feeds q/k/v, ``norm2`` feeds fc1 (the final norm
+        feeds the head through token pooling: not smoothable)."""
+        by_block: dict[int, dict[str, str]] = {}
+        for s in sites:
+            if s.block is not None:
+                by_block.setdefault(s.block, {})[s.role] = s.name
+        out = {}
+        for roles in by_block.values():
+            out[roles["norm1"]] = [roles["q"], roles["k"], roles["v"]]
+            out[roles["norm2"]] = [roles["fc1"]]
+        return out
+
     # -- instrumentation -------------------------------------------------
     def instrument(self, model: nn.Module, sites: Sequence[Site], quantizers: Quantizers) -> None:
         model.config._attn_implementation = ATTENTION
