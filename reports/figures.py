@@ -251,7 +251,7 @@ def residual_heatmap(rows: Sequence[tuple[str, np.ndarray]]) -> bytes:
 def channel_maxima(cmax: np.ndarray, threshold: float, tensor: str, outlier_k: float) -> bytes:
     """The worst tensor's per-channel max|x|: by channel (left, log scale) and as a
     histogram over log-spaced bins (right); the dashed line is the outlier
-    threshold (k x the median channel max): channels above it are outliers."""
+    threshold (k x the 90th-percentile channel max): channels above it are outliers."""
     cmax = np.asarray(cmax, dtype=float)
     positive = cmax[cmax > 0]
     with _styled():
@@ -280,7 +280,7 @@ def channel_maxima(cmax: np.ndarray, threshold: float, tensor: str, outlier_k: f
         if threshold > 0:
             for ax in (ax_ch, ax_hist):
                 (ax.axhline if ax is ax_ch else ax.axvline)(threshold, color="#333", linestyle="--", linewidth=1.2,
-                                                            label=f"threshold = {outlier_k:g} × median = {threshold:.3g}")
+                                                            label=f"threshold = {outlier_k:g} × p90 = {threshold:.3g}")
         ax_ch.legend(loc="upper right")
         if threshold > 0:
             ax_hist.legend(loc="upper right")

@@ -28,6 +28,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from analysis import artifacts
 from analysis.artifacts import TableSpec
+from analysis.errors import outlier_threshold
 from quant.store import atomic_write_text
 
 from . import figures
@@ -874,7 +875,7 @@ def outlier_section(a: Artefacts) -> Section:
     k_text = f"k = {fmt_sig(k)}" if not math.isnan(k) else "k"
     if with_out.empty:
         sec.blocks.append(Block("p", f"No tensor has outlier channels at {k_text} (a channel is an outlier when"
-                                     " its max |x| exceeds k × the median channel max). The table lists the"
+                                     " its max |x| exceeds k × the 90th-percentile channel max). The table lists the"
                                      " tensors with the heaviest tails (max / p99.9) instead."))
         top = df.sort_values("_ratio", ascending=False, na_position="last").head(WORST_TENSORS)
     else:
@@ -882,7 +883,7 @@ def outlier_section(a: Artefacts) -> Section:
     sec.blocks.append(Block("table", table=make_table(
         "outlier-table",
         f"The {len(top)} tensors with the most int8 range lost to outlier channels ({k_text}: a channel is an"
-        f" outlier when its max |x| exceeds k × the median channel max). <i>bits lost</i> = log2(max |x| / max"
+        f" outlier when its max |x| exceeds k × the 90th-percentile channel max). <i>bits lost</i> = log2(max |x| / max"
         " of the other channels): that many of the 8 bits only serve the outliers under a per-tensor scale."
         f" {len(with_out)} of {len(df)} tensors carry outlier channels. Each tensor is listed once: one read by"
         " several sites (GELU's output is fc2's input) under its int8 reader, the others in <i>same tensor as</i>.",
@@ -907,14 +908,13 @@ def outlier_section(a: Artefacts) -> Section:
         name = str(worst["tensor"])
         cmax = a.channels[name]
         kk = k if not math.isnan(k) else 6.0
-        med = float(np.median(cmax)) if cmax.size else 0.0
-        threshold = kk * med
+        threshold = outlier_threshold(cmax, kk)
         n_over = int((cmax > threshold).sum()) if threshold > 0 else 0
         sec.blocks.append(_figure(
             figures.channel_maxima(cmax, threshold, name, kk), f"channel maxima of {name}",
             f"The tensor losing most bits, <code>{_esc(name)}</code>: max |x| of each of its {cmax.size} channels"
             f" (left) and their distribution (right). The dashed line is the outlier threshold {fmt_sig(kk)} ×"
-            f" median = {fmt_sig(threshold)}; the {n_over} channel(s) above it (red) set the int8 scale for all"
+            f" the 90th-percentile channel max = {fmt_sig(threshold)}; the {n_over} channel(s) above it (red) set the int8 scale for all"
             " the others."))
         reported = num(worst.get("n_outlier_channels"))
         if not math.isnan(reported) and int(reported) != n_over:
