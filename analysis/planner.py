@@ -7,7 +7,8 @@ configuration, per-image values logged so an interrupted plan resumes):
 1. Reference rows: FP32, ``all``, ``mixed_1``, ``mixed_2``.
 2. Path from the start config (default ``all``): remedies first (another
    activation observer everywhere, the fixed [0, 1] range for softmax
-   probabilities, another observer on the worst sites), then float fallbacks:
+   probabilities, SmoothQuant scale migration at two strengths, bias correction,
+   another observer on the worst sites), then float fallbacks:
    candidate moves (one site, all residual adds, all ``matmul_av``, one block)
    ordered by estimated fidelity gained per unit of cost (gain from the
    sensitivity tables, cost from :mod:`analysis.cost`), each measured in turn.
@@ -46,6 +47,7 @@ from .runner import BoundaryCache, Runner, scratch
 OBJECTIVES = {"kl": "kl", "logit_mse": "mse"}  # objective -> OutputStats per-image key
 REFERENCES = ("all", "mixed_1", "mixed_2")
 SITE_COST = 0.5  # cost of one float non-matmul site (residual add), in % of matmul MACs
+SMOOTH_ALPHAS = (0.15, 0.5)  # NNCF's alpha for torchvision vit_b_16; SmoothQuant's default
 
 
 @dataclass
@@ -308,6 +310,13 @@ class Planner:
         if any(s.kind == "matmul_av" for s in config.int8_sites(self.sites)):
             moves.append(Move("softmax probabilities (matmul_av input): fixed range [0, 1]", "remedy",
                               lambda c: _override(c, "*.matmul_av", "probs", observer="unit")))
+        norms = self._smoothable_norm_patterns()
+        for alpha in SMOOTH_ALPHAS if norms else ():
+            moves.append(Move(f"SmoothQuant scale migration into the Linear weights, alpha {alpha:g}", "remedy",
+                              lambda c, a=alpha: _with(c, smooth={p: a for p in norms})))
+        if any(s.kind == "linear" for s in config.int8_sites(self.sites)):
+            moves.append(Move("bias correction of every int8 Linear", "remedy",
+                              lambda c: _with(c, bias_correction=["*"])))
         int8 = {s.name for s in config.int8_sites(self.sites)}
         ranked = only.sort_values("kl", ascending=False)["candidate"] if "kl" in only else only["candidate"]
         for name in [n for n in ranked if n in int8][:worst_sites]:
@@ -315,6 +324,12 @@ class Planner:
                 moves.append(Move(f"{name}: activation observer {obs}", "remedy",
                                   lambda c, n=name, o=obs: _override(c, n, "activation", observer=o)))
         return moves
+
+    def _smoothable_norm_patterns(self) -> list[str]:
+        """Globs naming every LayerNorm whose output feeds Linear sites (``*.layernorm_after``):
+        short enough to read in plan.yaml, whatever the family calls its norms."""
+        consumers = self.qmodel.family.norm_consumers(self.qmodel.model, self.sites)
+        return sorted({"*." + name.rsplit(".", 1)[-1] for name, linears in consumers.items() if linears})
 
     # -- results -----------------------------------------------------------------------
     def steps_table(self) -> pd.DataFrame:
