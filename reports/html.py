@@ -759,13 +759,18 @@ def one_row_per_tensor(df: pd.DataFrame) -> pd.DataFrame:
     """
     df = df.reset_index(drop=True)
     if "same_tensor_as" in df:
-        alias = df["same_tensor_as"].map(lambda v: not _missing(v))
-        also = {str(v): [] for v in df["same_tensor_as"] if not _missing(v)}
-        for name, target in zip(df["tensor"], df["same_tensor_as"]):
-            if not _missing(target):
-                also[str(target)].append(str(name))
-        out = df[~alias].copy()
-        out["also"] = [";".join(also.get(str(t), [])) for t in out["tensor"]]
+        # group each tensor with its aliases; keep the group's first int8 row (its own
+        # quantization is in the accumulated error), else the first row
+        group = [str(t) if _missing(a) else str(a) for t, a in zip(df["tensor"], df["same_tensor_as"])]
+        int8 = df["int8"].map(_true) if "int8" in df else pd.Series(False, index=df.index)
+        keep: dict[str, int] = {}
+        for i, g in enumerate(group):
+            if g not in keep or (int8.iloc[i] and not int8.iloc[keep[g]]):
+                keep[g] = i
+        out = df.iloc[sorted(keep.values())].copy()
+        names = {g: [str(df["tensor"].iloc[i]) for i, h in enumerate(group) if h == g] for g in keep}
+        out["also"] = [";".join(n for n in names[g] if n != str(t))
+                       for g, t in zip((group[i] for i in sorted(keep.values())), out["tensor"])]
         return out.reset_index(drop=True)
     if not set(ALIAS_STATS) <= set(df) or df.empty:
         return df.assign(also="")
@@ -845,7 +850,7 @@ OUTLIER_COLUMNS = [
     Column("kurtosis", "kurtosis", fmt_sig, title="Pearson; a normal distribution gives 3"),
     Column("n_outlier_channels", "outlier channels (count)", fmt_int),
     Column("outlier_channels", "outlier channels (indices)", fmt_list(8), numeric=False, wrap=True),
-    Column("n_outlier_tokens", "outlier tokens (count)", fmt_int,
+    Column("n_outlier_tokens", "outlier tokens (count)", fmt_text, numeric=False,
            title="token positions where an outlier channel exceeds the threshold"),
     Column("bits_lost", "bits lost (bits)", fmt_fixed(2),
            title="log2(max|x| / max of the other channels): int8 range only the outliers use"),
@@ -868,7 +873,8 @@ def outlier_section(a: Artefacts) -> Section:
     df = one_row_per_tensor(a.activations.rows)
     df["_bits"] = pd.to_numeric(df["bits_lost"], errors="coerce")
     df["_ratio"] = pd.to_numeric(df.get("max_over_p99_9"), errors="coerce")
-    df["n_outlier_tokens"] = [len([t for t in str(v).split(";") if t]) if not _missing(v) else None
+    df["n_outlier_tokens"] = [None if _missing(v) else ("all" if str(v) == "all" else
+                                                         str(len([t for t in str(v).split(";") if t])))
                               for v in df.get("outlier_tokens", [None] * len(df))]
     ranked = df.sort_values(["_bits", "_ratio"], ascending=False, na_position="last")
     with_out = ranked[ranked["_bits"] > 0]
