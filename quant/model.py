@@ -55,6 +55,16 @@ class TensorQuantizer:
         self.qparams: QParams | None = None
         self.taps: list[Tap] = []
         self._weight_cache: torch.Tensor | None = None
+        self._range_cache: dict[tuple, QParams] = {}  # (count, spec) -> qparams of the current stats
+
+    @property
+    def stats(self) -> StreamingHistogram:
+        return self._stats
+
+    @stats.setter
+    def stats(self, value: StreamingHistogram) -> None:
+        self._stats = value
+        self._range_cache = {}  # new statistics: every cached range is stale
 
     @property
     def name(self) -> str:
@@ -102,7 +112,12 @@ class TensorQuantizer:
                 lo, hi = smoothed_range(self.channels, self.smooth)
                 self.qparams = qparams_from_range(torch.tensor(lo), torch.tensor(hi), spec)
             else:
-                self.qparams = activation_qparams(self.stats, spec)
+                # the histogram observers (mse, entropy) search hundreds of ranges: compute
+                # each (statistics, spec) once, however often configs are applied
+                key = (self.stats.count, spec)
+                if key not in self._range_cache:
+                    self._range_cache[key] = activation_qparams(self.stats, spec)
+                self.qparams = self._range_cache[key]
         self.mode = QUANT
 
     def to_float(self) -> None:
