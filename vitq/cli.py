@@ -232,6 +232,9 @@ def print_errors(report, worst: int) -> None:
         index=False, float_format=_fmt))
     once = acts[acts["same_tensor_as"].fillna("") == ""]  # fc2:input is the GELU output: list it once
     outliers = once[once["n_outlier_channels"].fillna(0).astype(int) > 0].sort_values("bits_lost", ascending=False)
+    if outliers.empty:
+        print(f"\nno tensor carries outlier channels (k={report.meta['outlier_k']} x the 90th-percentile channel max)")
+        return
     print(f"\n{len(outliers)} tensors carry outlier channels (k={report.meta['outlier_k']}); most bits lost:")
     view = outliers[["tensor", "n_outlier_channels", "outlier_channels", "outlier_tokens", "bits_lost"]].head(worst)
     view = view.assign(outlier_channels=view["outlier_channels"].map(_short), outlier_tokens=view["outlier_tokens"].map(_short))
