@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from analysis.sensitivity import analyze_sensitivity, make_candidates  # noqa: E402
 from quant.presets import preset  # noqa: E402
-from vitq.pipeline import eval_set, run_sensitivity  # noqa: E402
+from vitq.pipeline import eval_set, run_sensitivity, runner  # noqa: E402
 from vitq.session import Options, Session  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -48,7 +48,7 @@ def main() -> None:
     data = eval_set(session, args.images)
 
     t0 = time.time()
-    df, meta, paths = run_sensitivity(session, config, mode="only", images=args.images)
+    df, meta, run, paths = run_sensitivity(session, config, mode="only", images=args.images)
     full_s = time.time() - t0
 
     cands = make_candidates(session.sites, config, "op")
@@ -57,14 +57,13 @@ def main() -> None:
     timings = {}
     for naive in (False, True):
         with tempfile.TemporaryDirectory() as tmp:
-            _, m = analyze_sensitivity(session.qmodel, config, iter(data.pixels), data.labels, Path(tmp),
-                                       only=subset, naive=naive, progress=False,
-                                       batch_size=session.opts.batch_size)
-            timings["naive" if naive else "cached"] = m["run"]["candidates_s"]  # the candidate loop alone
+            _, _, r = analyze_sensitivity(runner(session, data), config, Path(tmp), only=subset, naive=naive,
+                                          progress=False)
+            timings["naive" if naive else "cached"] = r["candidates_s"]  # the candidate loop alone
 
     result = {
         "model": args.model, "images": args.images, "candidates": len(cands), "full_only_analysis_s": round(full_s, 1),
-        "measured_now": meta["run"]["measured_now"], "speedup_vs_naive_estimate": meta["run"]["speedup_vs_naive"],
+        "measured_now": run["measured_now"], "speedup_vs_naive_estimate": run["speedup_vs_naive"],
         "subset": subset, "subset_cached_s": round(timings["cached"], 1), "subset_naive_s": round(timings["naive"], 1),
         "subset_speedup": round(timings["naive"] / timings["cached"], 2), "peak_rss_gb": round(peak_rss_gb(), 2),
         "table": [str(p) for p in paths],
