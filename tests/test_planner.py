@@ -82,7 +82,7 @@ def test_confirm_images_are_measured_apart_and_the_verdict_names_the_best_preset
     assert confirm["config"].tolist() == ["fp32", "all", "mixed_1", "mixed_2", "plan"]
     assert (confirm["images"] == 8).all()  # the third batch only: disjoint from the 16 plan images
     best = confirm.iloc[1:4].sort_values("kl")["config"].iloc[0]
-    assert f"best reference preset {best}" in planner.verdict() and "met on 16 plan images" in planner.verdict()
+    assert f"best reference preset {best}" in planner.verdict() and "met with 95 % confidence on 16 plan images" in planner.verdict()
 
 
 def test_pareto_keeps_only_non_dominated_points():
@@ -131,3 +131,15 @@ def test_unit_range_remedy_gives_softmax_probs_scale_1_over_255(tmp_path):
     qm.apply(None)
     with torch.no_grad():
         assert torch.isfinite(qm(pixels[0])).all()
+
+
+def test_a_budget_met_by_luck_is_not_met_with_confidence():
+    budget = Budget(max_drop=0.3)
+    # 256 images: one image is 0.39 pp; a -0.78 pp "drop" with SE 1.7 pp is luck, not evidence
+    lucky = {"top1_drop": -0.78, "top1_drop_se": 1.7, "agreement": 89.0, "kl": 0.1}
+    assert budget.met(lucky) and not budget.met(lucky, z=1.96)
+    solid = {"top1_drop": -0.5, "top1_drop_se": 0.3, "agreement": 99.0, "kl": 0.01}
+    assert budget.met(solid, z=1.96)
+    kl = Budget(max_drop=None, max_kl=0.05)
+    assert kl.met({"top1_drop": 9, "agreement": 0, "kl": 0.04, "kl_se": 0.004}, z=1.96)
+    assert not kl.met({"top1_drop": 0, "agreement": 100, "kl": 0.04, "kl_se": 0.006}, z=1.96)
