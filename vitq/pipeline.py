@@ -39,9 +39,8 @@ class EvalSet:
     files: list[str]
 
 
-def _val_split(session: Session, n_plan: int, n_confirm: int) -> tuple[list[int], list[int]]:
-    """Disjoint seeded positions in val: the plan images, then the confirm images."""
-    total = len(session.images("val", None))
+def _val_split(session: Session, total: int, n_plan: int, n_confirm: int) -> tuple[list[int], list[int]]:
+    """Disjoint seeded positions among ``total`` val images: the plan images, then the confirm images."""
     order = random.Random(session.opts.seed).sample(range(total), total)
     n_plan = min(n_plan, total)
     return sorted(order[:n_plan]), sorted(order[n_plan:n_plan + max(n_confirm, 0)])
@@ -53,8 +52,9 @@ def eval_set(session: Session, n: int, which: str = "plan", n_confirm: int = 0) 
     cached = session.__dict__.setdefault("_eval_sets", {})
     key = (n, which, n_confirm if which == "confirm" else 0)
     if key not in cached:
-        plan, confirm = _val_split(session, n, n_confirm)
-        images = session.images("val", None).subset(plan if which == "plan" else confirm)
+        val = session.images("val", None)  # one listing of the val folder
+        plan, confirm = _val_split(session, len(val), n, n_confirm)
+        images = val.subset(plan if which == "plan" else confirm)
         loaded = list(session.batches(images))
         by_id = dict(zip(images.ids, images.items))
         cached[key] = EvalSet([p for p, _, _ in loaded], torch.cat([lab for _, lab, _ in loaded]),
