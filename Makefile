@@ -18,7 +18,7 @@ DATA   ?=
 OUT    ?=
 CALIB  ?= 256
 EVAL   ?=
-MAX_DROP ?= 0.5
+MAX_DROP ?=
 MIN_AGREEMENT ?=
 MAX_KL ?=
 PLAN_IMAGES ?=
@@ -48,7 +48,7 @@ sensitivity errors plan:
 
 # Whole pipeline -> out/<model>/report.html. EVAL limits the val images of the final table.
 analyze:
-	$(BIN)/vitq analyze $(ARGS) $(if $(EVAL),--limit $(EVAL)) --max-drop $(MAX_DROP) \
+	$(BIN)/vitq analyze $(ARGS) $(if $(EVAL),--limit $(EVAL)) $(if $(MAX_DROP),--max-drop $(MAX_DROP)) \
 		$(if $(MIN_AGREEMENT),--min-agreement $(MIN_AGREEMENT)) $(if $(MAX_KL),--max-kl $(MAX_KL)) \
 		$(if $(PLAN_IMAGES),--eval-images $(PLAN_IMAGES)) $(if $(CONFIRM_IMAGES),--confirm-images $(CONFIRM_IMAGES))
 

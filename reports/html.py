@@ -420,7 +420,9 @@ def _budget_text(budget: Any) -> str:
         return "–"
     parts = [f"top-1 drop ≤ {fmt_sig(budget.get('max_drop'))} pp" if not _missing(budget.get("max_drop")) else "",
              f"agreement ≥ {fmt_sig(budget.get('min_agreement'))} %" if not _missing(budget.get("min_agreement")) else "",
-             f"KL ≤ {fmt_sig(budget.get('max_kl'))} nats" if not _missing(budget.get("max_kl")) else ""]
+             f"KL ≤ {fmt_sig(budget.get('max_kl'))} nats" if not _missing(budget.get("max_kl")) else "",
+             "beat every reference preset (KL lower with 95 % confidence, agreement no lower) at no higher cost"
+             if _true(budget.get("beat_references")) else ""]
     return ", ".join(p for p in parts if p) or "none"
 
 
@@ -547,7 +549,9 @@ def planner_section(a: Artefacts) -> Section:
             f" per float residual add) against {_esc(OBJECTIVE_NAMES.get(objective, objective))} to FP32 (y, log scale; lower = closer). Grey: every"
             " attempt; lines: the kept points of each search path, in order; circled: the frontier (no other point"
             " is both cheaper and closer); diamonds: the reference presets; star: the plan, the cheapest frontier"
-            " point that meets the budget. FP32 (cost 100+, distance 0) is off the log scale."))
+            " point that meets the budget (when the budget asks to beat the presets: the cheapest point whose KL is"
+            " below every preset's by more than the noise, agreement no lower, int8 MAC share no lower and skip-list"
+            " no longer than theirs). FP32 (cost 100+, distance 0) is off the log scale."))
     elif a.plan_steps is None:
         sec.blocks.append(Block("note", _missing_note(_name(artifacts.PLAN_STEPS), _cmd(a.out, artifacts.PLAN_STEPS.command))))
     if a.plan_steps is not None:

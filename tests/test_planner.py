@@ -7,7 +7,7 @@ import torch
 
 from analysis.cost import config_cost, site_macs
 from analysis.metrics import OutputStats, paired_bootstrap
-from analysis.planner import Budget, Planner, Point, cost_of, pareto
+from analysis.planner import Budget, Planner, Point, cost_of, pareto, without_float
 from analysis.runner import Runner
 from analysis.sensitivity import analyze_sensitivity
 from quant.config import QuantConfig
@@ -46,7 +46,7 @@ def test_a_change_inside_the_noise_is_not_kept(tmp_path):
     start = preset("all", qm.sites)
     planner.plan(start, _only(qm, pixels, labels, tmp_path, start), max_steps=6)
     tried = planner.tried_table()
-    moves = tried[~tried["kind"].isin(["reference", "start"])]
+    moves = tried[tried["kind"].isin(["remedy", "float"])]  # trims are kept by the budget, tested below
     assert len(moves) > 0
     # kept exactly when the 95 % interval of the KL gain lies above zero
     assert (moves["kept"] == (moves["gain_lo"] > 0)).all()
@@ -143,3 +143,56 @@ def test_a_budget_met_by_luck_is_not_met_with_confidence():
     kl = Budget(max_drop=None, max_kl=0.05)
     assert kl.met({"top1_drop": 9, "agreement": 0, "kl": 0.04, "kl_se": 0.004}, z=1.96)
     assert not kl.met({"top1_drop": 0, "agreement": 100, "kl": 0.04, "kl_se": 0.006}, z=1.96)
+
+
+def test_returning_a_site_to_int8_expands_only_the_pattern_that_names_it():
+    qm, _, _ = _setup()
+    cfg = QuantConfig(float_sites=["*.residual_*", "classifier"])
+    out = without_float(cfg, ["vit.layers.1.residual_mlp"], qm.sites)
+    assert out.float_sites == ["vit.layers.0.residual_attn", "vit.layers.0.residual_mlp",
+                               "vit.layers.1.residual_attn", "vit.layers.2.residual_attn",
+                               "vit.layers.2.residual_mlp", "classifier"]
+    assert cfg.float_sites == ["*.residual_*", "classifier"]  # the original is untouched
+
+
+def test_trimming_returns_float_sites_to_int8_while_the_budget_holds(tmp_path):
+    qm, pixels, labels = _setup()
+    # a budget every point meets: trimming must return every float site it tries to int8
+    planner = _planner(tmp_path, qm, pixels, labels, Budget(max_kl=10.0, beat_references=False))
+    start = preset("mixed_1", qm.sites).with_float(["classifier"])
+    plan = planner.plan(start, _only(qm, pixels, labels, tmp_path, start), max_steps=4)
+    tried = planner.tried_table()
+    trims = tried[tried["kind"] == "trim"]
+    assert len(trims) == 4 and trims["kept"].all()
+    returned = [c.removeprefix("int8 ") for c in trims["change"]]
+    seed, last = planner.trim_seed.config, planner.paths["trim"][-1].config
+    assert {s.name for s in qm.sites if last.is_float(s)} == {s.name for s in qm.sites if seed.is_float(s)} - set(returned)
+    # every point meets this budget: the plan is the cheapest measured point, `all`
+    assert planner.chosen.row["change"] == "preset all" and plan.float_sites == []
+
+
+def test_a_trim_that_breaks_the_budget_is_not_kept(tmp_path):
+    qm, pixels, labels = _setup(plant=True)
+    planner = _planner(tmp_path, qm, pixels, labels, Budget(max_kl=1e-4, beat_references=False))
+    start = preset("all", qm.sites)
+    planner.plan(start, _only(qm, pixels, labels, tmp_path, start), max_steps=40)
+    trims = planner.tried_table().query("kind == 'trim'")
+    assert len(trims) > 0
+    # kept exactly when the trimmed point still meets KL <= 1e-4 by 1.96 standard errors
+    assert (trims["kept"] == (trims["kl"] + 1.96 * trims["kl_se"] <= 1e-4)).all()
+    assert planner.met and planner.chosen.row["kl"] + 1.96 * planner.chosen.row["kl_se"] <= 1e-4
+
+
+def test_the_default_budget_is_to_beat_every_preset_at_no_higher_cost(tmp_path):
+    qm, pixels, labels = _setup(plant=True)
+    planner = _planner(tmp_path, qm, pixels, labels, Budget())
+    start = preset("all", qm.sites)
+    planner.plan(start, _only(qm, pixels, labels, tmp_path, start), max_steps=40)
+    assert planner.outcome == "met"
+    chosen, refs = planner.chosen, planner.references.values()
+    for ref in refs:
+        assert planner.compare(chosen.stats, ref.stats)["gain_lo"] > 0
+        assert chosen.row["agreement"] >= ref.row["agreement"]
+    assert chosen.row["int8_macs_share"] >= min(r.row["int8_macs_share"] for r in refs)
+    assert chosen.row["skipped_sites"] <= max(r.row["skipped_sites"] for r in refs)
+    assert "beat every reference preset at no higher cost) met with 95 % confidence" in planner.verdict()

@@ -117,9 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="QuantConfig to start from (default: preset all)")
-    p.add_argument("--max-drop", type=float, help="top-1 drop vs FP32 allowed, pp (default 0.5 when no budget is given)")
+    p.add_argument("--max-drop", type=float, help="top-1 drop vs FP32 allowed, pp")
     p.add_argument("--min-agreement", type=float, help="top-1 agreement with FP32 required, %%")
     p.add_argument("--max-kl", type=float, help="mean KL(FP32 || plan) allowed, nats")
+    p.add_argument("--no-beat-presets", action="store_true",
+                   help="do not also require the plan to beat every reference preset at no higher cost (the default "
+                        "budget when no other is given)")
     p.add_argument("--eval-images", type=int, default=256,
                    help="val images sensitivity and the plan search are measured on (default 256)")
     p.add_argument("--confirm-images", type=int,
@@ -256,9 +259,10 @@ def cmd_errors(args: argparse.Namespace) -> None:
 
 
 def _budget(args: argparse.Namespace) -> Budget:
-    if args.max_drop is None and args.min_agreement is None and args.max_kl is None:
-        args.max_drop = 0.5
-    return Budget(args.max_drop, args.min_agreement, args.max_kl)
+    budget = Budget(args.max_drop, args.min_agreement, args.max_kl, beat_references=not args.no_beat_presets)
+    if budget.describe() == "none":
+        raise SystemExit("vitq: error: --no-beat-presets needs a budget: --max-drop, --min-agreement or --max-kl")
+    return budget
 
 
 def _plan_options(args: argparse.Namespace) -> PlanOptions:

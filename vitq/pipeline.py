@@ -189,7 +189,7 @@ def run_plan(session: Session, start: QuantConfig, budget: Budget,
               if session.qmodel.site_by_name[n].kind not in plan.float_kinds]
     atomic_write_text(session.out / artifacts.PLAN_SKIPLIST,
                       yaml.safe_dump({"float_kinds": plan.float_kinds, "float_sites": floats}, sort_keys=False))
-    meta = {**session.describe(), "budget": vars(budget), "met": planner.met,
+    meta = {**session.describe(), "budget": vars(budget), "met": planner.met, "outcome": planner.outcome,
             "met_at_step": planner.chosen.row["attempt"] if planner.met else None,
             "plan_images": len(plan_data.labels), "confirm_images": 0 if confirm_data is None else len(confirm_data.labels),
             "plan": plan.to_dict(), "float_sites": floats, "start": start.name,
