@@ -115,6 +115,13 @@ def cost_of(config: QuantConfig | None, sites, macs: dict[str, float], site_cost
     return 100.0 - config_cost(config, sites, macs)["int8_macs_share"] + site_cost * extra
 
 
+def latency_cost(config: QuantConfig | None, sites, unit_costs: dict[str, float]) -> float:
+    """Sum of the measured per-site latency costs (% of the start config's time) of the
+    sites ``config`` keeps float beyond the backend-float kinds (``vitq.latency``)."""
+    return sum(unit_costs.get(s.name, 0.0) for s in sites
+               if s.kind not in BACKEND_FLOAT_KINDS and (config is None or config.is_float(s)))
+
+
 class Planner:
     """See the module docstring. ``plan_runner`` and ``confirm_runner`` hold disjoint
     image sets of the same calibrated model."""
@@ -122,7 +129,7 @@ class Planner:
     def __init__(self, plan_runner: Runner, confirm_runner: Runner | None, out_dir: Path,
                  macs: dict[str, float], budget: Budget | None = None, settings: dict | None = None, *,
                  objective: str = "kl", site_cost: float = SITE_COST, level: float = 0.95, n_boot: int = 2000,
-                 seed: int = 0, progress: bool = True) -> None:
+                 seed: int = 0, progress: bool = True, unit_costs: dict[str, float] | None = None) -> None:
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
         self.runner, self.confirm_runner = plan_runner, confirm_runner
@@ -130,6 +137,7 @@ class Planner:
         self.sites = self.qmodel.sites
         self.macs, self.budget = macs, budget or Budget()
         self.objective, self.site_cost = objective, site_cost
+        self.unit_costs = unit_costs  # per-site latency costs (--cost latency); None: MACs
         self.level, self.n_boot, self.seed, self.progress = level, n_boot, seed, progress
         settings = dict(settings or {})
         self.log = ResultLog(Path(out_dir) / f"plan_measurements.{settings_key(settings)}.jsonl",
@@ -178,7 +186,14 @@ class Planner:
                 "top1_drop_se": 100 * _se(fp32.array("top1") - stats.array("top1")),
                 "agreement_se": 100 * _se(stats.array("agree")), "kl_se": _se(stats.array("kl")),
                 **config_cost(config, self.sites, self.macs),
-                "cost": cost_of(config, self.sites, self.macs, self.site_cost)}
+                "cost": self.cost(config)}
+
+    def cost(self, config: QuantConfig | None) -> float:
+        """The planner's cost of ``config``: float MAC share + residual charge, or the
+        measured latency costs when the planner was given them."""
+        if self.unit_costs is not None:
+            return latency_cost(config, self.sites, self.unit_costs)
+        return cost_of(config, self.sites, self.macs, self.site_cost)
 
     def compare(self, new: OutputStats, current: OutputStats) -> dict[str, float]:
         """Objective gain of ``new`` over ``current`` (positive = better) with its paired
@@ -300,13 +315,12 @@ class Planner:
     def _floats_to_trim(self, point: Point, estimates: dict[str, float]) -> list[Move]:
         """Return one float site to int8 at a time, least estimated harm per cost saved first."""
         config = point.config
-        here = cost_of(config, self.sites, self.macs, self.site_cost)
+        here = self.cost(config)
         moves = []
         for site in self.sites:
             if not config.is_float(site) or site.kind in config.float_kinds:
                 continue
-            saving = here - cost_of(without_float(config, [site.name], self.sites), self.sites, self.macs,
-                                    self.site_cost)
+            saving = here - self.cost(without_float(config, [site.name], self.sites))
             if saving <= 0:
                 continue
             harm = max(estimates.get(site.name, 0.0), 0.0)
@@ -398,8 +412,7 @@ class Planner:
         for label, members in groups.items():
             gain = sum(max(estimates[m], 0.0) for m in members)
             extra = config.with_float(members)
-            cost = cost_of(extra, self.sites, self.macs, self.site_cost) - cost_of(config, self.sites, self.macs,
-                                                                                 self.site_cost)
+            cost = self.cost(extra) - self.cost(config)
             moves.append(Move(f"float {label}", "float", lambda c, m=tuple(members): c.with_float(m),
                               gain / max(cost, 1e-3), tuple(members)))
         return sorted(moves, key=lambda m: -m.estimate)

@@ -346,7 +346,7 @@ def _flags(values: Iterable) -> np.ndarray:
 
 
 def frontier(steps: pd.DataFrame, tried: pd.DataFrame | None = None, *, objective: str = "kl",
-             max_objective: float | None = None) -> bytes:
+             max_objective: float | None = None, cost: str = "macs") -> bytes:
     """The planner's search as cost (x: % of matmul MACs kept float plus the per-site
     charge, the planner's ``cost`` column) against the objective (y, log scale).
 
@@ -395,7 +395,8 @@ def frontier(steps: pd.DataFrame, tried: pd.DataFrame | None = None, *, objectiv
                        label=f"budget: {'KL' if objective == 'kl' else objective} ≤ {max_objective:g}")
         if ok.any() or (tried is not None and len(tried)):
             ax.set_yscale("log")
-        ax.set_xlabel("cost (% of matmul MACs kept float + a charge per float residual add; lower = more int8)")
+        ax.set_xlabel("cost (% of matmul MACs kept float + a charge per float residual add; lower = more int8)"
+                      if cost != "latency" else "cost (% latency added by the float sites, measured with ONNX Runtime)")
         ax.set_ylabel(OBJECTIVE_LABELS.get(objective, f"{objective} (log scale)"))
         ax.set_title("the planner's search: cost against distance to FP32", loc="left")
         handles, labels = ax.get_legend_handles_labels()

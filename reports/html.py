@@ -543,10 +543,14 @@ def planner_section(a: Artefacts) -> Section:
         budget = m["budget"] if isinstance(m["budget"], dict) else {}
         sec.blocks.append(_figure(
             figures.frontier(steps, tried, objective=objective,
-                             max_objective=num(budget.get("max_kl")) if objective == "kl" else None),
+                             max_objective=num(budget.get("max_kl")) if objective == "kl" else None,
+                             cost=str(m.get("cost") or "macs")),
             "the planner's frontier: cost against distance to FP32",
-            f"Every configuration the planner measured, as cost (x: % of matmul MACs kept float, plus a small charge"
-            f" per float residual add) against {_esc(OBJECTIVE_NAMES.get(objective, objective))} to FP32 (y, log scale; lower = closer). Grey: every"
+            f"Every configuration the planner measured, as cost (x: "
+            + ("% of the start config's ONNX Runtime latency the float sites add, from the measured per-site table"
+               " (<code>latency_sites.csv</code>)" if m.get("cost") == "latency" else
+               "% of matmul MACs kept float, plus a small charge per float residual add")
+            + f") against {_esc(OBJECTIVE_NAMES.get(objective, objective))} to FP32 (y, log scale; lower = closer). Grey: every"
             " attempt; lines: the kept points of each search path, in order; circled: the frontier (no other point"
             " is both cheaper and closer); diamonds: the reference presets; star: the plan, the cheapest frontier"
             " point that meets the budget (when the budget asks to beat the presets: the cheapest point whose KL is"

@@ -75,14 +75,19 @@ def test_frontier_is_monotone_in_cost_and_the_plan_meets_a_reachable_budget(tmp_
 
 def test_confirm_images_are_measured_apart_and_the_verdict_names_the_best_preset(tmp_path):
     qm, pixels, labels = _setup()
-    planner = _planner(tmp_path, qm, pixels, labels, Budget(max_drop=100.0))
+    planner = _planner(tmp_path, qm, pixels, labels, Budget(max_drop=100.0, beat_references=False))
     start = preset("all", qm.sites)
     planner.plan(start, _only(qm, pixels, labels, tmp_path, start))
     confirm = planner.confirm()
     assert confirm["config"].tolist() == ["fp32", "all", "mixed_1", "mixed_2", "plan"]
     assert (confirm["images"] == 8).all()  # the third batch only: disjoint from the 16 plan images
-    best = confirm.iloc[1:4].sort_values("kl")["config"].iloc[0]
-    assert f"best reference preset {best}" in planner.verdict() and "met with 95 % confidence on 16 plan images" in planner.verdict()
+    best = planner.tried_table().query("kind == 'reference' and change != 'FP32'").sort_values("kl")["change"].iloc[0]
+    assert best == f"preset {planner.best_reference}"  # the lowest-KL preset on the plan images
+    verdict = planner.verdict()
+    assert f"against the best reference preset {planner.best_reference}" in verdict
+    assert "met with 95 % confidence on 16 plan images" in verdict
+    # the plan is `all` (the budget holds at the start): on the confirm images it is not better than mixed_2
+    assert planner.chosen.row["change"] == "start from all" and "NOT better than" in verdict
 
 
 def test_pareto_keeps_only_non_dominated_points():

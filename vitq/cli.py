@@ -128,6 +128,9 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--confirm-images", type=int,
                    help="other val images the plan is confirmed on (default: as many as --eval-images; 0: none)")
     p.add_argument("--objective", choices=("kl", "logit_mse"), default="kl", help="search objective (default kl)")
+    p.add_argument("--cost", choices=("macs", "latency"), default="macs",
+                   help="what a float site costs: its share of matmul MACs (+0.5 per residual add; default), or its "
+                        "latency measured once with ONNX Runtime on this machine (needs onnxruntime)")
     p.add_argument("--max-steps", type=int, default=12, help="float fallbacks measured per search path (default 12)")
     p.add_argument("--worst-sites", type=int, default=3, help="worst sites offered per-site observer remedies")
     p.add_argument("--all-but", action="store_true",
@@ -267,7 +270,7 @@ def _budget(args: argparse.Namespace) -> Budget:
 
 def _plan_options(args: argparse.Namespace) -> PlanOptions:
     return PlanOptions(images=args.eval_images, confirm_images=args.confirm_images, objective=args.objective,
-                       max_steps=args.max_steps, worst_sites=args.worst_sites, all_but=args.all_but)
+                       max_steps=args.max_steps, worst_sites=args.worst_sites, all_but=args.all_but, cost=args.cost)
 
 
 def print_plan(planner) -> None:

@@ -160,6 +160,28 @@ class PlanOptions:
     max_steps: int = 12  # float moves measured per path
     worst_sites: int = 3  # sites offered per-site observer remedies
     all_but: bool = False  # also measure the all-but sensitivity (better gain estimates, much slower)
+    cost: str = "macs"  # "macs" (float MAC share + residual charge) or "latency" (measured with ONNX Runtime)
+    latency_batch: int = 8
+    latency_runs: int = 5
+
+
+def run_latency(session: Session, config: QuantConfig, *, batch: int = 8, runs: int = 5,
+                threads: int | None = None) -> pd.DataFrame:
+    """The per-site latency table of ``config`` (:mod:`vitq.latency`), measured once per
+    output folder and config: a table already there with the same settings is reused."""
+    from .latency import measure_site_latency
+
+    meta = {**session.describe(), "config": config.to_dict(), "batch": batch, "runs": runs, "threads": threads,
+            "backend": "onnxruntime"}
+    old = artifacts.read(session.out, artifacts.LATENCY)
+    if old is not None and all(old.meta.get(k) == v for k, v in meta.items() if k not in ("torch", "transformers")):
+        return old.rows
+    t0 = time.time()
+    pixels = torch.cat(eval_set(session, batch).pixels)[:batch]
+    table = measure_site_latency(session.qmodel, config, pixels, runs=runs, threads=threads,
+                                 progress=session.opts.progress)
+    artifacts.write(session.out, artifacts.LATENCY, table, meta, _run_info(session, wall_s=round(time.time() - t0, 1)))
+    return table
 
 
 def run_plan(session: Session, start: QuantConfig, budget: Budget,
@@ -179,9 +201,16 @@ def run_plan(session: Session, start: QuantConfig, budget: Budget,
         confirm_data = None
     settings = {**session.describe(), "val_files": plan_data.files, "start": start.to_dict(),
                 "log_version": LOG_VERSION}
+    costs = None
+    if opts.cost == "latency":
+        from .latency import unit_costs
+
+        costs = unit_costs(run_latency(session, start, batch=opts.latency_batch, runs=opts.latency_runs))
+    elif opts.cost != "macs":
+        raise ValueError(f"unknown cost {opts.cost!r}; choose macs or latency")
     planner = Planner(runner(session, plan_data), None if confirm_data is None else runner(session, confirm_data),
                       session.out, macs(session), budget, settings, objective=opts.objective,
-                      seed=session.opts.seed, progress=session.opts.progress)
+                      seed=session.opts.seed, progress=session.opts.progress, unit_costs=costs)
     plan = planner.plan(start, only, all_but, worst_sites=opts.worst_sites, max_steps=opts.max_steps)
     confirm = planner.confirm() if confirm_data is not None else pd.DataFrame()
     plan.save(session.out / artifacts.PLAN_YAML)
@@ -190,6 +219,7 @@ def run_plan(session: Session, start: QuantConfig, budget: Budget,
     atomic_write_text(session.out / artifacts.PLAN_SKIPLIST,
                       yaml.safe_dump({"float_kinds": plan.float_kinds, "float_sites": floats}, sort_keys=False))
     meta = {**session.describe(), "budget": vars(budget), "met": planner.met, "outcome": planner.outcome,
+            "cost": opts.cost,
             "met_at_step": planner.chosen.row["attempt"] if planner.met else None,
             "plan_images": len(plan_data.labels), "confirm_images": 0 if confirm_data is None else len(confirm_data.labels),
             "plan": plan.to_dict(), "float_sites": floats, "start": start.name,
