@@ -23,7 +23,11 @@ MIN_AGREEMENT ?=
 MAX_KL ?=
 PLAN_IMAGES ?=
 CONFIRM_IMAGES ?=
-ARGS    = $(if $(MODEL),--model $(MODEL)) $(if $(DATA),--data $(DATA)) $(if $(OUT),--out $(OUT)) --calib $(CALIB)
+# auto (CUDA when available), cpu or cuda; TF32=1 allows TF32 matmuls on CUDA.
+DEVICE ?=
+TF32   ?=
+ARGS    = $(if $(MODEL),--model $(MODEL)) $(if $(DATA),--data $(DATA)) $(if $(OUT),--out $(OUT)) --calib $(CALIB) \
+          $(if $(DEVICE),--device $(DEVICE)) $(if $(TF32),--tf32)
 
 .PHONY: install test test-slow eval sites sensitivity errors plan analyze bench clean
 
@@ -58,7 +62,7 @@ bench:
 	$(BIN)/python scripts/bench_int8.py
 
 sites:
-	$(BIN)/vitq sites $(if $(MODEL),--model $(MODEL))
+	$(BIN)/vitq sites $(if $(MODEL),--model $(MODEL)) $(if $(DEVICE),--device $(DEVICE))
 
 clean:
 	rm -rf out .pytest_cache

@@ -93,7 +93,8 @@ class TensorQuantizer:
             tap(self, x, out)
         return out
 
-    def quantize(self, spec: QuantSpec, weight: torch.Tensor | None = None) -> None:
+    def quantize(self, spec: QuantSpec, weight: torch.Tensor | None = None,
+                 device: torch.device | None = None) -> None:
         """Switch to fake-quant with ``spec``: weights from their tensor, activations
         from the calibration statistics gathered in OBSERVE mode.
 
@@ -118,6 +119,8 @@ class TensorQuantizer:
                 if key not in self._range_cache:
                     self._range_cache[key] = activation_qparams(self.stats, spec)
                 self.qparams = self._range_cache[key]
+            if device is not None:  # once per config, not once per forward
+                self.qparams = self.qparams.to(device)
         self.mode = QUANT
 
     def to_float(self) -> None:
@@ -149,8 +152,11 @@ class QuantModel:
     # -- instrumentation -------------------------------------------------
     def _instrument(self) -> None:
         """Attach the quantizers; how is the family adapter's business."""
-        self._weights = {s.name: self.family.weight(self.model, s) for s in self.sites if s.has_weight()}
+        self._instrument_weights()
         self.family.instrument(self.model, self.sites, self.quantizers)
+
+    def _instrument_weights(self) -> None:
+        self._weights = {s.name: self.family.weight(self.model, s) for s in self.sites if s.has_weight()}
 
     # -- running ---------------------------------------------------------
     @property
@@ -166,8 +172,22 @@ class QuantModel:
         """Width of one attention head (what analyses need instead of reading HF configs)."""
         return self.family.head_dim(self.model)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters live: inputs are moved there by :meth:`embed`,
+        quantization parameters by the quantizers (everything follows the model)."""
+        return next(self.model.parameters()).device
+
+    def to(self, device: torch.device | str) -> "QuantModel":
+        """Move the model (and with it every quantizer) to ``device``; state returns to FLOAT
+        (snapshots taken before the move hold tensors of the old device)."""
+        self.apply(None)
+        self.model.to(device)
+        self._instrument_weights()
+        return self
+
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.family.embed(self.model, pixel_values)
+        return self.family.embed(self.model, pixel_values.to(self.device, non_blocking=True))
 
     def run_blocks(self, hidden: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         for block in list(self.family.blocks(self.model))[start:stop]:
@@ -199,7 +219,7 @@ class QuantModel:
     def quantize_site(self, name: str, specs: dict[str, QuantSpec]) -> None:
         """Fake-quantize every slot of site ``name`` with its spec (QuantConfig.slot_specs)."""
         for slot, tq in self.quantizers[name].items():
-            tq.quantize(specs[slot], self._weights.get(name))
+            tq.quantize(specs[slot], self._weights.get(name), self.device)
 
     def float_site(self, name: str) -> None:
         for tq in self.quantizers[name].values():

@@ -55,6 +55,12 @@ class QParams:
     def per_channel(self) -> bool:
         return self.ch_axis is not None
 
+    def to(self, device: torch.device | str) -> "QParams":
+        """These parameters on ``device`` (self when already there)."""
+        if self.scale.device == torch.device(device) and self.zero_point.device == torch.device(device):
+            return self
+        return QParams(self.scale.to(device), self.zero_point.to(device), self.qmin, self.qmax, self.ch_axis)
+
 
 def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, ch_axis: int | None = None) -> QParams:
     """Map a float range [lo, hi] (scalars or per-channel vectors) to scale/zero point.

@@ -35,9 +35,9 @@ def _import_command_modules() -> None:
     from .data import DataError
     from .pipeline import PlanOptions, run_errors, run_eval, run_plan, run_sensitivity, save_eval
     from .models import ModelLoadError
-    from .session import Options, Session
+    from .session import DeviceError, Options, Session
 
-    USER_ERRORS = (DataError, ModelLoadError, ConfigError, SiteError)
+    USER_ERRORS = (DataError, ModelLoadError, ConfigError, SiteError, DeviceError)
 
 
 def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
@@ -52,8 +52,16 @@ def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
                        help="fail if more than this fraction of images is unreadable (default 0.001)")
         p.add_argument("--out", help="output folder (default out/<model-name>)")
     p.add_argument("--seed", type=int, default=0)
+    _device_args(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when available, default), cpu, cuda or cuda:N: model, quantizers and caches "
+                        "follow it")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA (default: off, FP32 stays FP32)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="render out/<model>/report.html from the artefacts in an output folder")
     p.add_argument("--out", required=True, help="output folder written by the other commands")
     p.add_argument("--title", help="report title")
+    _device_args(p)  # accepted for uniformity: the report only reads files
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
     p = sub.add_parser("analyze", help="everything: sensitivity, errors, plan, accuracy table, HTML report")
@@ -132,7 +141,7 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
 
 
 def _options(args: argparse.Namespace) -> Options:
-    keys = ("model", "data", "out", "calib", "limit", "batch_size", "seed", "workers", "max_bad")
+    keys = ("model", "data", "out", "calib", "limit", "batch_size", "seed", "workers", "max_bad", "device", "tf32")
     return Options(**{k: getattr(args, k) for k in keys if hasattr(args, k)}, progress=not args.no_progress)
 
 

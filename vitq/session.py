@@ -31,14 +31,44 @@ class Options:
     workers: int = 0
     max_bad: float = 0.001
     progress: bool = True
+    device: str = "auto"  # auto (CUDA when available), cpu, cuda, cuda:N
+    tf32: bool = False  # allow TF32 matmuls/convolutions on CUDA (FP32 stays FP32 without it)
+
+
+class DeviceError(ValueError):
+    """The requested --device cannot be used here."""
+
+
+def resolve_device(name: str | None, tf32: bool = False) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without CUDA is a user error.
+    Also sets the TF32 switches: off unless ``tf32`` (the FP32 reference stays FP32)."""
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"--device {name}: unknown device; use auto, cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise DeviceError(f"--device {name}: unsupported device; use auto, cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise DeviceError(f"--device {name}: CUDA is not available ({why}); use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    return device
 
 
 class Session:
     def __init__(self, opts: Options) -> None:
         torch.manual_seed(opts.seed)
         self.opts = opts
+        self.device = resolve_device(opts.device, opts.tf32)
         self.loaded: LoadedModel = load_model(opts.model)
-        self.qmodel = QuantModel(self.loaded.model)
+        self.qmodel = QuantModel(self.loaded.model.to(self.device))
         self.data_root = Path(opts.data) if opts.data else DEFAULT_DATA
         self.out = Path(opts.out) if opts.out else Path("out") / self.loaded.name
         self.bad: list[str] = []  # unreadable files skipped so far, over all image passes
