@@ -14,7 +14,7 @@ import torch
 from quant.calibrate import calibrate
 from quant.model import QuantModel
 
-from .data import BadImages, ImageSet, batches
+from .data import BadImages, CropStore, ImageSet, _NotCacheable, batches, cacheable
 from .models import DEFAULT_DATA, LoadedModel, load_model
 from quant.store import atomic_torch_save
 
@@ -28,11 +28,12 @@ class Options:
     limit: int | None = None
     batch_size: int = 32
     seed: int = 0
-    workers: int = 0
+    workers: int | None = None  # DataLoader workers of the first decode (None: automatic)
     max_bad: float = 0.001
     progress: bool = True
     device: str = "auto"  # auto (CUDA when available), cpu, cuda, cuda:N
     tf32: bool = False  # allow TF32 matmuls/convolutions on CUDA (FP32 stays FP32 without it)
+    decode_cache: str | None = None  # folder of the decoded-crop stores (default <out>/decoded; "none": off)
 
 
 class DeviceError(ValueError):
@@ -80,9 +81,27 @@ class Session:
     def images(self, split: str, n: int | None) -> ImageSet:
         return ImageSet.from_folder(self.data_root, split, self.loaded.model.config).sample(n, self.opts.seed)
 
+    def crop_store(self, split: Path) -> CropStore | None:
+        """The decoded-crop store of ``split`` (one per split and processor), None when off."""
+        stores = self.__dict__.setdefault("_crop_stores", {})
+        if split not in stores:
+            folder = self.opts.decode_cache or str(self.out / "decoded")
+            usable = folder.lower() != "none" and cacheable(self.loaded.processor)
+            stores[split] = CropStore(Path(folder), self.loaded.processor, split) if usable else None
+        return stores[split]
+
     def batches(self, images: ImageSet):
+        """(pixels, labels, ids) batches of ``images``: every stage reads them through here,
+        from the decoded-crop store (the first read of an image decodes it, once)."""
         bad = BadImages(len(images), self.opts.max_bad, self.bad)
-        return batches(images, self.loaded.processor, self.opts.batch_size, bad, self.opts.workers)
+        store = self.crop_store(images.split)
+        if store is not None:
+            try:
+                store.ensure(images, self.opts.workers, self.opts.progress, self.opts.batch_size)
+                return store.batches(images, self.opts.batch_size, bad)
+            except _NotCacheable:
+                self._crop_stores[images.split] = None
+        return batches(images, self.loaded.processor, self.opts.batch_size, bad, self.opts.workers or 0)
 
     def num_batches(self, images: ImageSet) -> int:
         return -(-len(images) // self.opts.batch_size)
