@@ -23,6 +23,8 @@ MIN_AGREEMENT ?=
 MAX_KL ?=
 PLAN_IMAGES ?=
 CONFIRM_IMAGES ?=
+# only-candidates measured in the order of the taylor estimate (empty: the default; 0: all)
+MEASURE_TOP ?=
 # auto (CUDA when available), cpu or cuda; TF32=1 allows TF32 matmuls on CUDA.
 DEVICE ?=
 TF32   ?=
@@ -54,7 +56,8 @@ sensitivity errors plan:
 analyze:
 	$(BIN)/vitq analyze $(ARGS) $(if $(EVAL),--limit $(EVAL)) --max-drop $(MAX_DROP) \
 		$(if $(MIN_AGREEMENT),--min-agreement $(MIN_AGREEMENT)) $(if $(MAX_KL),--max-kl $(MAX_KL)) \
-		$(if $(PLAN_IMAGES),--eval-images $(PLAN_IMAGES)) $(if $(CONFIRM_IMAGES),--confirm-images $(CONFIRM_IMAGES))
+		$(if $(PLAN_IMAGES),--eval-images $(PLAN_IMAGES)) $(if $(CONFIRM_IMAGES),--confirm-images $(CONFIRM_IMAGES)) \
+		$(if $(MEASURE_TOP),--measure-top $(MEASURE_TOP))
 
 # Benchmarks are scripts, not timed tests (they need ../shared and minutes of CPU).
 bench:

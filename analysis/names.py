@@ -5,3 +5,6 @@ MODES = ("only", "all-but")
 GROUPS = ("op", "block", "kind")
 # KL first: per-image and smooth; top-1 on a few hundred images moves in one-image steps.
 RANK_METRICS = ("kl", "top1_drop", "agreement", "logit_sqnr_db")
+# `only` candidates `vitq plan/analyze` measure, in the order of the taylor estimate (the
+# rest keep their estimate); chosen from `make bench` (docs/results.md, "Fast sensitivity").
+MEASURE_TOP = 24
