@@ -60,7 +60,13 @@ analyze:
 		$(if $(MEASURE_TOP),--measure-top $(MEASURE_TOP))
 
 # Benchmarks are scripts, not timed tests (they need ../shared and minutes of CPU).
+# Each figure in one run: --help time, fake-quant vs FP32 forward, taylor vs measured `only`
+# ranking on both shared probes (measured here on the same 64 images), prefix-cache speed-up.
 bench:
+	$(BIN)/python scripts/bench_help.py
+	$(BIN)/python scripts/bench_fakequant.py $(if $(DEVICE),--device $(DEVICE))
+	$(BIN)/python scripts/bench_taylor.py --probe fmnist --images 64 --probes 4 $(if $(DEVICE),--device $(DEVICE))
+	$(BIN)/python scripts/bench_taylor.py --probe in1k --images 64 --probes 4 $(if $(DEVICE),--device $(DEVICE))
 	$(BIN)/python scripts/bench_sensitivity.py
 	$(BIN)/python scripts/bench_int8.py
 

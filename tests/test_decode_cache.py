@@ -30,15 +30,15 @@ def test_every_stage_and_rerun_decode_each_image_once(model_dir, data_dir, tmp_p
     counts = _count_decodes(monkeypatch)
     args = ["analyze", "--model", str(model_dir), "--data", str(data_dir), "--calib", "8", "--batch-size", "5",
             "--eval-images", "6", "--confirm-images", "6", "--error-images", "4", "--max-steps", "1",
-            "--no-progress", "--out", str(tmp_path / "out")]
+            "--no-progress", "--decode-cache", str(tmp_path / "decoded"), "--out", str(tmp_path / "out")]
     assert main(args) == 0
     assert counts and max(counts.values()) == 1  # calibration, plan, confirm, errors, eval: one decode each
     assert sum(1 for p in counts if "/train/" in p) == 8 and sum(1 for p in counts if "/val/" in p) == 12
     first = pd.read_csv(tmp_path / "out" / "accuracy.csv")
     counts.clear()
-    # a rerun in a new output folder sharing the cache: nothing is decoded, results identical
-    shared = ["--decode-cache", str(tmp_path / "out" / "decoded")]
-    assert main([*args[:-1], str(tmp_path / "again"), *shared]) == 0
+    assert not list((tmp_path / "out").rglob("*.npy"))  # the crops live outside the output folder
+    # a rerun in a new output folder (same cache): nothing is decoded, results identical
+    assert main([*args[:-1], str(tmp_path / "again")]) == 0
     assert not counts
     pd.testing.assert_frame_equal(first, pd.read_csv(tmp_path / "again" / "accuracy.csv"))
 

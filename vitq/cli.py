@@ -49,7 +49,7 @@ def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
         p.add_argument("--batch-size", type=int, default=32)
         p.add_argument("--workers", type=int, help="DataLoader workers of the first decode (default: automatic)")
         p.add_argument("--decode-cache", help="folder of the decoded-crop cache shared by every stage and rerun "
-                                              "(default <out>/decoded; 'none': decode every time)")
+                                              "(default $VITQ_DECODE_CACHE or ~/.cache/vitq/decoded; 'none': decode every time)")
         p.add_argument("--max-bad", type=float, default=0.001,
                        help="fail if more than this fraction of images is unreadable (default 0.001)")
         p.add_argument("--out", help="output folder (default out/<model-name>)")

@@ -5,6 +5,7 @@ model, data, image count and seed match, so reruns and later commands skip it.""
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,16 @@ class Options:
     progress: bool = True
     device: str = "auto"  # auto (CUDA when available), cpu, cuda, cuda:N
     tf32: bool = False  # allow TF32 matmuls/convolutions on CUDA (FP32 stays FP32 without it)
-    decode_cache: str | None = None  # folder of the decoded-crop stores (default <out>/decoded; "none": off)
+    decode_cache: str | None = None  # folder of the decoded-crop stores (default: default_decode_cache(); "none": off)
+
+
+def default_decode_cache() -> str:
+    """$VITQ_DECODE_CACHE, else $XDG_CACHE_HOME/vitq/decoded (~/.cache/vitq/decoded): outside the
+    output folders, so every output folder and rerun on the same data shares the crops."""
+    if os.environ.get("VITQ_DECODE_CACHE"):
+        return os.environ["VITQ_DECODE_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "vitq", "decoded")
 
 
 class DeviceError(ValueError):
@@ -85,7 +95,7 @@ class Session:
         """The decoded-crop store of ``split`` (one per split and processor), None when off."""
         stores = self.__dict__.setdefault("_crop_stores", {})
         if split not in stores:
-            folder = self.opts.decode_cache or str(self.out / "decoded")
+            folder = self.opts.decode_cache or default_decode_cache()
             usable = folder.lower() != "none" and cacheable(self.loaded.processor)
             stores[split] = CropStore(Path(folder), self.loaded.processor, split) if usable else None
         return stores[split]
