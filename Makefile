@@ -23,7 +23,13 @@ MIN_AGREEMENT ?=
 MAX_KL ?=
 PLAN_IMAGES ?=
 CONFIRM_IMAGES ?=
-ARGS    = $(if $(MODEL),--model $(MODEL)) $(if $(DATA),--data $(DATA)) $(if $(OUT),--out $(OUT)) --calib $(CALIB)
+# only-candidates measured in the order of the taylor estimate (empty: the default; 0: all)
+MEASURE_TOP ?=
+# auto (CUDA when available), cpu or cuda; TF32=1 allows TF32 matmuls on CUDA.
+DEVICE ?=
+TF32   ?=
+ARGS    = $(if $(MODEL),--model $(MODEL)) $(if $(DATA),--data $(DATA)) $(if $(OUT),--out $(OUT)) --calib $(CALIB) \
+          $(if $(DEVICE),--device $(DEVICE)) $(if $(TF32),--tf32)
 
 .PHONY: install test test-slow eval sites sensitivity errors plan analyze bench clean
 
@@ -50,15 +56,22 @@ sensitivity errors plan:
 analyze:
 	$(BIN)/vitq analyze $(ARGS) $(if $(EVAL),--limit $(EVAL)) $(if $(MAX_DROP),--max-drop $(MAX_DROP)) \
 		$(if $(MIN_AGREEMENT),--min-agreement $(MIN_AGREEMENT)) $(if $(MAX_KL),--max-kl $(MAX_KL)) \
-		$(if $(PLAN_IMAGES),--eval-images $(PLAN_IMAGES)) $(if $(CONFIRM_IMAGES),--confirm-images $(CONFIRM_IMAGES))
+		$(if $(PLAN_IMAGES),--eval-images $(PLAN_IMAGES)) $(if $(CONFIRM_IMAGES),--confirm-images $(CONFIRM_IMAGES)) \
+		$(if $(MEASURE_TOP),--measure-top $(MEASURE_TOP))
 
 # Benchmarks are scripts, not timed tests (they need ../shared and minutes of CPU).
+# Each figure in one run: --help time, fake-quant vs FP32 forward, taylor vs measured `only`
+# ranking on both shared probes (measured here on the same 64 images), prefix-cache speed-up.
 bench:
+	$(BIN)/python scripts/bench_help.py
+	$(BIN)/python scripts/bench_fakequant.py $(if $(DEVICE),--device $(DEVICE))
+	$(BIN)/python scripts/bench_taylor.py --probe fmnist --images 64 --probes 4 $(if $(DEVICE),--device $(DEVICE))
+	$(BIN)/python scripts/bench_taylor.py --probe in1k --images 64 --probes 4 $(if $(DEVICE),--device $(DEVICE))
 	$(BIN)/python scripts/bench_sensitivity.py
 	$(BIN)/python scripts/bench_int8.py
 
 sites:
-	$(BIN)/vitq sites $(if $(MODEL),--model $(MODEL))
+	$(BIN)/vitq sites $(if $(MODEL),--model $(MODEL)) $(if $(DEVICE),--device $(DEVICE))
 
 clean:
 	rm -rf out .pytest_cache

@@ -45,6 +45,9 @@ ACCURACY = TableSpec("accuracy", EVAL.meta, EVAL.run, "vitq analyze")  # analyze
 SENSITIVITY_META = (*RUN_CONTEXT, "mode", "group", "images", "candidates", "fp32", "baseline", "rank_by")
 SENSITIVITY_RUN = ("calibration_s", "wall_s", "measured_now", "candidates_s", "full_pass_s", "naive_estimate_s",
                    "speedup_vs_naive", "log")
+TAYLOR_META = (*RUN_CONTEXT, "method", "group", "images", "candidates", "probes", "fisher_trace_captured_mean",
+               "fisher_trace_captured_min")
+TAYLOR_RUN = ("calibration_s", "wall_s")
 ERRORS_META = (*RUN_CONTEXT, "config", "images", "batches", "outlier_k")
 ERRORS_RUN = ("calibration_s", "wall_s")
 ERRORS_ACTIVATIONS = TableSpec("errors_activations", ERRORS_META, ERRORS_RUN, "vitq errors")
@@ -74,6 +77,14 @@ def sensitivity(mode: str, group: str) -> TableSpec:
         raise ValueError(f"no sensitivity artefact for mode {mode!r}, group {group!r}")
     return TableSpec(f"sensitivity_{mode}_{group}", SENSITIVITY_META, SENSITIVITY_RUN,
                      f"vitq sensitivity --mode {mode.replace('_', '-')} --group {group}")
+
+
+def sensitivity_taylor(group: str) -> TableSpec:
+    """``sensitivity_taylor_<group>``: the gradient (Fisher) estimate of the ``only`` KL."""
+    if group not in GROUPS:
+        raise ValueError(f"no taylor sensitivity artefact for group {group!r}")
+    return TableSpec(f"sensitivity_taylor_{group}", TAYLOR_META, TAYLOR_RUN,
+                     f"vitq sensitivity --method taylor --group {group}")
 
 
 def config_file(name: str) -> str:

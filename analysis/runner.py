@@ -95,7 +95,7 @@ class Runner:
             if cache is None or start_block < 0:
                 h, start = q.embed(pixels), 0
             else:
-                h, start = cache.hidden(start_block, i), start_block
+                h, start = cache.hidden(start_block, i).to(q.device, non_blocking=True), start_block
             out.append(q.head(q.run_blocks(h, start)).double())
         return torch.cat(out)
 

@@ -54,6 +54,9 @@ class TensorQuantizer:
         self.spec: QuantSpec | None = None
         self.qparams: QParams | None = None
         self.taps: list[Tap] = []
+        # (quantizer, float input, value passed on) -> the value passed on instead: lets an
+        # analysis replace the output (analysis.taylor adds a differentiable perturbation)
+        self.perturb: Callable[["TensorQuantizer", torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         self._weight_cache: torch.Tensor | None = None
         self._range_cache: dict[tuple, QParams] = {}  # (count, spec) -> qparams of the current stats
 
@@ -79,7 +82,7 @@ class TensorQuantizer:
             if self.is_weight:
                 out = self._weight_cache
             else:
-                out = fake_quantize(x, self.qparams)
+                out = _memo_fake_quantize(x, self.qparams)
         else:
             if self.mode == OBSERVE and not self.is_weight:
                 try:
@@ -89,11 +92,14 @@ class TensorQuantizer:
                 except NonFiniteError as e:
                     raise SiteError(f"site {self.name}: {e} during calibration") from None
             out = x
+        if self.perturb is not None:
+            out = self.perturb(self, x, out)
         for tap in self.taps:
             tap(self, x, out)
         return out
 
-    def quantize(self, spec: QuantSpec, weight: torch.Tensor | None = None) -> None:
+    def quantize(self, spec: QuantSpec, weight: torch.Tensor | None = None,
+                 device: torch.device | None = None) -> None:
         """Switch to fake-quant with ``spec``: weights from their tensor, activations
         from the calibration statistics gathered in OBSERVE mode.
 
@@ -118,10 +124,35 @@ class TensorQuantizer:
                 if key not in self._range_cache:
                     self._range_cache[key] = activation_qparams(self.stats, spec)
                 self.qparams = self._range_cache[key]
+            if device is not None:  # once per config, not once per forward
+                self.qparams = self.qparams.to(device)
         self.mode = QUANT
 
     def to_float(self) -> None:
         self.mode, self.spec, self.qparams, self._weight_cache = FLOAT, None, None, None
+
+
+# The last activation fake-quant: (input, its version, qparams scalars, output). The q, k and
+# v projections read one tensor with equal parameters (one calibration of one tensor): it
+# is quantized once, not three times. Only without autograd, only per-tensor parameters.
+_LAST: list = [None, -1, None, None]
+REUSE_SHARED_INPUTS = True  # False: quantize every slot anew (benchmarks compare the two)
+
+
+def _memo_fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
+    if qp.per_channel or not REUSE_SHARED_INPUTS or (x.requires_grad and torch.is_grad_enabled()):
+        return fake_quantize(x, qp)
+    key = qp.scalars()
+    version = None if x.is_inference() else x._version  # inference tensors keep no version counter
+    if _LAST[0] is x and _LAST[1] == version and _LAST[2] == key:
+        return _LAST[3]
+    out = fake_quantize(x, qp)
+    _LAST[:] = [x, version, key, out]
+    return out
+
+
+def _forget_last() -> None:
+    _LAST[:] = [None, -1, None, None]
 
 
 def tracks_channels(site: Site, slot: str) -> bool:
@@ -149,8 +180,11 @@ class QuantModel:
     # -- instrumentation -------------------------------------------------
     def _instrument(self) -> None:
         """Attach the quantizers; how is the family adapter's business."""
-        self._weights = {s.name: self.family.weight(self.model, s) for s in self.sites if s.has_weight()}
+        self._instrument_weights()
         self.family.instrument(self.model, self.sites, self.quantizers)
+
+    def _instrument_weights(self) -> None:
+        self._weights = {s.name: self.family.weight(self.model, s) for s in self.sites if s.has_weight()}
 
     # -- running ---------------------------------------------------------
     @property
@@ -166,8 +200,23 @@ class QuantModel:
         """Width of one attention head (what analyses need instead of reading HF configs)."""
         return self.family.head_dim(self.model)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters live: inputs are moved there by :meth:`embed`,
+        quantization parameters by the quantizers (everything follows the model)."""
+        return next(self.model.parameters()).device
+
+    def to(self, device: torch.device | str) -> "QuantModel":
+        """Move the model (and with it every quantizer) to ``device``; state returns to FLOAT
+        (snapshots taken before the move hold tensors of the old device)."""
+        self.apply(None)
+        self.model.to(device)
+        self._instrument_weights()
+        return self
+
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.family.embed(self.model, pixel_values)
+        _forget_last()  # a new forward: nothing of the last one is reused
+        return self.family.embed(self.model, pixel_values.to(self.device, non_blocking=True))
 
     def run_blocks(self, hidden: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         for block in list(self.family.blocks(self.model))[start:stop]:
@@ -199,7 +248,7 @@ class QuantModel:
     def quantize_site(self, name: str, specs: dict[str, QuantSpec]) -> None:
         """Fake-quantize every slot of site ``name`` with its spec (QuantConfig.slot_specs)."""
         for slot, tq in self.quantizers[name].items():
-            tq.quantize(specs[slot], self._weights.get(name))
+            tq.quantize(specs[slot], self._weights.get(name), self.device)
 
     def float_site(self, name: str) -> None:
         for tq in self.quantizers[name].values():
@@ -269,6 +318,7 @@ class QuantModel:
         return state
 
     def restore(self, snapshot: dict[str, tuple]) -> None:
+        _forget_last()
         self._set_parameters(snapshot.get(PARAMS_KEY, {}))
         for tq in self.tensor_quantizers():
             tq.mode, tq.spec, tq.qparams, tq._weight_cache, tq.smooth = snapshot[tq.name]

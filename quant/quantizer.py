@@ -55,6 +55,23 @@ class QParams:
     def per_channel(self) -> bool:
         return self.ch_axis is not None
 
+    def scalars(self) -> tuple[float, float, float, float]:
+        """(1/scale as float32, scale, qmin - zp, qmax - zp) of a per-tensor QParams, as Python
+        floats read once (a device sync once per config, none per forward)."""
+        cached = self.__dict__.get("_scalars")
+        if cached is None:
+            scale = self.scale.reshape(-1)[:1].float().cpu()
+            zp = int(self.zero_point.reshape(-1)[0])
+            cached = (float(scale.reciprocal()), float(scale), float(self.qmin - zp), float(self.qmax - zp))
+            self.__dict__["_scalars"] = cached
+        return cached
+
+    def to(self, device: torch.device | str) -> "QParams":
+        """These parameters on ``device`` (self when already there)."""
+        if self.scale.device == torch.device(device) and self.zero_point.device == torch.device(device):
+            return self
+        return QParams(self.scale.to(device), self.zero_point.to(device), self.qmin, self.qmax, self.ch_axis)
+
 
 def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, ch_axis: int | None = None) -> QParams:
     """Map a float range [lo, hi] (scalars or per-channel vectors) to scale/zero point.
@@ -80,17 +97,35 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, ch_a
     return QParams(scale.reshape(-1), zero_point.reshape(-1), spec.qmin, spec.qmax, ch_axis)
 
 
+# Per-tensor fake-quant of activations without gradients goes through the composed kernel
+# below (bit-identical, ~1.6x faster on CPU than torch's per-element kernel); False: always
+# torch's kernel (benchmarks compare the two).
+FAST_PER_TENSOR = True
+
+
 def fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
     """Quantize then dequantize ``x`` with ``qp`` exactly as torch's int kernels would."""
     if qp.per_channel:
         return torch.fake_quantize_per_channel_affine(
             x, qp.scale.to(x.device), qp.zero_point.to(x.device), qp.ch_axis, qp.qmin, qp.qmax
         )
+    if FAST_PER_TENSOR and not (x.requires_grad and torch.is_grad_enabled()) and x.dtype == torch.float32:
+        return _fake_quantize_composed(x, qp)
     return torch.fake_quantize_per_tensor_affine(
         x, qp.scale.to(x.device), qp.zero_point.to(x.device), qp.qmin, qp.qmax
     )
 
 
+def _fake_quantize_composed(x: torch.Tensor, qp: QParams) -> torch.Tensor:
+    """``(clamp(zp + round(x / s), qmin, qmax) - zp) * s`` as torch computes it (``x * (1 / s)``
+    in float32, round half to even), written as ``clamp(round(x * inv), qmin - zp, qmax - zp) * s``:
+    integers are exact in float32, so the result is bit-identical; three passes, no mask.
+    The scalars are read once per QParams (``QParams.scalars``), not once per call."""
+    inv, scale, lo, hi = qp.scalars()
+    y = torch.mul(x, inv)
+    y.round_()
+    y.clamp_(lo, hi)
+    return y.mul_(scale)
 def quantize_to_int(x: torch.Tensor, qp: QParams) -> torch.Tensor:
     """Integer codes of ``x`` (int32), for export and for checking the maths."""
     shape = [1] * x.dim()

@@ -25,6 +25,16 @@ needs_shared = pytest.mark.skipif(
     reason="../shared (real DINOv2 probe + ImageNet images) is absent in this clone",
 )
 
+@pytest.fixture(autouse=True, scope="session")
+def _decode_cache(tmp_path_factory):
+    """Decoded crops of the test images go to a temporary folder (subprocesses inherit it),
+    never into the user's ~/.cache."""
+    import os
+
+    os.environ["VITQ_DECODE_CACHE"] = str(tmp_path_factory.mktemp("decoded"))
+    yield
+
+
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
             image_size=32, patch_size=8, num_labels=5, attn_implementation="eager")
 

@@ -61,3 +61,23 @@ def test_bits_outside_2_to_16_rejected(bits):
 def test_non_finite_range_rejected():
     with pytest.raises(ValueError, match="non-finite"):
         qparams_from_range(torch.tensor(float("nan")), torch.tensor(1.0), QuantSpec())
+
+
+def test_composed_per_tensor_fake_quant_is_bit_identical():
+    import quant.quantizer as qz
+    from quant.quantizer import QuantSpec, fake_quantize, qparams_from_range
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 257, 384, generator=g) * 3
+    x[0, 0, :8] = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, 1e6, -1e6, 0.0])  # ties, clipping
+    for spec, lo, hi in ((QuantSpec(), -2.0, 5.0), (QuantSpec(symmetric=True), -3.0, 3.0),
+                         (QuantSpec(bits=4), 0.0, 1.0), (QuantSpec(), 0.0, 0.0)):
+        qp = qparams_from_range(torch.tensor(lo), torch.tensor(hi), spec)
+        with torch.inference_mode():
+            fast = fake_quantize(x, qp)
+        ref = torch.fake_quantize_per_tensor_affine(x, qp.scale, qp.zero_point, qp.qmin, qp.qmax)
+        assert torch.equal(fast, ref)
+    xg = x.clone().requires_grad_(True)  # with autograd: torch's kernel (straight-through gradient)
+    fake_quantize(xg, qp).sum().backward()
+    assert xg.grad is not None
+    assert qz.FAST_PER_TENSOR

@@ -9,7 +9,7 @@ import warnings
 
 from pathlib import Path
 
-from analysis.names import GROUPS, MODES, RANK_METRICS
+from analysis.names import GROUPS, MEASURE_TOP, MODES, RANK_METRICS
 from quant.names import PRESETS
 
 
@@ -19,7 +19,7 @@ def _import_command_modules() -> None:
     wait seconds for these imports."""
     global pd, yaml, ConfigError, QuantConfig, render_report, SiteError, preset, Budget, most_sensitive_fc
     global DataError, run_errors, run_eval, run_plan, run_sensitivity, save_eval, ModelLoadError, Options, Session
-    global USER_ERRORS, artifacts, PlanOptions
+    global USER_ERRORS, artifacts, PlanOptions, run_taylor
 
     import pandas as pd
     import yaml
@@ -33,11 +33,11 @@ def _import_command_modules() -> None:
     from analysis import artifacts
 
     from .data import DataError
-    from .pipeline import PlanOptions, run_errors, run_eval, run_plan, run_sensitivity, save_eval
+    from .pipeline import PlanOptions, run_errors, run_eval, run_plan, run_sensitivity, run_taylor, save_eval
     from .models import ModelLoadError
-    from .session import Options, Session
+    from .session import DeviceError, Options, Session
 
-    USER_ERRORS = (DataError, ModelLoadError, ConfigError, SiteError)
+    USER_ERRORS = (DataError, ModelLoadError, ConfigError, SiteError, DeviceError)
 
 
 def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
@@ -47,13 +47,23 @@ def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
         p.add_argument("--calib", type=int, default=256, help="calibration images from train/ (default 256)")
         p.add_argument("--limit", type=int, help="evaluate at most this many val images (seeded sample)")
         p.add_argument("--batch-size", type=int, default=32)
-        p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+        p.add_argument("--workers", type=int, help="DataLoader workers of the first decode (default: automatic)")
+        p.add_argument("--decode-cache", help="folder of the decoded-crop cache shared by every stage and rerun "
+                                              "(default $VITQ_DECODE_CACHE or ~/.cache/vitq/decoded; 'none': decode every time)")
         p.add_argument("--max-bad", type=float, default=0.001,
                        help="fail if more than this fraction of images is unreadable (default 0.001)")
         p.add_argument("--out", help="output folder (default out/<model-name>)")
     p.add_argument("--seed", type=int, default=0)
+    _device_args(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when available, default), cpu, cuda or cuda:N: model, quantizers and caches "
+                        "follow it")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA (default: off, FP32 stays FP32)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank-by", choices=RANK_METRICS, default="kl",
                    help="ranking metric (default kl: smooth and per image; the top-1 drop is shown beside it)")
     p.add_argument("--worst", type=int, default=10, help="print this many top-ranked candidates")
+    p.add_argument("--method", choices=("measured", "taylor"), default="measured",
+                   help="measured: one pass per candidate; taylor: a Fisher/Taylor estimate of every candidate's "
+                        "only-KL from a few forward+backward passes (--mode only)")
+    p.add_argument("--probes", type=int, default=8, help="taylor: Fisher eigen-probes (backward passes) per image")
 
     p = sub.add_parser("errors", help="SQNR/cosine per activation and weight, outlier statistics")
     _common(p)
@@ -100,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="render out/<model>/report.html from the artefacts in an output folder")
     p.add_argument("--out", required=True, help="output folder written by the other commands")
     p.add_argument("--title", help="report title")
+    _device_args(p)  # accepted for uniformity: the report only reads files
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
     p = sub.add_parser("analyze", help="everything: sensitivity, errors, plan, accuracy table, HTML report")
@@ -133,12 +148,15 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
                         "latency measured once with ONNX Runtime on this machine (needs onnxruntime)")
     p.add_argument("--max-steps", type=int, default=12, help="float fallbacks measured per search path (default 12)")
     p.add_argument("--worst-sites", type=int, default=3, help="worst sites offered per-site observer remedies")
+    p.add_argument("--measure-top", type=int, default=None,
+                   help="measure the only-sensitivity of this many candidates, in the order of the taylor estimate "
+                        f"(the rest keep their estimate; default {MEASURE_TOP}; 0: measure all)")
     p.add_argument("--all-but", action="store_true",
                    help="also measure all-but sensitivity for the gain estimates (one full pass per site: slow)")
 
 
 def _options(args: argparse.Namespace) -> Options:
-    keys = ("model", "data", "out", "calib", "limit", "batch_size", "seed", "workers", "max_bad")
+    keys = ("model", "data", "out", "calib", "limit", "batch_size", "seed", "workers", "max_bad", "device", "tf32", "decode_cache")
     return Options(**{k: getattr(args, k) for k in keys if hasattr(args, k)}, progress=not args.no_progress)
 
 
@@ -218,9 +236,20 @@ def _fmt(v: float) -> str:
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> None:
+    if args.method == "taylor" and args.mode != "only":
+        raise ConfigError("--method taylor estimates --mode only; measure all-but with --method measured")
     session = Session(_options(args))
     config = _start_config(args, session)
     session.calibrate()
+    if args.method == "taylor":
+        df, meta, run, paths = run_taylor(session, config, group=args.group, images=args.eval_images,
+                                          probes=args.probes)
+        cols = ["rank", "candidate", "kind", "block", "kl_estimate"]
+        print(df[cols].head(args.worst).to_string(index=False, float_format=_fmt))
+        print(f"{meta['candidates']} candidates estimated on {meta['images']} images in {run['wall_s']:.0f} s "
+              f"({meta['probes']} Fisher probes, {100 * meta['fisher_trace_captured_mean']:.0f} % of its trace)")
+        print("wrote " + " and ".join(str(p) for p in paths))
+        return
     df, meta, run, paths = run_sensitivity(session, config, mode=args.mode, group=args.group,
                                            images=args.eval_images, rank_by=args.rank_by)
     cols = ["rank", "candidate", "kind", "block", "kl", "top1_drop", "agreement", "logit_sqnr_db"]
@@ -270,7 +299,8 @@ def _budget(args: argparse.Namespace) -> Budget:
 
 def _plan_options(args: argparse.Namespace) -> PlanOptions:
     return PlanOptions(images=args.eval_images, confirm_images=args.confirm_images, objective=args.objective,
-                       max_steps=args.max_steps, worst_sites=args.worst_sites, all_but=args.all_but, cost=args.cost)
+                       max_steps=args.max_steps, worst_sites=args.worst_sites, all_but=args.all_but, cost=args.cost,
+                       **({} if args.measure_top is None else {"measure_top": args.measure_top}))
 
 
 def print_plan(planner) -> None:

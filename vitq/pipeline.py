@@ -19,7 +19,9 @@ from analysis.cost import float_site_names, site_macs
 from analysis.errors import ErrorReport, analyze_errors
 from analysis.planner import Budget, Planner
 from analysis.runner import Runner
+from analysis.names import MEASURE_TOP
 from analysis.sensitivity import analyze_sensitivity
+from analysis.taylor import taylor_table
 from quant.config import QuantConfig
 from quant.store import ResultLog, atomic_write_text, settings_key
 
@@ -122,15 +124,52 @@ def save_eval(session: Session, df: pd.DataFrame, meta: dict, run: dict, configs
 
 # -- sensitivity ---------------------------------------------------------------------------
 def run_sensitivity(session: Session, config: QuantConfig, *, mode: str = "only", group: str = "op",
-                    images: int = 256, rank_by: str = "kl") -> tuple[pd.DataFrame, dict, dict, list[Path]]:
+                    images: int = 256, rank_by: str = "kl", only: list[str] | None = None
+                    ) -> tuple[pd.DataFrame, dict, dict, list[Path]]:
+    """Measured sensitivity (``only``: just these candidates, e.g. the estimate's top K)."""
     data = eval_set(session, images)
     settings = {**session.describe(), "val_files": data.files, "log_version": LOG_VERSION}
     df, meta, run = analyze_sensitivity(runner(session, data), config, session.out, mode=mode, group=group,
-                                        rank_by=rank_by, settings=settings, progress=session.opts.progress)
+                                        rank_by=rank_by, settings=settings, only=only,
+                                        progress=session.opts.progress)
     meta = {**session.describe(), **meta}
     run = _run_info(session, **run)
     paths = artifacts.write(session.out, artifacts.sensitivity(mode, group), df, meta, run)
     return df, meta, run, list(paths)
+
+
+def run_taylor(session: Session, config: QuantConfig, *, group: str = "op", images: int = 256,
+               probes: int = 8) -> tuple[pd.DataFrame, dict, dict, list[Path]]:
+    """The gradient estimate of every candidate's ``only`` KL (analysis.taylor) on the plan images."""
+    data = eval_set(session, images)
+    df, meta, run = taylor_table(runner(session, data), config, group=group, probes=probes,
+                                 progress=session.opts.progress)
+    meta = {**session.describe(), **meta}
+    run = _run_info(session, **run)
+    paths = artifacts.write(session.out, artifacts.sensitivity_taylor(group), df, meta, run)
+    return df, meta, run, list(paths)
+
+
+def only_sensitivity(session: Session, config: QuantConfig, images: int, measure_top: int | None,
+                     probes: int = 8) -> pd.DataFrame:
+    """The ``only`` table the planner reads. ``measure_top`` None or 0: every candidate measured.
+    Else the candidates are ordered by the taylor estimate and only the top ``measure_top``
+    measured; the others keep their estimate as ``kl`` (column ``source``: measured / taylor)."""
+    if not measure_top:
+        only, _, _, _ = run_sensitivity(session, config, mode="only", images=images)
+        return only.assign(source="measured")
+    estimate, _, _, _ = run_taylor(session, config, images=images, probes=probes)
+    if measure_top >= len(estimate):
+        only, _, _, _ = run_sensitivity(session, config, mode="only", images=images)
+        return only.assign(source="measured")
+    top = estimate["candidate"].head(measure_top).tolist()
+    measured, _, _, _ = run_sensitivity(session, config, mode="only", images=images, only=top)
+    rest = estimate[~estimate["candidate"].isin(top)].drop(columns=["rank"]).rename(columns={"kl_estimate": "kl"})
+    merged = pd.concat([measured.drop(columns=["rank"]).assign(source="measured"), rest.assign(source="taylor")],
+                       ignore_index=True)
+    merged = merged.sort_values("kl", ascending=False, kind="stable").reset_index(drop=True)
+    merged.insert(0, "rank", range(1, len(merged) + 1))
+    return merged
 
 
 # -- errors ------------------------------------------------------------------------------------
@@ -163,6 +202,8 @@ class PlanOptions:
     cost: str = "macs"  # "macs" (float MAC share + residual charge) or "latency" (measured with ONNX Runtime)
     latency_batch: int = 8
     latency_runs: int = 5
+    measure_top: int | None = MEASURE_TOP  # only-candidates measured, in taylor order (None/0: all)
+    probes: int = 8  # Fisher probes of the taylor estimate
 
 
 def run_latency(session: Session, config: QuantConfig, *, batch: int = 8, runs: int = 5,
@@ -190,7 +231,9 @@ def run_plan(session: Session, start: QuantConfig, budget: Budget,
     images, confirmation on the confirm images; writes plan_* artefacts."""
     opts = opts or PlanOptions()
     n_confirm = opts.images if opts.confirm_images is None else opts.confirm_images
-    only, _, _, _ = run_sensitivity(session, start, mode="only", images=opts.images)
+    # the estimate is of KL: another objective measures every candidate
+    only = only_sensitivity(session, start, opts.images, opts.measure_top if opts.objective == "kl" else None,
+                            opts.probes)
     all_but = None
     if opts.all_but:
         all_but, ab_meta, _, _ = run_sensitivity(session, start, mode="all-but", images=opts.images)

@@ -5,6 +5,7 @@ model, data, image count and seed match, so reruns and later commands skip it.""
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from quant.calibrate import calibrate
 from quant.model import QuantModel
 
-from .data import BadImages, ImageSet, batches
+from .data import BadImages, CropStore, ImageSet, _NotCacheable, batches, cacheable
 from .models import DEFAULT_DATA, LoadedModel, load_model
 from quant.store import atomic_torch_save
 
@@ -28,17 +29,57 @@ class Options:
     limit: int | None = None
     batch_size: int = 32
     seed: int = 0
-    workers: int = 0
+    workers: int | None = None  # DataLoader workers of the first decode (None: automatic)
     max_bad: float = 0.001
     progress: bool = True
+    device: str = "auto"  # auto (CUDA when available), cpu, cuda, cuda:N
+    tf32: bool = False  # allow TF32 matmuls/convolutions on CUDA (FP32 stays FP32 without it)
+    decode_cache: str | None = None  # folder of the decoded-crop stores (default: default_decode_cache(); "none": off)
+
+
+def default_decode_cache() -> str:
+    """$VITQ_DECODE_CACHE, else $XDG_CACHE_HOME/vitq/decoded (~/.cache/vitq/decoded): outside the
+    output folders, so every output folder and rerun on the same data shares the crops."""
+    if os.environ.get("VITQ_DECODE_CACHE"):
+        return os.environ["VITQ_DECODE_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "vitq", "decoded")
+
+
+class DeviceError(ValueError):
+    """The requested --device cannot be used here."""
+
+
+def resolve_device(name: str | None, tf32: bool = False) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without CUDA is a user error.
+    Also sets the TF32 switches: off unless ``tf32`` (the FP32 reference stays FP32)."""
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"--device {name}: unknown device; use auto, cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise DeviceError(f"--device {name}: unsupported device; use auto, cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise DeviceError(f"--device {name}: CUDA is not available ({why}); use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    return device
 
 
 class Session:
     def __init__(self, opts: Options) -> None:
         torch.manual_seed(opts.seed)
         self.opts = opts
+        self.device = resolve_device(opts.device, opts.tf32)
         self.loaded: LoadedModel = load_model(opts.model)
-        self.qmodel = QuantModel(self.loaded.model)
+        self.qmodel = QuantModel(self.loaded.model.to(self.device))
         self.data_root = Path(opts.data) if opts.data else DEFAULT_DATA
         self.out = Path(opts.out) if opts.out else Path("out") / self.loaded.name
         self.bad: list[str] = []  # unreadable files skipped so far, over all image passes
@@ -50,9 +91,27 @@ class Session:
     def images(self, split: str, n: int | None) -> ImageSet:
         return ImageSet.from_folder(self.data_root, split, self.loaded.model.config).sample(n, self.opts.seed)
 
+    def crop_store(self, split: Path) -> CropStore | None:
+        """The decoded-crop store of ``split`` (one per split and processor), None when off."""
+        stores = self.__dict__.setdefault("_crop_stores", {})
+        if split not in stores:
+            folder = self.opts.decode_cache or default_decode_cache()
+            usable = folder.lower() != "none" and cacheable(self.loaded.processor)
+            stores[split] = CropStore(Path(folder), self.loaded.processor, split) if usable else None
+        return stores[split]
+
     def batches(self, images: ImageSet):
+        """(pixels, labels, ids) batches of ``images``: every stage reads them through here,
+        from the decoded-crop store (the first read of an image decodes it, once)."""
         bad = BadImages(len(images), self.opts.max_bad, self.bad)
-        return batches(images, self.loaded.processor, self.opts.batch_size, bad, self.opts.workers)
+        store = self.crop_store(images.split)
+        if store is not None:
+            try:
+                store.ensure(images, self.opts.workers, self.opts.progress, self.opts.batch_size)
+                return store.batches(images, self.opts.batch_size, bad)
+            except _NotCacheable:
+                self._crop_stores[images.split] = None
+        return batches(images, self.loaded.processor, self.opts.batch_size, bad, self.opts.workers or 0)
 
     def num_batches(self, images: ImageSet) -> int:
         return -(-len(images) // self.opts.batch_size)
