@@ -71,6 +71,7 @@ analyze:
 bench:
 	$(BIN)/python scripts/bench_sensitivity.py
 	$(BIN)/python scripts/bench_int8.py
+	$(BIN)/python scripts/bench_families.py
 
 sites:
 	$(BIN)/vitq sites $(if $(MODEL),--model $(MODEL))

@@ -5,6 +5,7 @@ import torch
 
 from quant.calibrate import calibrate
 from quant.config import QuantConfig
+from quant.families import family_of
 from quant.model import QuantModel, SiteError
 from quant.presets import preset
 from tests.conftest import tiny_model
@@ -69,7 +70,8 @@ def test_snapshot_restore_switches_configs(pixels):
 def test_nan_during_calibration_names_the_site(pixels):
     model = tiny_model("vit")
     with torch.no_grad():
-        model.vit.layers[1].mlp.fc1.bias[3] = float("nan")
+        fc1 = next(s.path for s in family_of(model).sites(model) if s.name == "blocks.1.mlp.fc1")
+        model.get_submodule(fc1).bias[3] = float("nan")
     qm = QuantModel(model)
     with pytest.raises(SiteError, match=r"^site blocks\.1\.mlp\.gelu:output: \d+ non-finite value\(s\) \(NaN/Inf\) during calibration$"):
         calibrate(qm, [pixels], progress=False)
