@@ -114,7 +114,6 @@ class QuantConfig:
 
     def validate(self, sites: list[Site]) -> None:
         """Every skip-list entry and override pattern must match a site of this model."""
-        names = [s.name for s in sites]
         for pattern in [*self.float_sites, *self.overrides]:
             if not any(_matches(s, pattern) for s in sites):
                 close = _close(pattern, sites)

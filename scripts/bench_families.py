@@ -128,10 +128,11 @@ def cli(args_model: list[str], data: Path, out: Path, args) -> dict:
     common = [*args_model, "--data", str(data), "--calib", str(args.calib), "--out", str(out), "--no-progress",
               "--batch-size", str(args.batch_size)]
     walls = {}
-    for cmd, extra in (("eval", ["--limit", str(args.images)]),
-                       ("sensitivity", ["--group", "block", "--eval-images", str(args.plan_images)]),
-                       ("plan", ["--eval-images", str(args.plan_images), "--confirm-images", "0", "--max-steps", "2",
-                                 "--max-drop", "100"])):
+    commands = [("eval", ["--limit", str(args.images)]),
+                ("sensitivity", ["--group", "block", "--eval-images", str(args.plan_images)]),
+                ("plan", ["--eval-images", str(args.plan_images), "--confirm-images", "0", "--max-steps", "2",
+                          "--max-drop", "100"])]
+    for cmd, extra in commands[:2] if args.skip_plan else commands:
         t0 = time.perf_counter()
         rc = main([cmd, *common, *extra])
         walls[f"{cmd}_s"] = round(time.perf_counter() - t0, 1)
@@ -151,6 +152,8 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-cli", action="store_true", help="throughput only")
+    p.add_argument("--skip-plan", action="store_true",
+                   help="no vitq plan (its per-site sensitivity pass is the longest step on ViT-B/16)")
     p.add_argument("--quick", action="store_true", help="tiny configs of the same families")
     args = p.parse_args()
     out = Path(args.out)
@@ -159,6 +162,7 @@ def main() -> None:
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         model_args = build(name, out / "models" / name, args.quick)
         row = throughput(model_args, args)
+        print(name, json.dumps(row), flush=True)
         if not args.skip_cli:
             row.update(cli(model_args, data, out / name, args))
         rows[name] = row

@@ -246,3 +246,13 @@ def test_torchvision_model_needs_a_weights_file(capsys):
     assert "--weights PATH" in err and "vit_b_16-c867db91.pth" in err
     assert main(["sites", "--model", "torchvision:resnet50", "--weights", "x.pth"]) == 2
     assert "unknown torchvision model 'resnet50'" in capsys.readouterr().err
+
+
+def test_a_weights_file_that_does_not_fit_is_one_error_line(tmp_path, capsys):
+    path = tmp_path / "tiny_plain.pth"
+    torch.save(tiny_torchvision_vit().state_dict(), path)  # a plain state dict of another size
+    assert main(["sites", "--model", "torchvision:vit_b_32", "--weights", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not fit vit_b_32" in err[0]
+    assert main(["sites", "--weights", str(path)]) == 2  # --weights with a HF model
+    assert "--weights is for torchvision models" in capsys.readouterr().err
