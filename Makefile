@@ -31,7 +31,7 @@ TF32   ?=
 ARGS    = $(if $(MODEL),--model $(MODEL)) $(if $(DATA),--data $(DATA)) $(if $(OUT),--out $(OUT)) --calib $(CALIB) \
           $(if $(DEVICE),--device $(DEVICE)) $(if $(TF32),--tf32)
 
-.PHONY: install test test-slow eval sites sensitivity errors plan analyze bench clean
+.PHONY: install test test-slow test-transformers4 eval sites sensitivity errors plan analyze bench clean
 
 install:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,21 @@ test:
 
 test-slow:
 	$(BIN)/python -m pytest -q -m slow
+
+# transformers 4.x check: $(VENV_TF4) holds transformers $(TF4) and reuses $(VENV)'s torch (and the rest
+# of its packages) through a .pth file listed after its own site-packages; `pip install -e .` there must
+# keep transformers 4.x. Then the family, site and config tests run on tiny models under 4.x.
+TF4      ?= transformers==4.46.3
+VENV_TF4 ?= .venv-tf4
+TF4_TESTS ?= tests/test_sites.py tests/test_families.py tests/test_more_families.py tests/test_config.py tests/test_model.py
+test-transformers4:
+	test -x $(VENV_TF4)/bin/python || $(BIN)/python -m venv $(VENV_TF4)
+	$(VENV_TF4)/bin/python -c "import sysconfig, pathlib, sys; pathlib.Path(sysconfig.get_paths()['purelib'], 'vitq_base_venv.pth').write_text(sys.argv[1] + '\n')" \
+		"$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+	$(VENV_TF4)/bin/python -m pip install -q "$(TF4)" pytest
+	$(VENV_TF4)/bin/python -m pip install -q -e .
+	$(VENV_TF4)/bin/python -c "import transformers as t; assert t.__version__.startswith('4.'), t.__version__; print('transformers', t.__version__)"
+	$(VENV_TF4)/bin/python -m pytest -q -p no:cacheprovider $(TF4_TESTS)
 
 eval:
 	$(BIN)/vitq eval $(ARGS)
@@ -69,6 +84,7 @@ bench:
 	$(BIN)/python scripts/bench_taylor.py --probe in1k --images 64 --probes 4 $(if $(DEVICE),--device $(DEVICE))
 	$(BIN)/python scripts/bench_sensitivity.py
 	$(BIN)/python scripts/bench_int8.py
+	$(BIN)/python scripts/bench_families.py
 
 sites:
 	$(BIN)/vitq sites $(if $(MODEL),--model $(MODEL)) $(if $(DEVICE),--device $(DEVICE))

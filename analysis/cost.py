@@ -22,11 +22,13 @@ def site_macs(qmodel: QuantModel, pixels: torch.Tensor) -> dict[str, float]:
     modules = dict(qmodel.model.named_modules())
 
     def tap(tq, x, out):
-        site, per_image = tq.site, x.numel() / len(x)
+        # one image goes through (pixels[:1]): a tensor's elements are per image, whatever
+        # its leading axes (Swin's attention runs on windows: batch x windows)
+        site, per_image = tq.site, x.numel()
         if site.kind == "linear" and tq.slot == "input":
-            macs[site.name] = per_image * modules[site.name].out_features
+            macs[site.name] = per_image * modules[site.path].out_features
         elif site.kind == "conv" and tq.slot == "input":
-            conv = modules[site.name]
+            conv = modules[site.path]
             positions = (x.shape[-1] // conv.stride[1]) * (x.shape[-2] // conv.stride[0])
             macs[site.name] = positions * conv.out_channels * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
         elif site.kind in ("matmul_qk", "matmul_av") and tq.slot in ("q", "v"):

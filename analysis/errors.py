@@ -350,7 +350,7 @@ def _segments(qmodel: QuantModel) -> list[Segment]:
 
 
 def _site_columns(site: Site) -> dict[str, Any]:
-    return {"site": site.name, "kind": site.kind, "block": site.block, "role": site.role}
+    return {"site": site.name, "path": site.path, "kind": site.kind, "block": site.block, "role": site.role}
 
 
 def _activation_table(analyzer: _Analyzer, config: QuantConfig,
@@ -376,7 +376,7 @@ def weight_errors(qmodel: QuantModel, config: QuantConfig) -> pd.DataFrame:
     for site in qmodel.sites:
         if not site.has_weight():
             continue
-        w = qmodel.model.get_submodule(site.name).weight.detach().float()
+        w = qmodel.model.get_submodule(site.path).weight.detach().float()
         spec = config.spec_for(site, "weight")
         per_tensor, per_channel = (
             sqnr_db(w, fake_quantize(w, weight_qparams(w, replace(spec, per_channel=pc)))) for pc in (False, True))

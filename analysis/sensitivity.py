@@ -125,7 +125,7 @@ def analyze_sensitivity(runner: Runner, config: QuantConfig, out_dir: Path, *, m
 def _describe(cand: Candidate) -> dict:
     s = cand.sites
     one = len(s) == 1
-    return {"kind": s[0].kind if len({x.kind for x in s}) == 1 else "group",
+    return {"path": s[0].path if one else "", "kind": s[0].kind if len({x.kind for x in s}) == 1 else "group",
             "block": s[0].block if len({x.block for x in s}) == 1 else None,
             "role": s[0].role if one else "group", "sites": len(s)}
 

@@ -41,8 +41,13 @@ if TYPE_CHECKING:
 
 
 def _targets(qmodel: "QuantModel", config: QuantConfig, all_int8: bool = False) -> list[Site]:
+    """The int8 Linear sites to correct; a glob skips Linears without a bias (Swin's patch
+    merging), a site named exactly keeps it (and :func:`corrected_biases` says why not)."""
+    def eligible(s: Site) -> bool:
+        return (qmodel.model.get_submodule(s.path).bias is not None
+                or any(p in (s.name, s.path) for p in config.bias_correction))
     return [s for s in qmodel.sites if s.kind == "linear" and not config.is_float(s)
-            and (config.corrects_bias(s) or (all_int8 and not config.bias_correction))]
+            and (config.corrects_bias(s) or (all_int8 and not config.bias_correction)) and eligible(s)]
 
 
 def expected_shifts(qmodel: "QuantModel", config: QuantConfig) -> dict[str, torch.Tensor]:
@@ -57,7 +62,7 @@ def expected_shifts(qmodel: "QuantModel", config: QuantConfig) -> dict[str, torc
             continue
         if in_tq.channels is None or in_tq.channels.min is None:
             raise SiteError(f"site {in_tq.name}: no per-channel calibration statistics; run calibration first")
-        w = qmodel.model.get_submodule(site.name).weight.detach().float()
+        w = qmodel.model.get_submodule(site.path).weight.detach().float()
         mean = in_tq.channels.mean.to(w.device)
         if in_tq.smooth is not None:
             mean = mean / in_tq.smooth.to(w.device)
@@ -69,11 +74,12 @@ def corrected_biases(qmodel: "QuantModel", config: QuantConfig) -> dict[str, tor
     """Parameter name -> corrected bias (original bias minus :func:`expected_shifts`)."""
     out = {}
     for name, shift in expected_shifts(qmodel, config).items():
-        module = qmodel.model.get_submodule(name)
+        path = qmodel.site_by_name[name].path  # parameters are named by module path
+        module = qmodel.model.get_submodule(path)
         if module.bias is None:
             raise ConfigError(f"bias_correction {name}: the Linear has no bias to correct")
-        original = qmodel.original_parameter(f"{name}.bias")
-        out[f"{name}.bias"] = (original - shift.to(original.device, original.dtype)).clone()
+        original = qmodel.original_parameter(f"{path}.bias")
+        out[f"{path}.bias"] = (original - shift.to(original.device, original.dtype)).clone()
     return out
 
 
@@ -96,9 +102,9 @@ def measure_bias_shift(qmodel: "QuantModel", config: QuantConfig, batches: Itera
     try:
         qmodel.apply(config)
         for site in _targets(qmodel, config, all_int8=True):
-            module = qmodel.model.get_submodule(site.name)
+            module = qmodel.model.get_submodule(site.path)
             w_tq = qmodel.quantizers[site.name]["weight"]
-            original_bias = qmodel.original_parameter(f"{site.name}.bias") if module.bias is not None else None
+            original_bias = qmodel.original_parameter(f"{site.path}.bias") if module.bias is not None else None
 
             def tap(tq, x, out, module=module, w_tq=w_tq, original_bias=original_bias, name=site.name):
                 wq = w_tq._weight_cache if w_tq.mode == QUANT else module.weight

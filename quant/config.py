@@ -2,8 +2,12 @@
 
 A config is data (YAML/JSON round-trip): default specs for activations and weights,
 per-site overrides by name or glob, float kinds (the backend's limits: LayerNorm,
-GELU and Softmax by default) and a float skip-list of names or globs. Every pattern
-must match at least one site of the model it is applied to, so a typo fails loudly.
+GELU and Softmax by default) and a float skip-list of names or globs. A pattern is
+matched against each site's canonical name (``blocks.4.mlp.fc2``, the same for one
+architecture in every library; what written configs use) and against its module path
+in the installed library (``vit.layers.4.mlp.fc2``), so a path names the canonical
+site it belongs to. Every pattern must match at least one site of the model it is
+applied to, so a typo fails loudly.
 Two remedies are options too: ``smooth`` (LayerNorm -> alpha, SmoothQuant-style
 scale migration, :mod:`quant.smooth`) and ``bias_correction`` (Linear sites whose
 bias absorbs their expected quantization shift, :mod:`quant.bias_correction`).
@@ -86,7 +90,7 @@ class QuantConfig:
 
     # -- decisions per site ----------------------------------------------
     def is_float(self, site: Site) -> bool:
-        return site.kind in self.float_kinds or any(_matches(site.name, p) for p in self.float_sites)
+        return site.kind in self.float_kinds or any(_matches(site, p) for p in self.float_sites)
 
     def spec_for(self, site: Site, part: str, slot: str | None = None) -> QuantSpec:
         """The spec of ``part`` ('activation' or 'weight') at ``site``; later overrides win.
@@ -96,7 +100,7 @@ class QuantConfig:
         keys = (part,) if slot is None or part == "weight" else (part, slot)
         for key in keys:
             for pattern, override in self.overrides.items():
-                if _matches(site.name, pattern) and key in override:
+                if _matches(site, pattern) and key in override:
                     spec = _spec(override[key], spec, f"override {pattern!r}")
         return spec
 
@@ -110,18 +114,16 @@ class QuantConfig:
 
     def validate(self, sites: list[Site]) -> None:
         """Every skip-list entry and override pattern must match a site of this model."""
-        names = [s.name for s in sites]
         for pattern in [*self.float_sites, *self.overrides]:
-            if not any(_matches(n, pattern) for n in names):
-                close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)
+            if not any(_matches(s, pattern) for s in sites):
+                close = _close(pattern, sites)
                 hint = f"; close matches: {', '.join(close)}" if close else "; `vitq sites` lists the names"
                 raise ConfigError(f"pattern {pattern!r} matches no site of this model{hint}")
         for what, patterns, kind in (("smooth", self.smooth, "layernorm"),
                                      ("bias_correction", self.bias_correction, "linear")):
             for pattern in patterns:
-                if not any(_matches(s.name, pattern) for s in sites if s.kind == kind):
-                    close = difflib.get_close_matches(pattern, [s.name for s in sites if s.kind == kind], n=3,
-                                                      cutoff=0.5)
+                if not any(_matches(s, pattern) for s in sites if s.kind == kind):
+                    close = _close(pattern, [s for s in sites if s.kind == kind])
                     hint = f"; close matches: {', '.join(close)}" if close else "; `vitq sites` lists the names"
                     raise ConfigError(f"{what} pattern {pattern!r} matches no {kind} site of this model{hint}")
 
@@ -129,12 +131,12 @@ class QuantConfig:
         """The smoothing alpha of LayerNorm ``site`` (later patterns win), or None."""
         alpha = None
         for pattern, a in self.smooth.items():
-            if _matches(site.name, pattern):
+            if _matches(site, pattern):
                 alpha = float(a)
         return alpha
 
     def corrects_bias(self, site: Site) -> bool:
-        return any(_matches(site.name, p) for p in self.bias_correction)
+        return any(_matches(site, p) for p in self.bias_correction)
 
     def with_float(self, patterns: Iterable[str], name: str | None = None) -> "QuantConfig":
         """A copy with more float sites (duplicates dropped, order kept)."""
@@ -210,5 +212,17 @@ def _str_list(value: Any, key: str) -> list[str]:
     return list(value)
 
 
-def _matches(name: str, pattern: str) -> bool:
-    return name == pattern or fnmatch.fnmatchcase(name, pattern)
+def _matches(site: Site | str, pattern: str) -> bool:
+    """``pattern`` (a name or glob) names ``site``: its canonical name or its module path."""
+    names = (site,) if isinstance(site, str) else (site.name, site.path)
+    return any(n == pattern or fnmatch.fnmatchcase(n, pattern) for n in names)
+
+
+def _close(pattern: str, sites: list[Site]) -> list[str]:
+    """Up to 3 canonical names close to ``pattern`` (compared with names and paths)."""
+    by_key = {}
+    for s in sites:
+        by_key.setdefault(s.name, s.name)
+        by_key.setdefault(s.path, s.name)
+    close = difflib.get_close_matches(pattern, list(by_key), n=6, cutoff=0.5)
+    return list(dict.fromkeys(by_key[c] for c in close))[:3]

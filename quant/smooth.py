@@ -48,7 +48,7 @@ def smoothing_plan(qmodel: "QuantModel", config: QuantConfig) -> dict[str, tuple
     a pattern that matches no smoothable norm is a ConfigError."""
     consumers = qmodel.family.norm_consumers(qmodel.model, qmodel.sites)
     for pattern in config.smooth:
-        if not any(_matches(name, pattern) for name in consumers):
+        if not any(_matches(qmodel.site_by_name[name], pattern) for name in consumers):
             close = difflib.get_close_matches(pattern, list(consumers), n=3, cutoff=0.5)
             hint = (f"; close matches: {', '.join(close)}" if close else
                     f"; smoothable norms: {', '.join(list(consumers)[:4])}{', ...' if len(consumers) > 4 else ''}"
@@ -77,16 +77,19 @@ def smoothing(qmodel: "QuantModel", config: QuantConfig
         if channels is None or channels.min is None:
             raise SiteError(f"site {norm_name}:output: no per-channel calibration statistics; run calibration "
                             f"first")
-        norm = model.get_submodule(norm_name)
+        norm_path = qmodel.site_by_name[norm_name].path
+        norm = model.get_submodule(norm_path)
         if getattr(norm, "weight", None) is None or getattr(norm, "bias", None) is None:
             raise ConfigError(f"smooth {norm_name}: the norm has no affine weight and bias to fold the scales into")
         act_absmax = torch.maximum(channels.min.abs(), channels.max.abs())
-        weights = [model.get_submodule(c).weight for c in consumers]
+        paths = [qmodel.site_by_name[c].path for c in consumers]
+        weights = [model.get_submodule(c).weight for c in paths]
         s = smoothing_scales(act_absmax, weights, alpha)
         dev = norm.weight.device
-        values[f"{norm_name}.weight"] = (norm.weight.detach() / s.to(dev, norm.weight.dtype)).clone()
-        values[f"{norm_name}.bias"] = (norm.bias.detach() / s.to(dev, norm.bias.dtype)).clone()
-        for c, w in zip(consumers, weights):
+        # parameter names (module paths), not site names
+        values[f"{norm_path}.weight"] = (norm.weight.detach() / s.to(dev, norm.weight.dtype)).clone()
+        values[f"{norm_path}.bias"] = (norm.bias.detach() / s.to(dev, norm.bias.dtype)).clone()
+        for c, w in zip(paths, weights):
             values[f"{c}.weight"] = (w.detach() * s.to(w.device, w.dtype)).clone()
         scales[norm_name] = (s, consumers)
     return values, scales

@@ -684,6 +684,7 @@ RANK_LABELS = {"kl": Column("kl", "KL (nats)", fmt_small), "top1_drop": Column("
 SENSITIVITY_COLUMNS = [
     Column("rank", "rank", fmt_int),
     Column("candidate", "candidate", numeric=False),
+    Column("path", "module path", numeric=False, title="where the site lives in the model's library"),
     Column("kind", "kind", numeric=False),
     Column("block", "block", fmt_int),
     Column("role", "role", numeric=False),
@@ -702,8 +703,8 @@ def sensitivity_columns(rank_by: str) -> list[Column]:
     """The ranking metric right after the candidate's description, the top-1 drop beside it."""
     key = Column(rank_by, RANK_LABELS[rank_by].label + " ▸ rank key", RANK_LABELS[rank_by].fmt,
                  title="the candidates are ranked by this column") if rank_by in RANK_LABELS else None
-    head = SENSITIVITY_COLUMNS[:6]
-    rest = [c for c in SENSITIVITY_COLUMNS[6:] if c.key not in (rank_by, "top1_drop")]
+    head = SENSITIVITY_COLUMNS[:7]
+    rest = [c for c in SENSITIVITY_COLUMNS[7:] if c.key not in (rank_by, "top1_drop")]
     drop = next(c for c in SENSITIVITY_COLUMNS if c.key == "top1_drop")
     return [*head, *([key] if key else []), *([drop] if rank_by != "top1_drop" else []), *rest]
 
@@ -940,6 +941,7 @@ def outlier_section(a: Artefacts) -> Section:
 
 WEIGHT_TABLE_COLUMNS = [
     Column("site", "layer", numeric=False),
+    Column("path", "module path", numeric=False, title="where the site lives in the model's library"),
     Column("kind", "kind", numeric=False),
     Column("block", "block", fmt_int),
     Column("role", "role", numeric=False),

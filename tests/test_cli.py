@@ -41,9 +41,9 @@ def data_dir(tmp_path_factory):
 def test_sites_lists_every_site(model_dir, capsys):
     assert main(["sites", "--model", str(model_dir), "--format", "csv"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == "name,kind,block,role,tensors"
+    assert lines[0] == "name,kind,block,role,tensors,path"
     assert len(lines) - 1 == 31
-    assert "vit.layers.1.mlp.fc2,linear,1,fc2,input+weight" in lines
+    assert "blocks.1.mlp.fc2,linear,1,fc2,input+weight,vit.layers.1.mlp.fc2" in lines
 
 
 def test_eval_writes_table_csv_json_and_configs(model_dir, data_dir, tmp_path, capsys):

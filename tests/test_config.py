@@ -1,6 +1,6 @@
 import pytest
 
-from quant.config import ConfigError, QuantConfig
+from quant.config import BACKEND_FLOAT_KINDS, ConfigError, QuantConfig
 from quant.families import family_of
 from quant.presets import preset
 from quant.quantizer import QuantSpec
@@ -19,20 +19,20 @@ def _float(cfg, sites):
 
 def test_presets_give_exact_skip_lists(sites):
     backend = [s.name for s in sites if s.kind in ("layernorm", "gelu", "softmax")]
-    residuals = [f"vit.layers.{b}.{r}" for b in range(6) for r in ("residual_attn", "residual_mlp")]
+    residuals = [f"blocks.{b}.{r}" for b in range(6) for r in ("residual_attn", "residual_mlp")]
     assert sorted(_float(preset("all", sites), sites)) == sorted(backend)
     assert sorted(_float(preset("mixed_1", sites), sites)) == sorted(backend + residuals)
     assert sorted(_float(preset("mixed_2", sites), sites)) == sorted(
-        backend + residuals + ["vit.layers.4.mlp.fc2", "vit.layers.5.mlp.fc2"])
+        backend + residuals + ["blocks.4.mlp.fc2", "blocks.5.mlp.fc2"])
     assert preset("fp32", sites) is None
 
 
 def test_mixed_2_takes_sites_from_a_ranking_and_falls_back_on_shallow_models(sites):
-    cfg = preset("mixed_2", sites, ["vit.layers.0.mlp.fc1"])
-    assert "vit.layers.0.mlp.fc1" in _float(cfg, sites) and "vit.layers.4.mlp.fc2" not in _float(cfg, sites)
+    cfg = preset("mixed_2", sites, ["blocks.0.mlp.fc1"])
+    assert "blocks.0.mlp.fc1" in _float(cfg, sites) and "blocks.4.mlp.fc2" not in _float(cfg, sites)
     shallow = tiny_model("vit")  # 2 blocks: no block 4/5, so the last two fc2
     s2 = family_of(shallow).sites(shallow)
-    assert preset("mixed_2", s2).float_sites[-2:] == ["vit.layers.0.mlp.fc2", "vit.layers.1.mlp.fc2"]
+    assert preset("mixed_2", s2).float_sites[-2:] == ["blocks.0.mlp.fc2", "blocks.1.mlp.fc2"]
 
 
 def test_yaml_and_json_round_trip(tmp_path, sites):
@@ -46,17 +46,17 @@ def test_yaml_and_json_round_trip(tmp_path, sites):
 
 def test_overrides_later_pattern_wins(sites):
     cfg = QuantConfig(overrides={"*.fc2": {"activation": {"observer": "mse"}},
-                                 "vit.layers.3.*": {"activation": {"observer": "entropy", "bits": 6}}})
+                                 "blocks.3.*": {"activation": {"observer": "entropy", "bits": 6}}})
     by = {s.name: s for s in sites}
-    assert cfg.spec_for(by["vit.layers.2.mlp.fc2"], "activation").observer == "mse"
-    spec = cfg.spec_for(by["vit.layers.3.mlp.fc2"], "activation")
+    assert cfg.spec_for(by["blocks.2.mlp.fc2"], "activation").observer == "mse"
+    spec = cfg.spec_for(by["blocks.3.mlp.fc2"], "activation")
     assert (spec.observer, spec.bits) == ("entropy", 6)
-    assert cfg.spec_for(by["vit.layers.3.mlp.fc2"], "weight") == cfg.weight
+    assert cfg.spec_for(by["blocks.3.mlp.fc2"], "weight") == cfg.weight
 
 
 def test_unknown_site_pattern_lists_close_matches(sites):
-    cfg = QuantConfig(float_sites=["vit.layers.4.mlp.fc3"])
-    with pytest.raises(ConfigError, match=r"matches no site.*close matches: vit\.layers\.4\.mlp\.fc[12]"):
+    cfg = QuantConfig(float_sites=["blocks.4.mlp.fc3"])
+    with pytest.raises(ConfigError, match=r"matches no site.*close matches: blocks\.4\.mlp\.fc[12]"):
         cfg.validate(sites)
 
 
@@ -83,3 +83,15 @@ def test_bad_config_files(tmp_path, text, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         QuantConfig.load(tmp_path / "nope.yaml")
+
+
+def test_module_paths_and_their_globs_name_canonical_sites(sites):
+    """A skip-list written with the installed library's module paths (vitq's names before
+    canonical names) still applies: each path names the canonical site it belongs to."""
+    path = {s.name: s.path for s in sites}  # vit.layers.4.mlp.fc2 (5.x), vit.encoder.layer.4.output.dense (4.x)
+    by_path = QuantConfig(float_sites=[path["blocks.4.mlp.fc2"], "*attention.matmul_av",
+                                       path["blocks.1.residual_attn"].rsplit(".", 1)[0] + ".residual_*"])
+    by_path.validate(sites)
+    floats = [s.name for s in sites if by_path.is_float(s) and s.kind not in BACKEND_FLOAT_KINDS]
+    assert sorted(floats) == sorted(["blocks.1.residual_attn", "blocks.1.residual_mlp", "blocks.4.mlp.fc2"]
+                                    + [f"blocks.{b}.attn.matmul_av" for b in range(6)])

@@ -17,8 +17,8 @@ from quant.presets import preset
 from tests.conftest import tiny_model
 
 OUTLIER = 7
-FC2 = "vit.layers.1.mlp.fc2"
-EQUAL_ROWS = "vit.layers.0.attention.q_proj"
+FC2 = "blocks.1.mlp.fc2"
+EQUAL_ROWS = "blocks.0.attn.q"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -53,10 +53,10 @@ def planted():
     """A 3-block ViT with a planted outlier channel and a linear whose rows share one scale."""
     model = tiny_model("vit", num_hidden_layers=3)
     with torch.no_grad():
-        fc2 = model.get_submodule(FC2)
+        fc2 = model.get_submodule("vit.layers.1.mlp.fc2")  # FC2's module
         fc2.weight[OUTLIER] *= 50
         fc2.bias[OUTLIER] = 20.0  # HF initialises biases to 0: scaling it would plant nothing
-        q = model.get_submodule(EQUAL_ROWS).weight
+        q = model.get_submodule("vit.layers.0.attention.q_proj").weight  # EQUAL_ROWS's module
         q.copy_(q / q.abs().amax(1, keepdim=True) * 0.05)
     qm, batches = _calibrated(model)
     report = analyze_errors(qm, preset("all", qm.sites), batches, progress=False)
@@ -67,7 +67,7 @@ def test_planted_outlier_channel_is_found(planted):
     _, report = planted
     acts = report.activations
     assert list(acts.columns) == list(ACTIVATION_COLUMNS)
-    row = _row(acts, "vit.layers.1.residual_mlp:output")
+    row = _row(acts, "blocks.1.residual_mlp:output")
     assert row.outlier_channels == str(OUTLIER) and row.n_outlier_channels == 1
     assert row.bits_lost > 2
     block_1_residuals = acts[(acts.block == 1) & (acts.kind == "residual")]
@@ -83,7 +83,7 @@ def test_planted_outlier_channel_is_found(planted):
 def test_outlier_statistics_match_exact_values():
     qm, batches = _calibrated(tiny_model("vit"))
     captured = []
-    tq = qm.quantizers["vit.layers.0.residual_attn"]["output"]
+    tq = qm.quantizers["blocks.0.residual_attn"]["output"]
     tq.taps.append(lambda _, x, out: captured.append(out.reshape(-1).double()))
     for b in batches:
         qm(b)
@@ -175,18 +175,18 @@ def test_save_writes_tables_and_channel_maxima(planted, tmp_path):
     assert sorted(with_channels) == sorted(acts[~no_channels].tensor)
     with np.load(tmp_path / "out" / "errors_channels.npz") as npz:
         assert sorted(npz.files) == sorted(with_channels) == sorted(report.channel_max)
-        assert np.array_equal(npz["vit.layers.1.residual_mlp:output"],
-                              report.channel_max["vit.layers.1.residual_mlp:output"])
+        assert np.array_equal(npz["blocks.1.residual_mlp:output"],
+                              report.channel_max["blocks.1.residual_mlp:output"])
 
 
 def test_each_tensor_is_listed_once_through_same_tensor_as(planted):
     _, report = planted
     acts = report.activations.set_index("tensor")
     # fc2's input is the GELU output; q/k/v and fc1 read the LayerNorm outputs
-    assert acts.loc["vit.layers.1.mlp.fc2:input", "same_tensor_as"] == "vit.layers.1.mlp.gelu:output"
-    assert acts.loc["vit.layers.0.attention.k_proj:input", "same_tensor_as"] == "vit.layers.0.layernorm_before:output"
-    assert acts.loc["vit.layers.0.mlp.fc1:input", "same_tensor_as"] == "vit.layers.0.layernorm_after:output"
-    assert acts.loc["vit.layers.1.residual_mlp:output", "same_tensor_as"] == ""
+    assert acts.loc["blocks.1.mlp.fc2:input", "same_tensor_as"] == "blocks.1.mlp.gelu:output"
+    assert acts.loc["blocks.0.attn.k:input", "same_tensor_as"] == "blocks.0.norm1:output"
+    assert acts.loc["blocks.0.mlp.fc1:input", "same_tensor_as"] == "blocks.0.norm2:output"
+    assert acts.loc["blocks.1.residual_mlp:output", "same_tensor_as"] == ""
     once = acts[acts["same_tensor_as"] == ""]
     # the residual outputs feed the next LayerNorm, not a quantizer: every residual is its own tensor
     assert (once["kind"] == "residual").sum() == (acts["kind"] == "residual").sum()

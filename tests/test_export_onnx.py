@@ -80,7 +80,7 @@ def test_weights_are_int8_initializers_bit_exact_with_the_simulation(qmodel, tmp
     qmodel.apply(cfg)
     model = onnx.load(str(export_onnx(qmodel, tmp_path / "m.onnx", _images(2, 5)).path))
     inits = {i.name: i for i in model.graph.initializer}
-    int8_weights = [f"model.{s.name}.weight" for s in cfg.int8_sites(qmodel.sites) if s.has_weight()]
+    int8_weights = [f"model.{s.path}.weight" for s in cfg.int8_sites(qmodel.sites) if s.has_weight()]
     assert len(int8_weights) == EXPECTED["all"]["weights"]
     assert not set(int8_weights) & set(inits)  # no float copy left
     assert all(inits[f"{w}_quantized"].data_type == TensorProto.INT8 for w in int8_weights)
@@ -95,7 +95,8 @@ def test_weights_are_int8_initializers_bit_exact_with_the_simulation(qmodel, tmp
         weights += 1
         init = inits[n.input[0]]
         assert init.data_type == TensorProto.INT8
-        site = init.name.replace("model.", "", 1).replace(".weight_quantized", "")
+        path = init.name.replace("model.", "", 1).replace(".weight_quantized", "")  # initializers: module paths
+        site = next(s.name for s in qmodel.sites if s.path == path)
         tq = qmodel.quantizers[site]["weight"]
         codes = numpy_helper.to_array(init).astype(np.float32)
         scale = numpy_helper.to_array(inits[n.input[1]])

@@ -29,7 +29,9 @@ from quant.sites import discover_sites
 from tests.conftest import TINY, tiny_model
 
 BUILTIN = ["DeiTForImageClassification", "DeiTForImageClassificationWithTeacher",
-           "Dinov2ForImageClassification", "ViTForImageClassification"]
+           "Dinov2ForImageClassification", "SwinForImageClassification", "ViTForImageClassification",
+           "VisionTransformer"]
+FAMILIES = ["deit", "dinov2", "swin", "torchvision_vit", "vit"]
 
 
 def _deit_plain():
@@ -49,14 +51,13 @@ MODELS = {
 # -- each family -----------------------------------------------------------------
 @pytest.mark.parametrize("key,family,count,first,last_three", [
     ("vit", "vit", 31, "vit.embeddings.patch_embeddings.projection",
-     [("vit.layers.1.residual_mlp", "residual"), ("vit.layernorm", "layernorm"), ("classifier", "linear")]),
+     [("blocks.1.residual_mlp", "residual"), ("norm", "layernorm"), ("head", "linear")]),
     ("deit_teacher", "deit", 32, "deit.embeddings.patch_embeddings.projection",
-     [("deit.layernorm", "layernorm"), ("cls_classifier", "linear"), ("distillation_classifier", "linear")]),
+     [("norm", "layernorm"), ("head", "linear"), ("head_dist", "linear")]),
     ("deit", "deit", 31, "deit.embeddings.patch_embeddings.projection",
-     [("deit.layers.1.residual_mlp", "residual"), ("deit.layernorm", "layernorm"), ("classifier", "linear")]),
+     [("blocks.1.residual_mlp", "residual"), ("norm", "layernorm"), ("head", "linear")]),
     ("dinov2", "dinov2", 31, "dinov2.embeddings.patch_embeddings.projection",
-     [("dinov2.encoder.layer.1.residual_mlp", "residual"), ("dinov2.layernorm", "layernorm"),
-      ("classifier", "linear")]),
+     [("blocks.1.residual_mlp", "residual"), ("norm", "layernorm"), ("head", "linear")]),
 ])
 def test_sites_per_family(key, family, count, first, last_three):
     model = MODELS[key]()
@@ -64,7 +65,7 @@ def test_sites_per_family(key, family, count, first, last_three):
     assert adapter.name == family
     sites = adapter.sites(model)
     assert len(sites) == count  # 1 conv + 2 blocks x 14 + final norm + head(s)
-    assert (sites[0].name, sites[0].kind, sites[0].role) == (first, "conv", "patch_embed")
+    assert (sites[0].name, sites[0].path, sites[0].kind, sites[0].role) == ("patch_embed", first, "conv", "patch_embed")
     assert [(s.name, s.kind) for s in sites[-3:]] == last_three
     assert [s.block for s in sites].count(None) == count - 28
     assert [s.name for s in discover_sites(model)] == [s.name for s in sites]
@@ -141,9 +142,9 @@ def test_dinov2_swiglu_is_refused():
 
 def test_every_module_of_the_package_is_imported_and_builtins_registered():
     modules = [m.name for m in pkgutil.iter_modules(quant.families.__path__)]
-    assert {"base", "hf_common", "hf_vit", "deit", "dinov2"} <= set(modules)
+    assert {"base", "prenorm", "hf_common", "hf_vit", "deit", "dinov2", "swin", "torchvision_vit"} <= set(modules)
     assert all(f"quant.families.{m}" in sys.modules for m in modules)
-    assert sorted(REGISTRY) == ["deit", "dinov2", "vit"]
+    assert sorted(REGISTRY) == FAMILIES
     assert SUPPORTED == BUILTIN
     assert all(issubclass(a, FamilyAdapter) for a in REGISTRY.values())
 
@@ -153,7 +154,7 @@ def test_register_refuses_a_taken_name_or_class():
         register_family("vit")(type("Again", (HFViT,), {}))
     with pytest.raises(ValueError, match="ViTForImageClassification is already handled by family 'vit'"):
         register_family("vit2")(type("Again", (HFViT,), {}))
-    assert sorted(REGISTRY) == ["deit", "dinov2", "vit"]
+    assert sorted(REGISTRY) == FAMILIES
 
 
 def test_quant_imports_nothing_above_it():

@@ -340,9 +340,9 @@ def world(tmp_path_factory) -> dict[str, Path]:
     cfg = root / "configs"
     cfg.mkdir()
     texts = {
-        "unknown_site": "name: typo\nfloat_sites: [vit.layers.0.mlp.fc3]\n",
+        "unknown_site": "name: typo\nfloat_sites: [blocks.0.mlp.fc3]\n",
         "glob_nothing": "name: glob\nfloat_sites: ['*.nothing_here_*']\n",
-        "bad_yaml": "name: broken\nfloat_sites: [vit.layers.0.mlp.fc1\nactivation: {bits: 8\n",
+        "bad_yaml": "name: broken\nfloat_sites: [blocks.0.mlp.fc1\nactivation: {bits: 8\n",
         "unknown_observer": "name: obs\nactivation: {observer: median}\n",
         "bits_1": "name: one\nweight: {bits: 1}\n",
         "bits_17": "name: seventeen\nactivation: {bits: 17}\n",
@@ -404,8 +404,8 @@ USER_ERROR_CASES = [
     Case("model-offline-hub-id", lambda w: _eval(w) + ["--model", "someone/not-cached-model"],
          ("someone/not-cached-model", "cannot be reached", "--local-dir"), max_s=30, in_subprocess=True),  # imports alone take 10-17 s on a loaded 2-core machine; retries would take minutes
     # config
-    _config_case("config-unknown-site", "unknown_site", "vit.layers.0.mlp.fc3", "close matches",
-                 "vit.layers.0.mlp.fc1"),
+    _config_case("config-unknown-site", "unknown_site", "blocks.0.mlp.fc3", "close matches",
+                 "blocks.0.mlp.fc1"),
     _config_case("config-glob-matches-nothing", "glob_nothing", "'*.nothing_here_*' matches no site",
                  "vitq sites"),
     _config_case("config-bad-yaml", "bad_yaml", "bad_yaml.yaml", "not valid YAML"),
@@ -415,7 +415,7 @@ USER_ERROR_CASES = [
     _config_case("config-file-missing", "missing", "config file not found"),
     # numerical
     Case("numeric-nan-weights", lambda w: _eval(w, model="model_nan"),
-         ("site vit.layers.0.mlp.", "non-finite", "during calibration")),
+         ("site blocks.0.mlp.", "non-finite", "during calibration")),
     # presets
     Case("preset-unknown", lambda w: _eval(w, extra=("--preset", "all,int4")),
          ("unknown preset 'int4'", "mixed_2")),

@@ -5,6 +5,7 @@ import torch
 
 from quant.calibrate import calibrate
 from quant.config import QuantConfig
+from quant.families import family_of
 from quant.model import QuantModel, SiteError
 from quant.presets import preset
 from tests.conftest import tiny_model
@@ -37,7 +38,7 @@ def test_quantizing_one_site_changes_only_what_is_downstream(pixels):
     float_out = _block_outputs(qm, pixels)
     only_fc2_of_block_1 = QuantConfig(float_kinds=[], float_sites=["*"])
     qm.apply(None)
-    qm.quantize_site("vit.layers.1.mlp.fc2", only_fc2_of_block_1.slot_specs(qm.site_by_name["vit.layers.1.mlp.fc2"]))
+    qm.quantize_site("blocks.1.mlp.fc2", only_fc2_of_block_1.slot_specs(qm.site_by_name["blocks.1.mlp.fc2"]))
     quant_out = _block_outputs(qm, pixels)
     assert torch.equal(quant_out[0], float_out[0])
     assert not torch.equal(quant_out[1], float_out[1])
@@ -69,9 +70,10 @@ def test_snapshot_restore_switches_configs(pixels):
 def test_nan_during_calibration_names_the_site(pixels):
     model = tiny_model("vit")
     with torch.no_grad():
-        model.vit.layers[1].mlp.fc1.bias[3] = float("nan")
+        fc1 = next(s.path for s in family_of(model).sites(model) if s.name == "blocks.1.mlp.fc1")
+        model.get_submodule(fc1).bias[3] = float("nan")
     qm = QuantModel(model)
-    with pytest.raises(SiteError, match=r"^site vit\.layers\.1\.mlp\.gelu:output: \d+ non-finite value\(s\) \(NaN/Inf\) during calibration$"):
+    with pytest.raises(SiteError, match=r"^site blocks\.1\.mlp\.gelu:output: \d+ non-finite value\(s\) \(NaN/Inf\) during calibration$"):
         calibrate(qm, [pixels], progress=False)
 
 

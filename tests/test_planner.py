@@ -101,18 +101,18 @@ def test_costs_and_site_counts(tmp_path):
     qm, pixels, _ = _setup()
     macs = site_macs(qm, pixels[0])
     # tiny ViT: 16 patches + CLS = 17 tokens, hidden 32, MLP 64, 2 heads of 16
-    assert macs["vit.layers.0.mlp.fc1"] == 17 * 32 * 64
-    assert macs["vit.layers.0.attention.matmul_qk"] == 2 * 17 * 17 * 16
-    assert macs["vit.layers.0.attention.matmul_av"] == 2 * 17 * 17 * 16
-    assert macs["vit.embeddings.patch_embeddings.projection"] == 16 * 32 * 3 * 8 * 8
-    assert macs["classifier"] == 32 * 5
+    assert macs["blocks.0.mlp.fc1"] == 17 * 32 * 64
+    assert macs["blocks.0.attn.matmul_qk"] == 2 * 17 * 17 * 16
+    assert macs["blocks.0.attn.matmul_av"] == 2 * 17 * 17 * 16
+    assert macs["patch_embed"] == 16 * 32 * 3 * 8 * 8
+    assert macs["head"] == 32 * 5
     mixed_1 = config_cost(preset("mixed_1", qm.sites), qm.sites, macs)
     # 3 blocks x (2 LN + GELU + softmax) + final LN = 13 backend-float sites, + 6 residual adds
     assert (mixed_1["float_sites"], mixed_1["skipped_sites"]) == (19, 6)
     assert mixed_1["int8_macs_share"] == 100.0  # residual adds do no matmul work...
     assert cost_of(preset("mixed_1", qm.sites), qm.sites, macs) == pytest.approx(6 * 0.5)  # ...but are not free
-    fc2 = QuantConfig(float_sites=["vit.layers.0.mlp.fc2"])
-    share = 100 * (1 - macs["vit.layers.0.mlp.fc2"] / sum(macs.values()))
+    fc2 = QuantConfig(float_sites=["blocks.0.mlp.fc2"])
+    share = 100 * (1 - macs["blocks.0.mlp.fc2"] / sum(macs.values()))
     assert config_cost(fc2, qm.sites, macs)["int8_macs_share"] == pytest.approx(share)
 
 
@@ -129,8 +129,8 @@ def test_unit_range_remedy_gives_softmax_probs_scale_1_over_255(tmp_path):
     qm, pixels, labels = _setup()
     cfg = QuantConfig(overrides={"*.matmul_av": {"probs": {"observer": "unit"}}})
     qm.apply(cfg)
-    probs = qm.quantizers["vit.layers.0.attention.matmul_av"]["probs"].qparams
-    v = qm.quantizers["vit.layers.0.attention.matmul_av"]["v"].qparams
+    probs = qm.quantizers["blocks.0.attn.matmul_av"]["probs"].qparams
+    v = qm.quantizers["blocks.0.attn.matmul_av"]["v"].qparams
     assert float(probs.scale) == pytest.approx(1 / 255) and int(probs.zero_point) == 0
     assert float(v.scale) != pytest.approx(1 / 255)  # the other slot keeps its calibrated range
     qm.apply(None)
@@ -157,19 +157,18 @@ def test_budgets_allow_for_their_noise():
 
 def test_returning_a_site_to_int8_expands_only_the_pattern_that_names_it():
     qm, _, _ = _setup()
-    cfg = QuantConfig(float_sites=["*.residual_*", "classifier"])
-    out = without_float(cfg, ["vit.layers.1.residual_mlp"], qm.sites)
-    assert out.float_sites == ["vit.layers.0.residual_attn", "vit.layers.0.residual_mlp",
-                               "vit.layers.1.residual_attn", "vit.layers.2.residual_attn",
-                               "vit.layers.2.residual_mlp", "classifier"]
-    assert cfg.float_sites == ["*.residual_*", "classifier"]  # the original is untouched
+    cfg = QuantConfig(float_sites=["*.residual_*", "head"])
+    out = without_float(cfg, ["blocks.1.residual_mlp"], qm.sites)
+    assert out.float_sites == ["blocks.0.residual_attn", "blocks.0.residual_mlp", "blocks.1.residual_attn",
+                               "blocks.2.residual_attn", "blocks.2.residual_mlp", "head"]
+    assert cfg.float_sites == ["*.residual_*", "head"]  # the original is untouched
 
 
 def test_trimming_returns_float_sites_to_int8_while_the_budget_holds(tmp_path):
     qm, pixels, labels = _setup()
     # a budget every point meets: trimming must return every float site it tries to int8
     planner = _planner(tmp_path, qm, pixels, labels, Budget(max_kl=10.0, beat_references=False))
-    start = preset("mixed_1", qm.sites).with_float(["classifier"])
+    start = preset("mixed_1", qm.sites).with_float(["head"])
     plan = planner.plan(start, _only(qm, pixels, labels, tmp_path, start), max_steps=4)
     tried = planner.tried_table()
     trims = tried[tried["kind"] == "trim"]

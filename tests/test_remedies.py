@@ -9,6 +9,7 @@ import torch
 
 from quant.bias_correction import expected_shifts, measure_bias_shift
 from quant.calibrate import calibrate
+from quant.families import family_of
 from quant.config import ConfigError, QuantConfig
 from quant.model import PARAMS_KEY, QuantModel
 from quant.observers import smoothed_range
@@ -20,8 +21,11 @@ needs_ort = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None
                                or importlib.util.find_spec("onnx") is None,
                                reason="onnx/onnxruntime are not installed (pip install 'vitq[onnx]')")
 
-NORM = "vit.layers.1.layernorm_after"
-FC1 = "vit.layers.1.mlp.fc1"
+NORM = "blocks.1.norm2"
+FC1 = "blocks.1.mlp.fc1"
+# their module paths in the tiny HF ViT (parameters are named by module path)
+NORM_PATH = "vit.layers.1.layernorm_after"
+FC1_PATH = "vit.layers.1.mlp.fc1"
 ALL_FLOAT = dict(float_kinds=[], float_sites=["*"])
 
 
@@ -35,8 +39,8 @@ def _outlier_model(family: str = "vit") -> torch.nn.Module:
     channel in fc1's input (the FP32 reference is this planted model)."""
     model = tiny_model(family, num_hidden_layers=3)
     with torch.no_grad():
-        norm = model.get_submodule(NORM if family == "vit" else {
-            "dinov2": "dinov2.encoder.layer.1.norm2", "deit": "deit.layers.1.layernorm_after"}[family])
+        # the same canonical site in every family; its module path differs
+        norm = model.get_submodule(next(s.path for s in family_of(model).sites(model) if s.name == NORM))
         norm.weight[5] *= 50
         norm.bias[5] *= 50
     return model
@@ -47,7 +51,7 @@ def _offset_model() -> torch.nn.Module:
     errors of fc1's weight rows shift its outputs."""
     model = tiny_model("vit", num_hidden_layers=3)
     with torch.no_grad():
-        model.get_submodule(NORM).bias += 4.0
+        model.get_submodule(NORM_PATH).bias += 4.0
     return model
 
 
@@ -92,7 +96,7 @@ def test_config_fields_round_trip(tmp_path, suffix):
 
 
 @pytest.mark.parametrize("data,message", [
-    ({"smooth": {NORM: 1.0}}, r"^smooth 'vit.layers.1.layernorm_after': alpha must be a number in \(0, 1\), got 1.0$"),
+    ({"smooth": {NORM: 1.0}}, r"^smooth 'blocks.1.norm2': alpha must be a number in \(0, 1\), got 1.0$"),
     ({"smooth": {NORM: 0}}, r"alpha must be a number in \(0, 1\), got 0$"),
     ({"smooth": {NORM: "half"}}, r"alpha must be a number in \(0, 1\), got 'half'$"),
     ({"smooth": ["x"]}, r"^smooth must be a mapping of site name/glob -> alpha, got list$"),
@@ -107,19 +111,19 @@ def test_config_field_errors_are_one_line(data, message):
 def test_patterns_must_match_smoothable_norms_and_linear_sites(outlier_qm):
     qm = outlier_qm
     assert qm.family.norm_consumers(qm.model, qm.sites)[NORM] == [FC1]
-    assert qm.family.norm_consumers(qm.model, qm.sites)["vit.layers.0.layernorm_before"] == [
-        f"vit.layers.0.attention.{p}_proj" for p in "qkv"]
-    with pytest.raises(ConfigError, match=r"^smooth pattern 'vit.layers.1.mlp.fc1' matches no layernorm site"):
+    assert qm.family.norm_consumers(qm.model, qm.sites)["blocks.0.norm1"] == [
+        f"blocks.0.attn.{p}" for p in "qkv"]
+    with pytest.raises(ConfigError, match=r"^smooth pattern 'blocks.1.mlp.fc1' matches no layernorm site"):
         qm.apply(QuantConfig(smooth={FC1: 0.5}))
-    with pytest.raises(ConfigError, match=r"^smooth pattern 'vit.layernorm' matches no LayerNorm whose output "
+    with pytest.raises(ConfigError, match=r"^smooth pattern 'norm' matches no LayerNorm whose output "
                                           r"feeds Linear sites"):
-        qm.apply(QuantConfig(smooth={"vit.layernorm": 0.5}))  # the final norm: pooled into the head
-    with pytest.raises(ConfigError, match=r"^bias_correction pattern 'vit.layers.1.layernorm_after' matches no "
+        qm.apply(QuantConfig(smooth={"norm": 0.5}))  # the final norm: pooled into the head
+    with pytest.raises(ConfigError, match=r"^bias_correction pattern 'blocks.1.norm2' matches no "
                                           r"linear site"):
         qm.apply(QuantConfig(bias_correction=[NORM]))
-    with pytest.raises(ConfigError, match=r"^smooth pattern 'vit.layers.9.layernorm_after' matches no layernorm "
+    with pytest.raises(ConfigError, match=r"^smooth pattern 'blocks.9.norm2' matches no layernorm "
                                           r"site of this model; close matches"):
-        qm.apply(QuantConfig(smooth={"vit.layers.9.layernorm_after": 0.5}))
+        qm.apply(QuantConfig(smooth={"blocks.9.norm2": 0.5}))
 
 
 # -- smoothing -------------------------------------------------------------------------
@@ -131,7 +135,7 @@ def test_smoothing_keeps_the_float_output(family):
     smoothed = QuantConfig(**ALL_FLOAT, smooth={"*": 0.5})  # every smoothable norm
     out = _logits(qm, smoothed, x)
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
-    norm1 = next(s.name for s in qm.sites if s.role == "norm1" and s.block == 0)
+    norm1 = next(s.path for s in qm.sites if s.role == "norm1" and s.block == 0)
     assert not torch.equal(qm.model.get_parameter(f"{norm1}.weight"), qm.original_parameter(f"{norm1}.weight"))
 
 
@@ -140,7 +144,7 @@ def test_smoothed_activation_range_is_the_exact_range_of_x_over_s(outlier_qm):
     calib = _batches(4, 8, 0)  # the calibration images of _calibrated
     qm.apply(QuantConfig(**ALL_FLOAT, smooth={NORM: 0.5}))
     seen = []
-    hook = qm.model.get_submodule(NORM).register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    hook = qm.model.get_submodule(NORM_PATH).register_forward_hook(lambda m, a, out: seen.append(out.detach()))
     try:
         for x in calib:
             qm(x)
@@ -159,7 +163,7 @@ def test_smoothed_activation_range_is_the_exact_range_of_x_over_s(outlier_qm):
         assert torch.equal(tq.qparams.zero_point, want.zero_point)
     # the weight is quantized from W' = W * s (column-wise)
     s = qm.quantizers[FC1]["input"].smooth
-    assert torch.allclose(qm.model.get_parameter(f"{FC1}.weight"), qm.original_parameter(f"{FC1}.weight") * s)
+    assert torch.allclose(qm.model.get_parameter(f"{FC1_PATH}.weight"), qm.original_parameter(f"{FC1_PATH}.weight") * s)
 
 
 def test_apply_and_restore_bring_back_the_right_parameters(outlier_qm):
@@ -170,7 +174,7 @@ def test_apply_and_restore_bring_back_the_right_parameters(outlier_qm):
     smooth_bc = _with(preset("mixed_1", qm.sites), smooth={"*.layernorm_*": 0.5}, bias_correction=["*.mlp.fc*"])
     s_plain, s_smooth = qm.prepare(preset("mixed_1", qm.sites)), qm.prepare(smooth_bc)
     out_smooth = qm(x)
-    assert set(s_smooth[PARAMS_KEY]) >= {f"{NORM}.weight", f"{NORM}.bias", f"{FC1}.weight", f"{FC1}.bias"}
+    assert set(s_smooth[PARAMS_KEY]) >= {f"{NORM_PATH}.weight", f"{NORM_PATH}.bias", f"{FC1_PATH}.weight", f"{FC1_PATH}.bias"}
     qm.restore(s_plain)
     out_plain = qm(x)
     assert all(torch.equal(v, originals[k]) for k, v in qm.model.state_dict().items())
@@ -187,14 +191,14 @@ def test_apply_and_restore_bring_back_the_right_parameters(outlier_qm):
 def test_calibration_state_keeps_channel_statistics_and_refuses_old_states(outlier_qm):
     state = outlier_qm.calibration_state()
     assert {"channel_min", "channel_max", "channel_sum", "channel_rows"} <= set(state[f"{NORM}:output"])
-    assert "channel_min" not in state["vit.layers.1.residual_mlp:output"]
+    assert "channel_min" not in state["blocks.1.residual_mlp:output"]
     fresh = QuantModel(_outlier_model())
     fresh.load_calibration_state(state)
     cfg = _with(preset("mixed_1", fresh.sites), smooth={NORM: 0.5}, bias_correction=[FC1])
     x = _batches(1, 8, 5)
     assert torch.equal(_logits(fresh, cfg, x), _logits(outlier_qm, cfg, x))
     old = {k: {n: v for n, v in s.items() if not n.startswith("channel_")} for k, s in state.items()}
-    with pytest.raises(ValueError, match=r"^calibration state of vit.layers.0.layernorm_before:output has no "
+    with pytest.raises(ValueError, match=r"^calibration state of blocks.0.norm1:output has no "
                                          r"per-channel statistics \(saved by an older vitq\); calibrate again$"):
         QuantModel(_outlier_model()).load_calibration_state(old)
 
@@ -229,8 +233,8 @@ def test_smoothed_and_bias_corrected_export_agrees_with_onnxruntime(outlier_qm, 
         plain.quantize_nodes, plain.dequantize_nodes, plain.int8_weights) == (26, 46, 20)
     model = onnx.load(str(result.path))
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
-    norm_w = next(v for k, v in inits.items() if k.endswith(f"{NORM}.weight"))
-    assert torch.allclose(torch.from_numpy(norm_w.copy()), qm.model.get_parameter(f"{NORM}.weight").detach())
+    norm_w = next(v for k, v in inits.items() if k.endswith(f"{NORM_PATH}.weight"))
+    assert torch.allclose(torch.from_numpy(norm_w.copy()), qm.model.get_parameter(f"{NORM_PATH}.weight").detach())
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     sess = ort.InferenceSession(str(result.path), opts, providers=["CPUExecutionProvider"])
@@ -259,7 +263,7 @@ def test_bias_correction_removes_the_output_shift_of_an_offset_input():
     qm.apply(corrected)
     analytic = expected_shifts(qm, corrected)[FC1]
     assert torch.allclose(measure_bias_shift(qm, base, calib)[FC1], analytic, atol=0.1 * analytic.abs().max())
-    assert torch.allclose(qm.model.get_parameter(f"{FC1}.bias"), qm.original_parameter(f"{FC1}.bias") - analytic)
+    assert torch.allclose(qm.model.get_parameter(f"{FC1_PATH}.bias"), qm.original_parameter(f"{FC1_PATH}.bias") - analytic)
     # every Linear corrected: the logits move towards FP32 (measured: MSE 1.7e-6 -> 1.2e-6)
     ref = _logits(qm, None, test)
     mse0, _ = _errors(_logits(qm, base, test), ref)
@@ -267,4 +271,4 @@ def test_bias_correction_removes_the_output_shift_of_an_offset_input():
     assert mse1 < mse0
     # a site kept float is not corrected
     qm.apply(_with(base, float_sites=["*.residual_*", FC1], bias_correction=[FC1]))
-    assert torch.equal(qm.model.get_parameter(f"{FC1}.bias"), qm.original_parameter(f"{FC1}.bias"))
+    assert torch.equal(qm.model.get_parameter(f"{FC1_PATH}.bias"), qm.original_parameter(f"{FC1_PATH}.bias"))

@@ -68,7 +68,7 @@ def analyzed(tmp_path_factory) -> Path:
 def evaluated(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("eval")
     cfg = out.parent / f"{EXTRA_CONFIG}.yaml"
-    cfg.write_text(f"name: {EXTRA_CONFIG}\nfloat_sites:\n- vit.layers.1.mlp.fc2\n")
+    cfg.write_text(f"name: {EXTRA_CONFIG}\nfloat_sites:\n- blocks.1.mlp.fc2\n")
     assert vitq(["eval", "--out", str(out), "--no-progress", "--calib", "64", "--limit", "100",
                  "--preset", "all", "--config", str(cfg)]) == 0
     return out
@@ -444,6 +444,7 @@ def test_figures_are_png_and_deterministic(analyzed: Path):
     assert b"Software" not in a and figures.data_uri(a).startswith("data:image/png;base64,")
     assert figures.short_name("vit.layers.3.attention.k_proj") == "b3 attention.k_proj"
     assert figures.short_name("dinov2.encoder.layer.11.mlp.fc2") == "b11 mlp.fc2"
+    assert figures.short_name("blocks.3.attn.k") == "b3 attn.k"
 
 
 # -- a real browser --------------------------------------------------------------------

@@ -41,8 +41,8 @@ def test_planted_outlier_site_ranks_first(tmp_path):
     per_tensor = QuantConfig(name="pt", float_sites=["*.residual_*"],
                              activation=preset("mixed_1", qm.sites).activation)
     df, _ = _run(qm, pixels, labels, tmp_path, config=per_tensor, rank_by="kl")
-    assert df.loc[0, "candidate"] == "vit.layers.1.mlp.fc2"
-    assert most_sensitive_fc(df, 1) == ["vit.layers.1.mlp.fc2"]
+    assert df.loc[0, "candidate"] == "blocks.1.mlp.fc2"
+    assert most_sensitive_fc(df, 1) == ["blocks.1.mlp.fc2"]
 
 
 def test_cached_prefix_equals_naive_full_reevaluation(tmp_path):
@@ -85,7 +85,7 @@ def test_groups():
     by_block = [by_block["block -"], by_block["block 1"]]
     assert [s.role for s in by_block[1].sites] == ["q", "k", "v", "matmul_qk", "matmul_av", "o", "residual_attn",
                                                   "fc1", "fc2", "residual_mlp"]  # LN/GELU/softmax float
-    assert [s.name for s in by_block[0].sites] == ["vit.embeddings.patch_embeddings.projection", "classifier"]
+    assert [s.name for s in by_block[0].sites] == ["patch_embed", "head"]
     assert by_block[0].start(3) == -1 and by_block[1].start(3) == 1
 
 

@@ -41,7 +41,10 @@ def _import_command_modules() -> None:
 
 
 def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
-    p.add_argument("--model", help="HF model folder or hub id (default: the embedded tiny ViT)")
+    p.add_argument("--model", help="HF model folder or hub id, or torchvision:vit_b_16 (vit_b_32, vit_l_16, ...) "
+                                   "with --weights (default: the embedded tiny ViT)")
+    p.add_argument("--weights", help="torchvision weights file (.pth, as torchvision downloads it) for "
+                                     "--model torchvision:NAME")
     if data:
         p.add_argument("--data", help="folder with train/ and val/ class folders (default: embedded sample)")
         p.add_argument("--calib", type=int, default=256, help="calibration images from train/ (default 256)")
@@ -156,14 +159,15 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
 
 
 def _options(args: argparse.Namespace) -> Options:
-    keys = ("model", "data", "out", "calib", "limit", "batch_size", "seed", "workers", "max_bad", "device", "tf32", "decode_cache")
+    keys = ("model", "weights", "data", "out", "calib", "limit", "batch_size", "seed", "workers", "max_bad", "device",
+            "tf32", "decode_cache")
     return Options(**{k: getattr(args, k) for k in keys if hasattr(args, k)}, progress=not args.no_progress)
 
 
 def cmd_sites(args: argparse.Namespace) -> None:
     session = Session(_options(args))
     df = pd.DataFrame([{"name": s.name, "kind": s.kind, "block": s.block, "role": s.role,
-                        "tensors": "+".join(s.slots)} for s in session.sites])
+                        "tensors": "+".join(s.slots), "path": s.path} for s in session.sites])
     df["block"] = df["block"].astype("Int64")
     if args.format == "csv":
         print(df.to_csv(index=False), end="")
@@ -172,7 +176,8 @@ def cmd_sites(args: argparse.Namespace) -> None:
     else:
         print(df.to_string(index=False))
         print(f"\n{len(df)} sites in {session.qmodel.num_blocks} blocks "
-              f"({df['kind'].value_counts().to_dict()})")
+              f"({df['kind'].value_counts().to_dict()}); family {session.qmodel.family.name}. Configs take the "
+              f"canonical name or the path, or globs of either")
 
 
 def format_table(df: pd.DataFrame) -> str:

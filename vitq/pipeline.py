@@ -29,7 +29,7 @@ from .evaluate import evaluate_configs
 from .session import Session
 
 # Bumped when the per-image records of the logs change shape (old logs are not mixed in).
-LOG_VERSION = 2
+LOG_VERSION = 3  # 3: canonical site names (blocks.4.attn.q)
 
 
 @dataclass

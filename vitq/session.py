@@ -35,6 +35,7 @@ class Options:
     device: str = "auto"  # auto (CUDA when available), cpu, cuda, cuda:N
     tf32: bool = False  # allow TF32 matmuls/convolutions on CUDA (FP32 stays FP32 without it)
     decode_cache: str | None = None  # folder of the decoded-crop stores (default: default_decode_cache(); "none": off)
+    weights: str | None = None  # torchvision weights file (--weights)
 
 
 def default_decode_cache() -> str:
@@ -78,7 +79,7 @@ class Session:
         torch.manual_seed(opts.seed)
         self.opts = opts
         self.device = resolve_device(opts.device, opts.tf32)
-        self.loaded: LoadedModel = load_model(opts.model)
+        self.loaded: LoadedModel = load_model(opts.model, opts.weights)
         self.qmodel = QuantModel(self.loaded.model.to(self.device))
         self.data_root = Path(opts.data) if opts.data else DEFAULT_DATA
         self.out = Path(opts.out) if opts.out else Path("out") / self.loaded.name
@@ -123,7 +124,7 @@ class Session:
         images = self.images("train", self.opts.calib)
         files = "\n".join(str(p.relative_to(images.split)) for p, _ in images.items)
         key = {"model": self.describe()["model"], "split": str(images.split.resolve()), "images": len(images),
-               "seed": self.opts.seed, "files": hashlib.sha1(files.encode()).hexdigest(), "version": 2}
+               "seed": self.opts.seed, "files": hashlib.sha1(files.encode()).hexdigest(), "version": 3}  # 3: canonical site names
         cache = self.out / "calibration.pt"
         if cache.is_file():
             saved = torch.load(cache, weights_only=False)
@@ -142,9 +143,8 @@ class Session:
 
     def describe(self) -> dict:
         import transformers
-        local = Path(self.loaded.source).exists()
         return {
-            "model": str(Path(self.loaded.source).resolve()) if local else self.loaded.source,
+            "model": self.loaded.key,
             "family": self.qmodel.family.name, "data": str(self.data_root.resolve()), "seed": self.opts.seed,
             "calibration_images": getattr(self, "calibration_images", None),
             "torch": torch.__version__, "transformers": transformers.__version__,

@@ -50,11 +50,19 @@ class FamilyAdapter(ABC):
         """Raise :class:`UnsupportedModelError` for a variant of a handled class that the
         adapter cannot quantize (e.g. a config option it does not implement)."""
 
+    def prepare(self, model: nn.Module) -> None:
+        """Restructure ``model`` once, in place and float-equivalently, so that every
+        weighted site is a module of its own (torchvision: the fused q/k/v projection of
+        ``nn.MultiheadAttention`` becomes three Linear modules). Called by
+        :func:`family_of`; must be idempotent. Default: nothing."""
+
     # -- sites and instrumentation ----------------------------------------
     @abstractmethod
     def sites(self, model: nn.Module) -> list[Site]:
         """All quantization sites of ``model`` in execution order; names, order and
-        roles are persisted in configs and results, so they must never change."""
+        roles are persisted in configs and results, so they must never change. Names
+        are canonical (``quant.sites``: the same whatever library holds the
+        architecture); ``Site.path`` is the module path in the installed library."""
 
     @abstractmethod
     def instrument(self, model: nn.Module, sites: Sequence[Site], quantizers: Quantizers) -> None:
@@ -63,9 +71,8 @@ class FamilyAdapter(ABC):
         every quantizer is the identity."""
 
     def weight(self, model: nn.Module, site: Site) -> torch.Tensor:
-        """The weight tensor of a weighted (linear/conv) site: by the naming rule of
-        ``quant.sites`` such a site is named after its module."""
-        return model.get_submodule(site.name).weight
+        """The weight tensor of a weighted (linear/conv) site: ``site.path`` is its module."""
+        return model.get_submodule(site.path).weight
 
     def norm_consumers(self, model: nn.Module, sites: Sequence[Site]) -> dict[str, list[str]]:
         """LayerNorm site -> the Linear sites reading its output, and nothing else:
@@ -156,6 +163,7 @@ def family_of(model: nn.Module) -> FamilyAdapter:
         if cls in adapter_cls.model_classes:
             adapter = adapter_cls()
             adapter.check(model)
+            adapter.prepare(model)
             return adapter
     raise UnsupportedModelError(
         f"unsupported model class {cls}; vitq supports: {', '.join(SUPPORTED)}"

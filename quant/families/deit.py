@@ -18,6 +18,8 @@ class DeiT(HFPreNormAdapter):
     model_classes = ("DeiTForImageClassification", "DeiTForImageClassificationWithTeacher")
     backbone_attr = "deit"
     special_tokens = 2  # CLS + distillation
+    # the distilled classifier's heads, named as timm names them
+    head_names = {"classifier": "head", "cls_classifier": "head", "distillation_classifier": "head_dist"}
 
     def classify(self, model: nn.Module, seq: torch.Tensor) -> torch.Tensor:
         if hasattr(model, "distillation_classifier"):  # ...WithTeacher

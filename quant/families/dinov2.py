@@ -18,7 +18,7 @@ from .hf_common import HFPreNormAdapter
 class Dinov2(HFPreNormAdapter):
     model_classes = ("Dinov2ForImageClassification",)
     backbone_attr = "dinov2"
-    layers_path = "encoder.layer"
+    layers_paths = ("encoder.layer",)
     norm1, norm2 = "norm1", "norm2"
 
     def check(self, model: nn.Module) -> None:

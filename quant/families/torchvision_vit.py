@@ -1,0 +1,131 @@
+"""torchvision's ViT (``torchvision.models.VisionTransformer``: vit_b_16, vit_b_32, vit_l_16, ...).
+
+The blocks are the plain pre-norm ViT blocks that HF ViT has, so the sites and their
+canonical names are the same (``blocks.4.attn.q`` ... ``blocks.4.residual_mlp``,
+``patch_embed``, ``norm``, ``head``): a skip-list written for HF ViT applies unchanged.
+Where they live differs: ``conv_proj``, ``encoder.layers.encoder_layer_4.{ln_1,ln_2}``,
+``mlp.0``/``mlp.3`` (fc1/fc2), ``encoder.ln``, ``heads.head``.
+
+torchvision's attention is ``nn.MultiheadAttention``, whose q/k/v projections are one
+fused ``in_proj_weight``. :meth:`TorchvisionViT.prepare` replaces it, once, by
+:class:`SplitAttention`: the same parameters as three Linear modules (``q_proj``,
+``k_proj``, ``v_proj``) and ``out_proj``, computing the same attention explicitly (equal
+to ``nn.MultiheadAttention`` up to float rounding; a test checks it), so that q, k and
+v are sites with their own weight like everywhere else.
+
+torchvision is imported by nothing here: the class is recognised by name and module.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import UnsupportedModelError, register_family
+from .prenorm import PreNormAdapter, attention
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+FLOAT_SLOTS = {"matmul_qk": {"q": _identity, "k": _identity}, "softmax": {"output": _identity},
+               "matmul_av": {"probs": _identity, "v": _identity}}
+
+
+class SplitAttention(nn.Module):
+    """A batch-first self-attention ``nn.MultiheadAttention`` with its fused in-projection
+    split into ``q_proj``/``k_proj``/``v_proj`` (copies of the slices of ``in_proj_weight``
+    and ``in_proj_bias``); called as the original is called, ``(x, x, x, need_weights=False)``."""
+
+    def __init__(self, mha: nn.MultiheadAttention) -> None:
+        super().__init__()
+        if not mha.batch_first or not mha._qkv_same_embed_dim or mha.bias_k is not None:
+            raise UnsupportedModelError("torchvision ViT: only batch-first self-attention with one fused "
+                                        "in-projection is supported")
+        dim, bias = mha.embed_dim, mha.in_proj_bias
+        self.num_heads = mha.num_heads
+        self.dropout = mha.dropout
+        projections = []
+        for i in range(3):
+            linear = nn.Linear(dim, dim, bias=bias is not None, device=mha.in_proj_weight.device,
+                               dtype=mha.in_proj_weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(mha.in_proj_weight[i * dim:(i + 1) * dim])
+                if bias is not None:
+                    linear.bias.copy_(bias[i * dim:(i + 1) * dim])
+            projections.append(linear)
+        self.q_proj, self.k_proj, self.v_proj = projections
+        self.out_proj = mha.out_proj
+
+    def forward(self, query, key=None, value=None, need_weights=False, **kwargs):
+        if (key is not None and key is not query) or (value is not None and value is not query):
+            raise ValueError("SplitAttention is self-attention only")
+        out = attention(FLOAT_SLOTS, self.q_proj, self.k_proj, self.v_proj, self.out_proj, query, self.num_heads)
+        return out, None
+
+
+def _is_torchvision_vit(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("torchvision.models.vision_transformer")
+
+
+@register_family("torchvision_vit")
+class TorchvisionViT(PreNormAdapter):
+    model_classes = ("VisionTransformer",)
+
+    def check(self, model: nn.Module) -> None:
+        if not _is_torchvision_vit(model):
+            raise UnsupportedModelError(f"unsupported model class VisionTransformer from {type(model).__module__}; "
+                                        f"vitq supports torchvision's VisionTransformer")
+        if not isinstance(model.conv_proj, nn.Conv2d):
+            raise UnsupportedModelError("torchvision ViT with a convolutional stem is not supported")
+        if list(dict(model.heads.named_children())) != ["head"]:
+            raise UnsupportedModelError("torchvision ViT with a representation (pre-logits) layer is not supported")
+
+    def prepare(self, model: nn.Module) -> None:
+        for block in self.blocks(model):
+            if isinstance(block.self_attention, nn.MultiheadAttention):
+                block.self_attention = SplitAttention(block.self_attention)
+
+    # -- where things are ----------------------------------------------------
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.encoder.layers)
+
+    def parts(self, layer: nn.Module) -> dict[str, nn.Module]:
+        at = layer.self_attention
+        return {"norm1": layer.ln_1, "q": at.q_proj, "k": at.k_proj, "v": at.v_proj, "o": at.out_proj,
+                "norm2": layer.ln_2, "fc1": layer.mlp[0], "act": layer.mlp[1], "fc2": layer.mlp[3]}
+
+    def post_attn(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        return layer.dropout(h)
+
+    def post_mlp(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        return layer.mlp[4](h)  # the MLP's trailing dropout
+
+    def num_heads(self, model: nn.Module) -> int:
+        return self.blocks(model)[0].num_heads
+
+    def patch_embed(self, model: nn.Module) -> nn.Module:
+        return model.conv_proj
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return model.encoder.ln
+
+    def heads(self, model: nn.Module) -> list[tuple[str, nn.Linear]]:
+        return [("head", model.heads.head)]
+
+    # -- running ---------------------------------------------------------------
+    def embed(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = model._process_input(pixel_values)
+        x = torch.cat([model.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return model.encoder.dropout(x + model.encoder.pos_embedding)
+
+    def head(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return model.heads(model.encoder.ln(hidden)[:, 0])
+
+    # -- shape facts -----------------------------------------------------------
+    def head_dim(self, model: nn.Module) -> int:
+        return model.hidden_dim // self.num_heads(model)
+
+    def num_tokens(self, model: nn.Module) -> int:
+        return model.seq_length
