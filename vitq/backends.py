@@ -109,7 +109,7 @@ class OnnxRuntimeInt8:
     name = "onnxruntime"
 
     def __init__(self, qmodel: QuantModel, out_dir: str | Path, example_pixels: torch.Tensor,
-                 threads: int | None = None, opset: int = 17) -> None:
+                 threads: int | None = None, opset: int = 18) -> None:
         import_onnxruntime()
         self.qmodel, self.out_dir = qmodel, Path(out_dir)
         self.example, self.threads, self.opset = example_pixels, threads, opset
@@ -228,7 +228,7 @@ def describe_export(int8: ExportResult, fp32: ExportResult | None = None) -> str
 
 
 def export_fp32_and_int8(qmodel: QuantModel, config: QuantConfig, out_dir: str | Path,
-                         example_pixels: torch.Tensor, opset: int = 17) -> tuple[ExportResult, ExportResult]:
+                         example_pixels: torch.Tensor, opset: int = 18) -> tuple[ExportResult, ExportResult]:
     """``out_dir/model_fp32.onnx`` and ``out_dir/model_int8.onnx`` (``config`` applied)."""
     out_dir = Path(out_dir)
     with float_state(qmodel):
@@ -250,7 +250,7 @@ def example_pixels(session) -> torch.Tensor:
     return pixels[:1]
 
 
-def run_export(session, config: QuantConfig, opset: int = 17) -> list[str]:
+def run_export(session, config: QuantConfig, opset: int = 18) -> list[str]:
     """``vitq export``: FP32 and int8 ONNX models of a calibrated session in its
     output folder, plus ``export.json``; returns the lines to print."""
     import json

@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--config", help="QuantConfig YAML/JSON to export (default: preset all)")
     p.add_argument("--preset", choices=[n for n in PRESETS if n != "fp32"], help="export a preset instead")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 13, default 17)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18, the dynamo exporter's; default 18)")
     return parser
 
 
