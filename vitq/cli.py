@@ -71,8 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", default=[], help="a QuantConfig YAML/JSON to evaluate too")
     p.add_argument("--mixed-2-float", help="comma-separated sites mixed_2 keeps float (default: fc2 of blocks 4,5)")
     p.add_argument("--mixed-2-from", help="a sensitivity CSV (per site): mixed_2 keeps its two most sensitive fc float")
-    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
-                   help="torch: fake-quant simulation; onnxruntime: real int8 ONNX Runtime run of each config")
+    p.add_argument("--backend", choices=("torch", "onnxruntime", "torch-int8"), default="torch",
+                   help="torch: fake-quant simulation; onnxruntime: real int8 ONNX Runtime run of each config; "
+                        "torch-int8: torch.export + torchao PT2E (X86InductorQuantizer) + torch.compile, "
+                        "conv/linear sites only (configs with other int8 kinds are refused)")
 
     p = sub.add_parser("sensitivity", help="per-site / per-group sensitivity ranking")
     _common(p)
@@ -112,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="QuantConfig YAML/JSON to export (default: preset all)")
     p.add_argument("--preset", choices=[n for n in PRESETS if n != "fp32"], help="export a preset instead")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18, the dynamo exporter's; default 18)")
+    p.add_argument("--format", choices=("onnx", "pt2e"), default="onnx",
+                   help="onnx: Q/DQ ONNX (dynamo exporter); pt2e: torchao PT2E-converted torch.export program "
+                        "(model_int8.pt2; conv/linear sites only)")
     return parser
 
 
@@ -293,7 +298,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     session = Session(_options(args))
     config = preset(args.preset, session.sites) if args.preset else _start_config(args, session)
     session.calibrate()
-    for line in run_export(session, config, opset=args.opset):
+    if args.format == "pt2e":
+        from .backends import run_export_pt2e
+        lines = run_export_pt2e(session, config)
+    else:
+        lines = run_export(session, config, opset=args.opset)
+    for line in lines:
         print(line)
 
 
