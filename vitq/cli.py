@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _plan_args(p)
     p.add_argument("--error-images", type=int, default=64, help="val images for the error analyzer")
+    p.add_argument("--bench", action="store_true",
+                   help="also time FP32 and the presets/plan in ONNX Runtime (int8) on this CPU -> speed.csv and "
+                        "the report's speed table (minutes on a real model; off by default)")
 
     p = sub.add_parser("export", help="int8 ONNX model (QuantizeLinear/DequantizeLinear) of a config")
     _common(p)
@@ -324,6 +327,10 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     print_errors(report, 5)
     print("\naccuracy on all val images:")
     print(format_table(df))
+    if args.bench:
+        from .bench import run_bench
+        _, lines = run_bench(session, configs)
+        print("\n" + "\n".join(lines))
     path = render_report(session.out)
     print(f"\nreport: {path}  ({time.time() - t0:.0f} s)")
 
