@@ -61,6 +61,10 @@ PLAN_RUN = ("calibration_s", "wall_s", "measured_now", "log")
 PLAN_STEPS = TableSpec("plan_steps", PLAN_META, PLAN_RUN, "vitq plan")
 PLAN_TRIED = TableSpec("plan_tried", PLAN_META, PLAN_RUN, "vitq plan")
 PLAN_CONFIRM = TableSpec("plan_confirm", PLAN_META, PLAN_RUN, "vitq plan")
+# vitq analyze --bench: CPU speed of FP32 and the presets/plan (vitq.bench)
+SPEED = TableSpec("speed", (*RUN_CONTEXT, "threads", "warmup", "runs", "rounds", "image_size", "cpu",
+                            "load_avg", "onnxruntime", "method"),
+                  ("wall_s",), "vitq analyze --bench")
 PLAN_YAML = "plan.yaml"
 PLAN_SKIPLIST = "plan_skiplist.yaml"
 CALIBRATION = "calibration.pt"

@@ -1,36 +1,43 @@
 """Export a QuantModel to ONNX with QuantizeLinear/DequantizeLinear at its int8 tensors.
 
-The graph is the instrumented model itself, traced by torch's TorchScript-based
-exporter (``torch.onnx.export(..., dynamo=False)``), which turns every
-``torch.fake_quantize_per_{tensor,channel}_affine`` into a QuantizeLinear +
-DequantizeLinear pair. So the Q/DQ placement is by construction the one the
-fake-quant simulation runs: an int8 activation gets a Q/DQ pair with its
-calibrated scale and zero point (uint8 when asymmetric, int8 when symmetric), a
-float site gets nothing.
+The graph is the instrumented model itself, captured by ``torch.export`` and
+translated by torch's dynamo ONNX exporter (``torch.onnx.export(..., dynamo=True)``,
+which needs ``onnxscript``). During export (:func:`export_mode`) every quantizing
+slot runs ``quantized_decomposed.quantize_per_{tensor,channel}`` followed by the
+matching ``dequantize_*`` op (torch's PT2E Q/DQ ops, which ``torch.export`` keeps as
+they are and onnxscript's torchlib writes as QuantizeLinear + DequantizeLinear). So
+the Q/DQ placement is by construction the one the fake-quant simulation runs: an int8
+activation gets a Q/DQ pair with its calibrated scale and zero point (uint8 when
+asymmetric, int8 when symmetric), a float site gets nothing. (The simulation's own
+op, ``torch.fake_quantize_per_tensor_affine`` with tensor qparams, cannot be captured:
+``torch.export`` decomposes it into ``_fake_quantize_per_tensor_affine_cachemask_tensor_qparams``,
+which has no fake-tensor kernel in torch 2.13/2.14. The TorchScript exporter, which
+torch deprecates, is no longer used.)
 
 Weights: in QUANT mode a weight quantizer returns its cached fake-quantized weight,
-which a trace would freeze into a float constant. During export
-(:func:`export_mode`) weight quantizers run the fake-quant on the float weight
-instead, so the trace sees ``Q(W) -> DQ``; the post-processing
-(:func:`fold_weights`) then replaces each ``Q(constant W)`` by an int8 initializer
-holding the integer codes, bit-exact with the simulation's weights. A Linear's
-``DQ -> Transpose`` (the exporter's ``x @ W.T``) is folded too: the int8
-initializer is stored transposed (``[in, out]``) and a per-channel DQ uses
-``axis=1`` (the output channel), the layout ONNX Runtime's QDQ fusions expect.
+which a trace would freeze into a float constant. During export weight quantizers
+run Q -> DQ on the float weight instead; the post-processing (:func:`fold_weights`)
+then replaces each ``Q(constant W)`` by an int8 initializer holding the integer codes,
+bit-exact with the simulation's weights. A Linear's ``DQ -> Transpose`` (``x @ W.T``)
+is folded too: the int8 initializer is stored transposed (``[in, out]``) and a
+per-channel DQ uses ``axis=1`` (the output channel), the layout ONNX Runtime's QDQ
+fusions expect. A ``Clip`` to the full int8/uint8 range between a Q and its DQ (how
+torchlib writes a per-channel quantize's clamp) is a no-op and is dropped.
 
 Remedies need nothing here: a config's smoothing (``QuantConfig.smooth``) and bias
 correction change the model's parameters (LayerNorm affine, consumer weights,
-Linear biases), which the trace exports as they are: smoothed LayerNorm weights and
+Linear biases), which the export writes as they are: smoothed LayerNorm weights and
 biases and corrected biases as float initializers, smoothed weights as int8.
 
-Only standard ``ai.onnx`` ops are produced (opset >= 13, needed by per-channel
-DequantizeLinear and tensor scales). Only 8-bit specs can be exported: opset 17
-has no int4/int16 Q/DQ.
+Only standard ``ai.onnx`` ops are produced (opset >= 18, the dynamo exporter's).
+Only 8-bit specs can be exported: Q/DQ below opset 21 is 8-bit only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import io
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -43,12 +50,13 @@ from torch import nn
 
 from .config import ConfigError
 from .model import OBSERVE, QUANT, QuantModel, TensorQuantizer
-from .quantizer import QParams, fake_quantize, quantize_to_int
+from .quantizer import QParams, quantize_to_int
 from .store import atomic_write
 
 Q_OP, DQ_OP = "QuantizeLinear", "DequantizeLinear"
 STANDARD_DOMAINS = ("", "ai.onnx")
 INT8_RANGES = {(0, 255): "uint8", (-128, 127): "int8"}
+OPTIMIZE = False
 
 
 class ExportError(ConfigError):
@@ -125,10 +133,35 @@ class _ExportQuantizer(TensorQuantizer):
     float weight (traceable as Q -> DQ) rather than returned from the cache; taps
     are not run."""
 
+    _scalar_qparams: tuple[float, int] | None = None  # per-tensor (scale, zero point), read before tracing
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == QUANT:
-            return fake_quantize(x, self.qparams)
+            return export_qdq(x, self.qparams, self._scalar_qparams)
         return x
+
+
+def _decomposed_ops():
+    """torch's ``quantized_decomposed`` op library (registered on import)."""
+    if not hasattr(torch.ops.quantized_decomposed, "quantize_per_tensor"):
+        importlib.import_module("torch.ao.quantization.fx._decomposed")  # registers the ops
+    return torch.ops.quantized_decomposed
+
+
+def export_qdq(x: torch.Tensor, qp: QParams, scalars: tuple[float, int] | None = None) -> torch.Tensor:
+    """Quantize -> dequantize ``x`` with ``qp`` through the PT2E Q/DQ ops (what
+    ``torch.export`` keeps and the ONNX exporter writes as QuantizeLinear/DequantizeLinear).
+    Numerically the simulation's fake-quant (round(x * (1/scale)) + zp, clamped)."""
+    ops = _decomposed_ops()
+    dtype = torch.uint8 if qp.qmin == 0 else torch.int8
+    if qp.per_channel:
+        scale, zp = qp.scale.float(), qp.zero_point.to(torch.int64)
+        q = ops.quantize_per_channel(x, scale, zp, qp.ch_axis, qp.qmin, qp.qmax, dtype)
+        return ops.dequantize_per_channel(q, scale, zp, qp.ch_axis, qp.qmin, qp.qmax, dtype)
+    # python numbers, read outside the trace (a tensor read inside it is data-dependent)
+    scale, zp = scalars or (float(qp.scale.reshape(-1)[0]), int(qp.zero_point.reshape(-1)[0]))
+    q = ops.quantize_per_tensor(x, scale, zp, qp.qmin, qp.qmax, dtype)
+    return ops.dequantize_per_tensor(q, scale, zp, qp.qmin, qp.qmax, dtype)
 
 
 @contextlib.contextmanager
@@ -138,11 +171,136 @@ def export_mode(qmodel: QuantModel) -> Iterator[None]:
     classes = [(tq, type(tq)) for tq in qmodel.tensor_quantizers()]
     for tq, _ in classes:
         tq.__class__ = _ExportQuantizer
+        if tq.mode == QUANT and not tq.qparams.per_channel:
+            tq._scalar_qparams = (float(tq.qparams.scale.reshape(-1)[0]), int(tq.qparams.zero_point.reshape(-1)[0]))
     try:
         yield
     finally:
         for tq, cls in classes:
             tq.__class__ = cls
+            tq.__dict__.pop("_scalar_qparams", None)
+
+
+def _fold_param_casts(graph) -> int:
+    """Fold ``Cast``/``CastLike`` of constants (how torchlib writes per-channel scales and
+    zero points) into initializers, so that every Q/DQ parameter is an initializer;
+    returns how many were folded. (The exporter's own optimizer is off: it would fold
+    ``QuantizeLinear(constant weight)`` with ONNX's division by the scale, not bit-exact
+    with the simulation's multiplication by its inverse; :func:`fold_weights` does it.)"""
+    from onnx import helper, numpy_helper
+
+    arrays = _initializer_arrays(graph)
+    for n in graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            arrays.setdefault(n.output[0], numpy_helper.to_array(n.attribute[0].t))
+    folded, drop = 0, set()
+    nodes = list(graph.node)  # hold the wrappers: id() of a dropped one must not be reused
+    for n in nodes:
+        if n.op_type not in ("Cast", "CastLike") or not all(i in arrays for i in n.input):
+            continue
+        x = arrays[n.input[0]]
+        if n.op_type == "Cast":
+            dtype = helper.tensor_dtype_to_np_dtype(_attr(n, "to"))
+        else:
+            dtype = arrays[n.input[1]].dtype
+        if x.size > 1 << 16:  # parameters only, never a weight
+            continue
+        out = np.asarray(x).astype(dtype)
+        arrays[n.output[0]] = out
+        graph.initializer.append(numpy_helper.from_array(out, n.output[0]))
+        drop.add(id(n))
+        folded += 1
+    if drop:
+        kept = [n for n in nodes if id(n) not in drop]
+        del graph.node[:]
+        graph.node.extend(kept)
+    return folded
+
+
+def _drop_noop_clips(graph) -> int:
+    """Remove ``Q -> Clip(lo, hi) -> DQ`` clips whose bounds are the int8/uint8 range
+    of the Q's output (no-ops: QuantizeLinear saturates to that range itself)."""
+    arrays = _initializer_arrays(graph)
+    consts = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+
+    def value(name):
+        if name in arrays:
+            return arrays[name]
+        if name in consts:
+            from onnx import numpy_helper
+            return numpy_helper.to_array(consts[name].attribute[0].t)
+        return None
+
+    producers = {o: n for n in graph.node for o in n.output}
+    rename, drop = {}, set()
+    all_nodes = list(graph.node)  # hold the wrappers (see _fold_param_casts)
+    for n in all_nodes:
+        if n.op_type != "Clip" or len(n.input) < 3:
+            continue
+        q = producers.get(n.input[0])
+        if q is None or q.op_type != Q_OP or len(q.input) < 3:
+            continue
+        zp, lo, hi = value(q.input[2]), value(n.input[1]), value(n.input[2])
+        if zp is None or lo is None or hi is None:
+            continue
+        info = np.iinfo(zp.dtype)
+        if int(lo) != info.min or int(hi) != info.max:
+            raise ExportError(f"{n.name}: Clip({int(lo)}, {int(hi)}) after a QuantizeLinear narrows the "
+                              f"{zp.dtype} range; not a standard Q/DQ pair")
+        rename[n.output[0]] = n.input[0]
+        drop.add(id(n))
+    if rename:
+        nodes = [n for n in all_nodes if id(n) not in drop]
+        for n in nodes:
+            for pos, name in enumerate(n.input):
+                if name in rename:
+                    n.input[pos] = rename[name]
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return len(rename)
+
+
+def export_graph(module: nn.Module, example: torch.Tensor, opset: int = 18, dynamic_batch: bool = True,
+                 input_name: str = "pixel_values", output_name: str = "logits"):
+    """``module(example)`` through the dynamo ONNX exporter, post-processed into a
+    standard Q/DQ graph (constants as initializers, duplicate pairs merged, no-op clips
+    dropped, weights folded to int8 initializers); returns the ModelProto. Call inside
+    :func:`export_mode`."""
+    onnx = _require_onnx()
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ExportError("ONNX export needs the `onnxscript` package (torch's dynamo exporter): "
+                          "pip install 'vitq[onnx]'") from None
+    if opset < 18:
+        raise ExportError(f"opset {opset}: the dynamo ONNX exporter writes opset >= 18")
+    shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(module, (example,), dynamo=True, opset_version=opset,
+                                        input_names=[input_name], output_names=[output_name],
+                                        dynamic_shapes=shapes, verbose=False, optimize=OPTIMIZE)
+        except Exception as e:  # torch.export / onnxscript raise many types
+            raise ExportError(f"the dynamo ONNX exporter failed: {str(e).strip().splitlines()[0][:300]}") from e
+    model = program.model_proto
+    graph = model.graph
+    _fold_param_casts(graph)
+    _constants_to_initializers(graph)
+    _drop_noop_clips(graph)
+    _prune(graph)
+    _dedupe_qdq(graph)
+    fold_weights(graph)
+    del graph.value_info[:]  # the exporter's shapes of folded (transposed) weights are stale
+    scalars = {i.name for i in graph.initializer if len(i.dims) == 0}
+    for n in graph.node:  # the exporter's per-node stack traces and FX names: ~1.5 kB a node
+        n.doc_string = ""
+        del n.metadata_props[:]
+        if n.op_type in (Q_OP, DQ_OP) and n.input[1] in scalars:  # per-tensor: an axis means nothing
+            keep = [a for a in n.attribute if a.name != "axis"]
+            del n.attribute[:]
+            n.attribute.extend(keep)
+    return model
 
 
 class _Forward(nn.Module):
@@ -365,7 +523,7 @@ def nonstandard_ops(model) -> list[str]:
     return sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
 
 
-def export_onnx(qmodel: QuantModel, path: str | os.PathLike, example_pixels: torch.Tensor, opset: int = 17,
+def export_onnx(qmodel: QuantModel, path: str | os.PathLike, example_pixels: torch.Tensor, opset: int = 18,
                 dynamic_batch: bool = True, metadata: dict[str, str] | None = None) -> ExportResult:
     """Write the current quantization state of ``qmodel`` to ``path`` (ONNX, Q/DQ).
 
@@ -376,42 +534,28 @@ def export_onnx(qmodel: QuantModel, path: str | os.PathLike, example_pixels: tor
     activation; returns what it contains.
     """
     onnx = _require_onnx()
-    if opset < 13:
-        raise ExportError(f"opset {opset}: per-channel Q/DQ needs opset >= 13")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    axes = {"pixel_values": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
     example = example_pixels.detach()[:2].float()
     if len(example) == 1:  # trace at batch 2: nothing can mistake the batch size for a constant
         example = example.expand(2, *example.shape[1:]).contiguous()
     expected = int8_tensors(qmodel, example)
-    try:
-        with export_mode(qmodel), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # TracerWarnings from transformers' shape checks, legacy-exporter notice
-            torch.onnx.export(_Forward(qmodel), (example,), str(tmp), dynamo=False, opset_version=opset,
-                              input_names=["pixel_values"], output_names=["logits"], dynamic_axes=axes,
-                              do_constant_folding=True)
-        model = onnx.load(str(tmp))
-        graph = model.graph
-        _constants_to_initializers(graph)
-        _dedupe_qdq(graph)
-        fold_weights(graph)
-        bad = nonstandard_ops(model)
-        if bad:
-            raise ExportError(f"the exported graph uses non-standard ops {bad}")
-        n_q, n_dq = sum(n.op_type == Q_OP for n in graph.node), sum(n.op_type == DQ_OP for n in graph.node)
-        n_w = sum(t.is_weight for t in expected)
-        if n_dq != len(expected) or n_q != len(expected) - n_w:
-            raise ExportError(f"exported graph has {n_q} QuantizeLinear / {n_dq} DequantizeLinear, expected "
-                              f"{len(expected) - n_w} / {len(expected)} for the int8 tensors of this config")
-        model.producer_name = "vitq"
-        if metadata:
-            onnx.helper.set_model_props(model, {str(k): str(v) for k, v in metadata.items()})
-        onnx.checker.check_model(model)
-        atomic_write(path, lambda f: f.write(model.SerializeToString()))
-    finally:
-        tmp.unlink(missing_ok=True)
+    with export_mode(qmodel):
+        model = export_graph(_Forward(qmodel), example, opset, dynamic_batch)
+    graph = model.graph
+    bad = nonstandard_ops(model)
+    if bad:
+        raise ExportError(f"the exported graph uses non-standard ops {bad}")
+    n_q, n_dq = sum(n.op_type == Q_OP for n in graph.node), sum(n.op_type == DQ_OP for n in graph.node)
+    n_w = sum(t.is_weight for t in expected)
+    if n_dq != len(expected) or n_q != len(expected) - n_w:
+        raise ExportError(f"exported graph has {n_q} QuantizeLinear / {n_dq} DequantizeLinear, expected "
+                          f"{len(expected) - n_w} / {len(expected)} for the int8 tensors of this config")
+    model.producer_name = "vitq"
+    if metadata:
+        onnx.helper.set_model_props(model, {str(k): str(v) for k, v in metadata.items()})
+    onnx.checker.check_model(model)
+    atomic_write(path, lambda f: f.write(model.SerializeToString()))
     result = summarize(model, path)
     result.int8_tensors = expected
     return result

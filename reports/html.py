@@ -207,6 +207,7 @@ class Artefacts:
         self.plan_steps = self._table(artifacts.PLAN_STEPS)
         self.plan_tried = self._table(artifacts.PLAN_TRIED)
         self.plan_confirm = self._table(artifacts.PLAN_CONFIRM)
+        self.speed = self._table(artifacts.SPEED)
         self.plan_yaml, self.plan_config = self._yaml(artifacts.PLAN_YAML)
         self.skiplist_yaml, self.skiplist = self._yaml(artifacts.PLAN_SKIPLIST)
         self.preset_yaml = self._preset_yamls()
@@ -262,7 +263,7 @@ class Artefacts:
 
     def tables(self) -> list[artifacts.Table]:
         return [t for t in (self.accuracy, self.eval, *self.sensitivity.values(), self.activations, self.weights,
-                            self.plan_steps, self.plan_tried, self.plan_confirm) if t is not None]
+                            self.plan_steps, self.plan_tried, self.plan_confirm, self.speed) if t is not None]
 
     def all_meta(self) -> list[tuple[str, dict[str, Any]]]:
         return [(t.path.name, t.meta) for t in self.tables()]
@@ -412,6 +413,35 @@ def accuracy_section(a: Artefacts) -> Section:
         return "ref-row" if r.get("config") == "fp32" else ("plan-row" if r.get("config") == "plan" else "")
     sec.blocks.append(Block("table", table=make_table("accuracy-table", caption, ACCURACY_COLUMNS, records,
                                                       row_class, sortable=len(records) >= SORTABLE_MIN_ROWS)))
+    return sec
+
+
+SPEED_COLUMNS = [
+    Column("config", "config", numeric=False),
+    Column("backend", "backend", numeric=False),
+    Column("file_mb", "file (MB)", fmt_fixed(1), title="ONNX file size"),
+    Column("latency_b1_ms", "latency b1 (ms)", fmt_fixed(1), title="median at batch 1"),
+    Column("latency_b1_spread", "spread", lambda v: f"{100 * float(v):.0f} %",
+           title="(max - min) / median of the per-round medians"),
+    Column("throughput_b8", "throughput b8 (img/s)", fmt_fixed(1), title="median at batch 8"),
+    Column("throughput_b8_spread", "spread", lambda v: f"{100 * float(v):.0f} %"),
+    Column("speedup_b8_vs_fp32_eager", "b8 vs FP32 eager", lambda v: f"{float(v):.2f}x"),
+]
+
+
+def speed_section(a: Artefacts) -> Section | None:
+    """speed.json (vitq analyze --bench); no section at all without it (it is optional)."""
+    if a.speed is None:
+        return None
+    sec = Section("speed", "Speed on this CPU")
+    m = a.speed.meta
+    caption = (f"FP32 (torch eager, ONNX Runtime) and every config as its Q/DQ ONNX export in ONNX Runtime (int8"
+               f" kernels); {_esc(m.get('threads'))} threads, {_esc(m.get('rounds'))} interleaved rounds of"
+               f" {_esc(m.get('runs'))} timed runs after {_esc(m.get('warmup'))} warm-up; CPU {_esc(m.get('cpu'))},"
+               f" load average {_esc(m.get('load_avg'))} at the start (timings need an idle machine);"
+               f" {_esc(m.get('method'))}.")
+    sec.blocks.append(Block("table", table=make_table("speed-table", caption, SPEED_COLUMNS,
+                                                      _records(a.speed.rows))))
     return sec
 
 
@@ -998,6 +1028,9 @@ def build_context(out_dir: Path, title: str | None = None) -> dict[str, Any]:
     a = Artefacts(out_dir)
     sections = [accuracy_section(a), planner_section(a), skiplist_section(a), summary_section(a),
                 sensitivity_section(a), depth_section(a), outlier_section(a), weights_section(a)]
+    speed = speed_section(a)
+    if speed is not None:
+        sections.insert(1, speed)
     first: dict[str, Any] = {}
     for _, meta in a.all_meta():
         for key in ("model", "family", "data", "seed"):

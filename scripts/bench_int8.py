@@ -2,8 +2,12 @@
 
 Models: ViT-B/16 at 224 built from a ViTConfig with random weights (offline), and
 the shared DINOv2 probe (../shared/models/dinov2-s14-in1k-probe) when present.
-INT8 variants are the presets ``all`` and ``mixed_1``, calibrated on a few images
-(random images through the model's processor, or real ones with --data).
+INT8 variants: ONNX Runtime runs of the presets ``all``, ``mixed_1``, ``mixed_2`` and of any
+``--plan MODEL=plan.yaml`` config, and torch-int8 (torch.export + torchao PT2E +
+torch.compile, conv/linear sites int8: the ``all`` preset with matmuls and residual adds
+float), calibrated on a few images (random images through the model's processor, or real
+ones with --data). ``--rounds R`` runs every variant R times, each time in a fresh process,
+variants interleaved (round-robin), and reports medians over rounds with their spread.
 
 For each variant: latency at batch 1 (ms) and throughput at batch 8 (images/s),
 medians of --runs timed runs after --warmup runs, with --threads intra-op threads
@@ -33,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SHARED_PROBE = ROOT.parent / "shared" / "models" / "dinov2-s14-in1k-probe"
-PRESETS = ("all", "mixed_1")
+PRESETS = ("all", "mixed_1", "mixed_2")
 VIT_B16 = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                image_size=224, patch_size=16, num_labels=1000)
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -132,8 +136,27 @@ def prepare_model(name: str, source: Path, out: Path, args) -> list[dict]:
         variants.append(dict(model=name, variant=f"int8 ort {p}", kind="ort", path=str(r.path),
                              file_mb=r.file_bytes / 2**20, qdq=f"{r.quantize_nodes}Q/{r.dequantize_nodes}DQ",
                              preset=p))
+    for plan_path in args.plan_for.get(name, []):
+        from quant.config import QuantConfig
+        cfg = QuantConfig.load(plan_path)
+        p = Path(plan_path).stem
+        qm.apply(cfg)
+        r = export_onnx(qm, folder / f"model_int8_{p}.onnx", example)
+        sim[p] = qm(evals).argmax(-1)
+        variants.append(dict(model=name, variant=f"int8 ort {p}", kind="ort", path=str(r.path),
+                             file_mb=r.file_bytes / 2**20, qdq=f"{r.quantize_nodes}Q/{r.dequantize_nodes}DQ",
+                             preset=p))
+    if args.torch_int8:
+        from vitq.torch_int8 import quantize_pt2e, save_pt2e, torch_int8_config
+        cfg = torch_int8_config(preset("all", qm.sites))
+        qm.apply(cfg)
+        sim["torch_int8"] = qm(evals).argmax(-1)
+        module = quantize_pt2e(qm, cfg, list(calib.split(8)), example)
+        path = save_pt2e(module, example, folder / "model_int8_torch.pt2")
+        variants.append(dict(model=name, variant="int8 torch pt2e+inductor", kind="torch-int8", path=str(path),
+                             file_mb=path.stat().st_size / 2**20, qdq="conv/linear", preset="torch_int8"))
     qm.apply(None)
-    print(f"[{name}] exported {len(variants) - 1} ONNX models in {time.time() - t:.1f} s", flush=True)
+    print(f"[{name}] exported {len(variants) - 1} models in {time.time() - t:.1f} s", flush=True)
     for v in variants:
         v["eval_pixels"] = str(folder / "eval_pixels.npy")
         v["logits"] = str(folder / f"logits_{v['variant'].replace(' ', '_')}.npy")
@@ -166,6 +189,17 @@ def time_variant(spec: dict, threads: int, warmup: int, runs: int) -> dict:
         def run(x):
             with torch.inference_mode():
                 return model(torch.from_numpy(x)).logits.float().numpy()
+    elif spec["kind"] == "torch-int8":
+        import torch
+        torch.set_num_threads(threads)
+        from torch._inductor import config as inductor_config
+        inductor_config.freezing = True
+        import torchao.quantization.pt2e  # noqa: F401  (registers the ops the program uses)
+        compiled = torch.compile(torch.export.load(spec["path"]).module())
+
+        def run(x):
+            with torch.no_grad():
+                return compiled(torch.from_numpy(x)).float().numpy()
     else:
         import onnxruntime as ort
         opts = ort.SessionOptions()
@@ -208,6 +242,10 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--runs", type=int, default=7, help="timed runs per measurement (median; >= 5)")
     ap.add_argument("--out", default=str(ROOT / "out" / "bench_int8"))
+    ap.add_argument("--plan", action="append", default=[],
+                    help="MODEL=plan.yaml: an extra ORT int8 variant of that model (repeatable)")
+    ap.add_argument("--torch-int8", action="store_true", help="add the torch-int8 (PT2E + inductor) variant")
+    ap.add_argument("--rounds", type=int, default=1, help="fresh-process runs per variant, interleaved")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -217,6 +255,10 @@ def main(argv=None) -> int:
         return 0
     if args.runs < 5:
         ap.error("--runs must be >= 5")
+    args.plan_for = {}
+    for item in args.plan:
+        model, _, path = item.partition("=")
+        args.plan_for.setdefault(model, []).append(path)
 
     import numpy as np
     import onnxruntime
@@ -248,15 +290,24 @@ def main(argv=None) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     for name, source in models:
         variants = prepare_model(name, source, out, args)
+        results: dict[int, list[dict]] = {i: [] for i in range(len(variants))}
+        for rnd in range(args.rounds):  # round-robin: every variant once per round, fresh process each
+            for i, spec in enumerate(variants):
+                cmd = [sys.executable, __file__, "--worker", json.dumps(spec), "--threads", str(args.threads),
+                       "--warmup", str(args.warmup), "--runs", str(args.runs)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if proc.returncode != 0:
+                    print(f"[{name}] {spec['variant']} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+                    continue
+                res = json.loads(proc.stdout.strip().splitlines()[-1])
+                results[i].append(res)
+                print(f"[{name}] round {rnd + 1} {spec['variant']}: {res['latency_b1_ms']:.2f} ms b1, "
+                      f"{res['throughput_b8']:.1f} img/s b8, peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
         reference = None
-        for spec in variants:
-            cmd = [sys.executable, __file__, "--worker", json.dumps(spec), "--threads", str(args.threads),
-                   "--warmup", str(args.warmup), "--runs", str(args.runs)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if proc.returncode != 0:
-                print(f"[{name}] {spec['variant']} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        for i, spec in enumerate(variants):
+            if not results[i]:
                 continue
-            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            res = _over_rounds(results[i])
             top1 = np.load(spec["logits"]).argmax(-1)
             reference = top1 if reference is None else reference  # fp32 torch eager comes first
             row = {**{k: spec.get(k) for k in ("model", "variant", "file_mb", "qdq")}, **res,
@@ -264,18 +315,34 @@ def main(argv=None) -> int:
             if "sim_top1" in spec:
                 row["agree_sim"] = 100.0 * float((top1 == np.load(spec["sim_top1"])).mean())
             rows.append(row)
-            print(f"[{name}] {spec['variant']}: {res['latency_b1_ms']:.2f} ms b1, "
-                  f"{res['throughput_b8']:.1f} img/s b8, peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
 
     meta = {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "threads": args.threads,
             "warmup": args.warmup, "runs": args.runs, "calib_images": args.calib, "data": args.data or "random",
             "eval_images": args.eval_images, "cpu": _cpu_name(), "cpus": os.cpu_count(),
-            "load_avg_at_start": round(load, 2), "quick": args.quick}
+            "load_avg_at_start": round(load, 2), "load_avg_at_end": round(os.getloadavg()[0], 2),
+            "rounds": args.rounds, "quick": args.quick}
     (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     print()
     print(markdown(rows, meta))
     print(f"\nwrote {out / 'bench.json'}")
     return 0
+
+
+def _over_rounds(runs: list[dict]) -> dict:
+    """Medians over rounds; ``*_spread``: (max - min) / median over the rounds' medians
+    (one round: the spread within its timed runs)."""
+    if len(runs) == 1:
+        return runs[0]
+    out = {}
+    for key in runs[0]:
+        if key.endswith("_spread"):
+            continue
+        values = [r[key] for r in runs]
+        out[key] = statistics.median(values)
+        if key in ("latency_b1_ms", "throughput_b8"):
+            out[key + "_spread"] = (max(values) - min(values)) / out[key]
+    out["rounds"] = len(runs)
+    return out
 
 
 def _cpu_name() -> str:
@@ -289,9 +356,11 @@ def _cpu_name() -> str:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    head = ("| model | variant | file MB | Q/DQ | latency b1 (ms) | throughput b8 (img/s) | speed-up b8 vs FP32 eager "
-            "| peak RSS (MB) | top-1 agree FP32 (%) | agree fake-quant (%) |")
-    lines = [f"{meta['threads']} threads, median of {meta['runs']} runs after {meta['warmup']} warm-up, "
+    head = ("| model | variant | file MB | Q/DQ | latency b1 (ms) [spread] | throughput b8 (img/s) [spread] "
+            "| speed-up b8 vs FP32 eager | peak RSS (MB) | top-1 agree FP32 (%) | agree fake-quant (%) |")
+    lines = [f"{meta['threads']} threads, median of {meta['runs']} runs after {meta['warmup']} warm-up "
+             f"({meta.get('rounds', 1)} interleaved fresh-process round(s)), load average {meta['load_avg_at_start']} "
+             f"at start, "
              f"torch {meta['torch']}, onnxruntime {meta['onnxruntime']}, {meta['cpu']}, "
              f"{meta['eval_images']} {meta['data']} eval images", "", head, "|" + "---|" * 10]
     base = {}
@@ -299,7 +368,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         base.setdefault(r["model"], r["throughput_b8"])
         sim = f"{r['agree_sim']:.1f}" if "agree_sim" in r else "-"
         lines.append(f"| {r['model']} | {r['variant']} | {r['file_mb']:.2f} | {r.get('qdq') or '-'} "
-                     f"| {r['latency_b1_ms']:.2f} | {r['throughput_b8']:.1f} "
+                     f"| {r['latency_b1_ms']:.2f} [{100 * r.get('latency_b1_ms_spread', 0):.0f} %] "
+                     f"| {r['throughput_b8']:.1f} [{100 * r.get('throughput_b8_spread', 0):.0f} %] "
                      f"| {r['throughput_b8'] / base[r['model']]:.2f}x | {r['peak_rss_mb']:.0f} "
                      f"| {r['agree_fp32']:.1f} | {sim} |")
     return "\n".join(lines)

@@ -8,7 +8,9 @@ one piece of code per backend:
 - :class:`TorchFakeQuant`: the fake-quant simulation of :class:`~quant.model.QuantModel`;
 - :class:`OnnxRuntimeInt8`: the config exported as a standard Q/DQ ONNX graph
   (:func:`quant.export_onnx.export_onnx`), run by ONNX Runtime's CPU provider,
-  which fuses the Q/DQ patterns into int8 kernels (real int8 execution).
+  which fuses the Q/DQ patterns into int8 kernels (real int8 execution);
+- :class:`vitq.torch_int8.TorchInt8`: torch.export + torchao PT2E + torch.compile
+  (conv/linear sites in int8; configs with other int8 kinds are refused).
 
 :class:`BackendEval` lets :func:`vitq.evaluate.evaluate_configs` evaluate a backend
 (FP32 row from the torch reference) and measures how well the backend agrees with
@@ -30,7 +32,7 @@ from analysis.metrics import OutputStats
 from quant.model import QuantModel
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "torch-int8")
 
 
 class BackendError(ConfigError):
@@ -109,7 +111,7 @@ class OnnxRuntimeInt8:
     name = "onnxruntime"
 
     def __init__(self, qmodel: QuantModel, out_dir: str | Path, example_pixels: torch.Tensor,
-                 threads: int | None = None, opset: int = 17) -> None:
+                 threads: int | None = None, opset: int = 18) -> None:
         import_onnxruntime()
         self.qmodel, self.out_dir = qmodel, Path(out_dir)
         self.example, self.threads, self.opset = example_pixels, threads, opset
@@ -133,11 +135,16 @@ class OnnxRuntimeInt8:
 
 
 def make_backend(kind: str, qmodel: QuantModel, out_dir: str | Path, example_pixels: torch.Tensor,
-                 threads: int | None = None):
+                 threads: int | None = None, calib: list[torch.Tensor] | None = None):
     if kind == "torch":
         return TorchFakeQuant(qmodel)
     if kind == "onnxruntime":
         return OnnxRuntimeInt8(qmodel, out_dir, example_pixels, threads)
+    if kind == "torch-int8":
+        from .torch_int8 import TorchInt8
+        if not calib:
+            raise BackendError("--backend torch-int8 needs calibration images")
+        return TorchInt8(qmodel, calib, example_pixels, out_dir=out_dir)
     raise ValueError(f"unknown backend {kind!r}; backends are {', '.join(BACKENDS)}")
 
 
@@ -228,7 +235,7 @@ def describe_export(int8: ExportResult, fp32: ExportResult | None = None) -> str
 
 
 def export_fp32_and_int8(qmodel: QuantModel, config: QuantConfig, out_dir: str | Path,
-                         example_pixels: torch.Tensor, opset: int = 17) -> tuple[ExportResult, ExportResult]:
+                         example_pixels: torch.Tensor, opset: int = 18) -> tuple[ExportResult, ExportResult]:
     """``out_dir/model_fp32.onnx`` and ``out_dir/model_int8.onnx`` (``config`` applied)."""
     out_dir = Path(out_dir)
     with float_state(qmodel):
@@ -250,7 +257,28 @@ def example_pixels(session) -> torch.Tensor:
     return pixels[:1]
 
 
-def run_export(session, config: QuantConfig, opset: int = 17) -> list[str]:
+def calibration_pixels(session) -> list[torch.Tensor]:
+    """The session's calibration images (the ones the simulation was calibrated on), as
+    batches: what the PT2E observers of --backend torch-int8 see."""
+    return [p for p, _, _ in session.batches(session.images("train", session.opts.calib))]
+
+
+def run_export_pt2e(session, config: QuantConfig) -> list[str]:
+    """``vitq export --format pt2e``: the PT2E-converted program of ``config`` as
+    ``model_int8.pt2`` (torch.export.save; load with torch.export.load, run with
+    torch.compile for int8 kernels)."""
+    from .torch_int8 import quantize_pt2e, save_pt2e
+
+    example = example_pixels(session)
+    module = quantize_pt2e(session.qmodel, config, calibration_pixels(session), example)
+    path = save_pt2e(module, example, session.out / "model_int8.pt2")
+    config.save(session.out / "model_int8.yaml")
+    n_int8 = len(config.int8_sites(session.sites))
+    return [f"config {config.name}: {n_int8} of {len(session.sites)} sites int8 (conv/linear, PT2E + X86InductorQuantizer)",
+            f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB) and {session.out / 'model_int8.yaml'}"]
+
+
+def run_export(session, config: QuantConfig, opset: int = 18) -> list[str]:
     """``vitq export``: FP32 and int8 ONNX models of a calibrated session in its
     output folder, plus ``export.json``; returns the lines to print."""
     import json
@@ -278,8 +306,9 @@ def run_export(session, config: QuantConfig, opset: int = 17) -> list[str]:
 def backend_eval(session, kind: str, threads: int | None = None) -> BackendEval:
     """What ``vitq eval --backend KIND`` evaluates instead of the bare QuantModel."""
     example = example_pixels(session)
+    calib = calibration_pixels(session) if kind == "torch-int8" else None
     backend = make_backend(kind, session.qmodel, session.out / "onnx", example,
-                           threads or torch.get_num_threads())
+                           threads or torch.get_num_threads(), calib)
     return BackendEval(session.qmodel, backend, compare_simulation=kind != "torch")
 
 

@@ -84,8 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", default=[], help="a QuantConfig YAML/JSON to evaluate too")
     p.add_argument("--mixed-2-float", help="comma-separated sites mixed_2 keeps float (default: fc2 of blocks 4,5)")
     p.add_argument("--mixed-2-from", help="a sensitivity CSV (per site): mixed_2 keeps its two most sensitive fc float")
-    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
-                   help="torch: fake-quant simulation; onnxruntime: real int8 ONNX Runtime run of each config")
+    p.add_argument("--backend", choices=("torch", "onnxruntime", "torch-int8"), default="torch",
+                   help="torch: fake-quant simulation; onnxruntime: real int8 ONNX Runtime run of each config; "
+                        "torch-int8: torch.export + torchao PT2E (X86InductorQuantizer) + torch.compile, "
+                        "conv/linear sites only (configs with other int8 kinds are refused)")
 
     p = sub.add_parser("sensitivity", help="per-site / per-group sensitivity ranking")
     _common(p)
@@ -124,12 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _plan_args(p)
     p.add_argument("--error-images", type=int, default=64, help="val images for the error analyzer")
+    p.add_argument("--bench", action="store_true",
+                   help="also time FP32 and the presets/plan in ONNX Runtime (int8) on this CPU -> speed.csv and "
+                        "the report's speed table (minutes on a real model; off by default)")
 
     p = sub.add_parser("export", help="int8 ONNX model (QuantizeLinear/DequantizeLinear) of a config")
     _common(p)
     p.add_argument("--config", help="QuantConfig YAML/JSON to export (default: preset all)")
     p.add_argument("--preset", choices=[n for n in PRESETS if n != "fp32"], help="export a preset instead")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 13, default 17)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18, the dynamo exporter's; default 18)")
+    p.add_argument("--format", choices=("onnx", "pt2e"), default="onnx",
+                   help="onnx: Q/DQ ONNX (dynamo exporter); pt2e: torchao PT2E-converted torch.export program "
+                        "(model_int8.pt2; conv/linear sites only)")
     return parser
 
 
@@ -335,7 +343,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     session = Session(_options(args))
     config = preset(args.preset, session.sites) if args.preset else _start_config(args, session)
     session.calibrate()
-    for line in run_export(session, config, opset=args.opset):
+    if args.format == "pt2e":
+        from .backends import run_export_pt2e
+        lines = run_export_pt2e(session, config)
+    else:
+        lines = run_export(session, config, opset=args.opset)
+    for line in lines:
         print(line)
 
 
@@ -356,6 +369,10 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     print_errors(report, 5)
     print("\naccuracy on all val images:")
     print(format_table(df))
+    if args.bench:
+        from .bench import run_bench
+        _, lines = run_bench(session, configs)
+        print("\n" + "\n".join(lines))
     path = render_report(session.out)
     print(f"\nreport: {path}  ({time.time() - t0:.0f} s)")
 
