@@ -5,6 +5,8 @@ __version__ = "0.1.0"
 import logging as _logging
 
 # transformers imports torchao when it is installed (the torch-int8 backend needs it), and
-# torchao 0.18 registers enums with torch's pytree, which logs two deprecation warnings on
-# every start: noise on stderr, where vitq's errors are one line. Silence that logger only.
+# torchao logs on every start: pytree deprecation warnings (torch 2.14) or "Failed to load
+# _C*.so" for its optional CUDA/CPU kernels built for another torch (a CPU torch 2.13). Noise
+# on stderr, where vitq's errors are one line; vitq uses none of those kernels.
 _logging.getLogger("torch.utils._pytree").setLevel(_logging.ERROR)
+_logging.getLogger("torchao").setLevel(_logging.ERROR)
