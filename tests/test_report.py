@@ -298,7 +298,7 @@ def test_sensitivity_ranked_by_kl_with_the_drop_beside_it(html: str, analyzed: P
     sec = section(html, "sensitivity")
     head, rows = table(sec, "sens-only-op")
     i = head.index("KL (nats) ▸ rank key")
-    assert head[i + 1] == "top-1 drop (pp)" and head[:i] == ["rank", "candidate", "kind", "block", "role", "sites"]
+    assert head[i + 1] == "top-1 drop (pp)" and head[:i] == ["rank", "candidate", "module path", "kind", "block", "role", "sites"]
     kl = list(t.rows.sort_values("rank")["kl"])
     assert kl == sorted(kl, reverse=True)
     assert [c[i] for _, c in rows] == [fmt_small(v) for v in t.rows["kl"]]
