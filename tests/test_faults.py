@@ -543,8 +543,11 @@ def _sens_args(sw, out: Path) -> list:
 def _start(sw, out: Path, name: str) -> subprocess.Popen:
     """Start a sensitivity run in the background; stdout/stderr go to <root>/<name>.out/.err."""
     with open(sw["root"] / f"{name}.out", "w") as so, open(sw["root"] / f"{name}.err", "w") as se:
+        # SIGINT at its default: a suite started in the background (`cmd &`, nohup) passes SIG_IGN on,
+        # and Python installs no KeyboardInterrupt handler for an ignored SIGINT
         return subprocess.Popen([sys.executable, "-m", "vitq", *map(str, _sens_args(sw, out))],
-                                stdout=so, stderr=se, env=ENV, cwd=ROOT, start_new_session=True)
+                                stdout=so, stderr=se, env=ENV, cwd=ROOT, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_results(proc: subprocess.Popen, out: Path, n: int, timeout: float = TIMEOUT) -> int:

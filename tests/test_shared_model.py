@@ -29,7 +29,7 @@ def test_presets_on_real_model_write_rows(tmp_path):
     rows = json.loads((out / "eval.json").read_text())["rows"]
     assert {r["config"] for r in rows} == {"fp32", "all", "mixed_1", "mixed_2"}
     mixed_2 = (out / "config_mixed_2.yaml").read_text()
-    assert "dinov2.encoder.layer.4.mlp.fc2" in mixed_2 and "dinov2.encoder.layer.5.mlp.fc2" in mixed_2
+    assert "blocks.4.mlp.fc2" in mixed_2 and "blocks.5.mlp.fc2" in mixed_2  # canonical names
 
 
 @pytest.mark.slow
