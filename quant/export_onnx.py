@@ -249,15 +249,7 @@ def _drop_noop_clips(graph) -> int:
                               f"{zp.dtype} range; not a standard Q/DQ pair")
         rename[n.output[0]] = n.input[0]
         drop.add(id(n))
-    if rename:
-        nodes = [n for n in all_nodes if id(n) not in drop]
-        for n in nodes:
-            for pos, name in enumerate(n.input):
-                if name in rename:
-                    n.input[pos] = rename[name]
-        del graph.node[:]
-        graph.node.extend(nodes)
-    return len(rename)
+    return _drop_and_rename(graph, all_nodes, drop, rename)
 
 
 def export_graph(module: nn.Module, example: torch.Tensor, opset: int = 18, dynamic_batch: bool = True,
@@ -372,6 +364,21 @@ def _prune(graph) -> None:
     graph.initializer.extend(inits)
 
 
+def _drop_and_rename(graph, nodes, drop: set, rename: dict[str, str]) -> int:
+    """Remove the nodes whose id() is in ``drop`` and point every input named in ``rename``
+    at its replacement; ``nodes``: the graph's nodes (a held list when ids must stay valid).
+    Returns how many tensors were renamed."""
+    if rename:
+        kept = [n for n in nodes if id(n) not in drop]
+        for n in kept:
+            for pos, name in enumerate(n.input):
+                if name in rename:
+                    n.input[pos] = rename[name]
+        del graph.node[:]
+        graph.node.extend(kept)
+    return len(rename)
+
+
 def _attr(node, name, default=None):
     for a in node.attribute:
         if a.name == name:
@@ -413,15 +420,7 @@ def _dedupe_qdq(graph) -> int:
             drop.update((id(q), id(dqs[0])))
         else:
             kept[k] = dqs[0].output[0]
-    if rename:
-        nodes = [n for n in graph.node if id(n) not in drop]
-        for n in nodes:
-            for pos, name in enumerate(n.input):
-                if name in rename:
-                    n.input[pos] = rename[name]
-        del graph.node[:]
-        graph.node.extend(nodes)
-    return len(rename)
+    return _drop_and_rename(graph, graph.node, drop, rename)
 
 
 def fold_weights(graph) -> int:

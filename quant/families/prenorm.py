@@ -30,6 +30,23 @@ def parent(path: str) -> str:
     return path.rsplit(".", 1)[0] if "." in path else ""
 
 
+def block_norm_consumers(sites: Sequence[Site], extra: Sequence[tuple[str, str]] = ()) -> dict[str, list[str]]:
+    """Per block: ``norm1`` -> q/k/v, ``norm2`` -> fc1, and each (norm role, Linear role) of
+    ``extra`` the block has: the norms whose output only those Linears read."""
+    by_block: dict[int, dict[str, str]] = {}
+    for s in sites:
+        if s.block is not None:
+            by_block.setdefault(s.block, {})[s.role] = s.name
+    out: dict[str, list[str]] = {}
+    for roles in by_block.values():
+        out[roles["norm1"]] = [roles["q"], roles["k"], roles["v"]]
+        out[roles["norm2"]] = [roles["fc1"]]
+        for norm, linear in extra:
+            if norm in roles:
+                out[roles[norm]] = [roles[linear]]
+    return out
+
+
 def block_paths(names: dict[nn.Module, str], parts: dict[str, nn.Module], block_path: str) -> dict[str, str]:
     """Role -> path in the library for the 14 sites of a block: module paths for the
     modules; the attention operators under the module holding q, the GELU under the
@@ -107,15 +124,7 @@ class PreNormAdapter(FamilyAdapter):
     def norm_consumers(self, model: nn.Module, sites: Sequence[Site]) -> dict[str, list[str]]:
         """Pre-norm blocks: ``norm1`` feeds q/k/v, ``norm2`` feeds fc1 (the final norm
         feeds the head through token pooling: not smoothable)."""
-        by_block: dict[int, dict[str, str]] = {}
-        for s in sites:
-            if s.block is not None:
-                by_block.setdefault(s.block, {})[s.role] = s.name
-        out = {}
-        for roles in by_block.values():
-            out[roles["norm1"]] = [roles["q"], roles["k"], roles["v"]]
-            out[roles["norm2"]] = [roles["fc1"]]
-        return out
+        return block_norm_consumers(sites)
 
     # -- instrumentation -------------------------------------------------------
     def instrument(self, model: nn.Module, sites: Sequence[Site], quantizers: Quantizers) -> None:

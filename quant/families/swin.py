@@ -32,7 +32,7 @@ from torch import nn
 from ..sites import BLOCK_ROLES, Site, block_sites
 from .base import FamilyAdapter, Quantizers, UnsupportedModelError, hook_output, patch_weighted, register_family
 from .hf_common import find_parts
-from .prenorm import attention, block_paths
+from .prenorm import attention, block_norm_consumers, block_paths
 
 # role -> where the module may live inside a SwinLayer: transformers 5.x, then 4.x
 SWIN_PARTS = {
@@ -112,17 +112,7 @@ class Swin(FamilyAdapter):
     def norm_consumers(self, model: nn.Module, sites: Sequence[Site]) -> dict[str, list[str]]:
         """``norm1`` feeds q/k/v (window partition, shift and zero padding commute with a
         per-channel scale), ``norm2`` feeds fc1, a patch merging's norm its Linear."""
-        by_block: dict[int, dict[str, str]] = {}
-        for s in sites:
-            if s.block is not None:
-                by_block.setdefault(s.block, {})[s.role] = s.name
-        out = {}
-        for roles in by_block.values():
-            out[roles["norm1"]] = [roles["q"], roles["k"], roles["v"]]
-            out[roles["norm2"]] = [roles["fc1"]]
-            if "downsample_norm" in roles:
-                out[roles["downsample_norm"]] = [roles["downsample"]]
-        return out
+        return block_norm_consumers(sites, [("downsample_norm", "downsample")])
 
     # -- instrumentation -----------------------------------------------------------
     def instrument(self, model: nn.Module, sites: Sequence[Site], quantizers: Quantizers) -> None:
