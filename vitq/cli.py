@@ -9,7 +9,7 @@ import warnings
 
 from pathlib import Path
 
-from analysis.names import GROUPS, MEASURE_TOP, MODES, RANK_METRICS
+from analysis.names import GROUPS, MEASURE_TOP, MODES, RANK_METRICS, TAYLOR_IMAGES
 from quant.names import PRESETS
 
 
@@ -162,6 +162,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--measure-top", type=int, default=None,
                    help="measure the only-sensitivity of this many candidates, in the order of the taylor estimate "
                         f"(the rest keep their estimate; default {MEASURE_TOP}; 0: measure all)")
+    p.add_argument("--taylor-images", type=int, default=TAYLOR_IMAGES,
+                   help=f"plan images the taylor estimate orders candidates on (the first ones; default {TAYLOR_IMAGES})")
     p.add_argument("--all-but", action="store_true",
                    help="also measure all-but sensitivity for the gain estimates (one full pass per site: slow)")
 
@@ -313,7 +315,7 @@ def _budget(args: argparse.Namespace) -> Budget:
 def _plan_options(args: argparse.Namespace) -> PlanOptions:
     return PlanOptions(images=args.eval_images, confirm_images=args.confirm_images, objective=args.objective,
                        max_steps=args.max_steps, worst_sites=args.worst_sites, all_but=args.all_but, cost=args.cost,
-                       **({} if args.measure_top is None else {"measure_top": args.measure_top}))
+                       taylor_images=args.taylor_images, **({} if args.measure_top is None else {"measure_top": args.measure_top}))
 
 
 def print_plan(planner) -> None:

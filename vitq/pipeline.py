@@ -19,7 +19,7 @@ from analysis.cost import float_site_names, site_macs
 from analysis.errors import ErrorReport, analyze_errors
 from analysis.planner import Budget, Planner
 from analysis.runner import Runner
-from analysis.names import MEASURE_TOP
+from analysis.names import MEASURE_TOP, TAYLOR_IMAGES
 from analysis.sensitivity import analyze_sensitivity
 from analysis.taylor import taylor_table
 from quant.config import QuantConfig
@@ -151,14 +151,15 @@ def run_taylor(session: Session, config: QuantConfig, *, group: str = "op", imag
 
 
 def only_sensitivity(session: Session, config: QuantConfig, images: int, measure_top: int | None,
-                     probes: int = 8) -> pd.DataFrame:
+                     probes: int = 8, taylor_images: int = TAYLOR_IMAGES) -> pd.DataFrame:
     """The ``only`` table the planner reads. ``measure_top`` None or 0: every candidate measured.
-    Else the candidates are ordered by the taylor estimate and only the top ``measure_top``
-    measured; the others keep their estimate as ``kl`` (column ``source``: measured / taylor)."""
+    Else the candidates are ordered by the taylor estimate (on the first ``taylor_images`` of
+    the ``images`` plan images: it only orders) and only the top ``measure_top`` measured on
+    all of them; the others keep their estimate as ``kl`` (column ``source``: measured / taylor)."""
     if not measure_top:
         only, _, _, _ = run_sensitivity(session, config, mode="only", images=images)
         return only.assign(source="measured")
-    estimate, _, _, _ = run_taylor(session, config, images=images, probes=probes)
+    estimate, _, _, _ = run_taylor(session, config, images=min(images, taylor_images), probes=probes)
     if measure_top >= len(estimate):
         only, _, _, _ = run_sensitivity(session, config, mode="only", images=images)
         return only.assign(source="measured")
@@ -204,6 +205,7 @@ class PlanOptions:
     latency_runs: int = 5
     measure_top: int | None = MEASURE_TOP  # only-candidates measured, in taylor order (None/0: all)
     probes: int = 8  # Fisher probes of the taylor estimate
+    taylor_images: int = TAYLOR_IMAGES  # plan images the estimate uses (the first ones)
 
 
 def run_latency(session: Session, config: QuantConfig, *, batch: int = 8, runs: int = 5,
@@ -233,7 +235,7 @@ def run_plan(session: Session, start: QuantConfig, budget: Budget,
     n_confirm = opts.images if opts.confirm_images is None else opts.confirm_images
     # the estimate is of KL: another objective measures every candidate
     only = only_sensitivity(session, start, opts.images, opts.measure_top if opts.objective == "kl" else None,
-                            opts.probes)
+                            opts.probes, opts.taylor_images)
     all_but = None
     if opts.all_but:
         all_but, ab_meta, _, _ = run_sensitivity(session, start, mode="all-but", images=opts.images)
