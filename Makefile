@@ -25,6 +25,9 @@ PLAN_IMAGES ?=
 CONFIRM_IMAGES ?=
 # only-candidates measured in the order of the taylor estimate (empty: the default; 0: all)
 MEASURE_TOP ?=
+# `make sensitivity SHARD=I/N`: this process's share of the candidates (auto: torchrun's RANK/WORLD_SIZE);
+# the next `make sensitivity` without SHARD merges the shard logs (README "Scale-out").
+SHARD  ?=
 # auto (CUDA when available), cpu or cuda; TF32=1 allows TF32 matmuls on CUDA.
 DEVICE ?=
 TF32   ?=
@@ -64,7 +67,10 @@ test-transformers4:
 eval:
 	$(BIN)/vitq eval $(ARGS)
 
-sensitivity errors plan:
+sensitivity:
+	$(BIN)/vitq $@ $(ARGS) $(if $(SHARD),--shard $(SHARD))
+
+errors plan:
 	$(BIN)/vitq $@ $(ARGS)
 
 # Whole pipeline -> out/<model>/report.html. EVAL limits the val images of the final table.

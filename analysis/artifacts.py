@@ -43,8 +43,8 @@ EVAL = TableSpec(
     ("calibration_s", "evaluation_s", "resumed_images", "log"), "vitq eval")
 ACCURACY = TableSpec("accuracy", EVAL.meta, EVAL.run, "vitq analyze")  # analyze's final table (eval's stays apart)
 SENSITIVITY_META = (*RUN_CONTEXT, "mode", "group", "images", "candidates", "fp32", "baseline", "rank_by")
-SENSITIVITY_RUN = ("calibration_s", "wall_s", "measured_now", "candidates_s", "full_pass_s", "naive_estimate_s",
-                   "speedup_vs_naive", "log")
+SENSITIVITY_RUN = ("calibration_s", "wall_s", "measured_now", "merged_from_shards", "candidates_s", "full_pass_s",
+                   "naive_estimate_s", "speedup_vs_naive", "log")
 TAYLOR_META = (*RUN_CONTEXT, "method", "group", "images", "candidates", "probes", "fisher_trace_captured_mean",
                "fisher_trace_captured_min")
 TAYLOR_RUN = ("calibration_s", "wall_s")

@@ -5,7 +5,9 @@ Fast because a candidate whose first site is in block k only re-runs blocks k..e
 the background model's hidden state at every block boundary is computed once and
 kept in disk-backed memmaps (memory stays bounded whatever the image count).
 Resumable because every finished candidate is appended to a JSONL file that a rerun
-with the same settings reads back.
+with the same settings reads back. Shardable the same way: ``shard=(i, n)`` measures
+every n-th candidate into its own log, and any later run reads all logs of its
+settings, so n processes (or GPUs) split one table and an unsharded run merges it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from tqdm import tqdm
 
 from quant.config import QuantConfig
 from quant.sites import Site
-from quant.store import ResultLog, settings_key
+from quant.store import ResultLog, read_log, settings_key
 
 from .runner import Runner, scratch
 
@@ -57,7 +59,8 @@ def make_candidates(sites: list[Site], config: QuantConfig, group: str) -> list[
 
 def analyze_sensitivity(runner: Runner, config: QuantConfig, out_dir: Path, *, mode: str = "only",
                         group: str = "op", rank_by: str = "kl", settings: dict | None = None, naive: bool = False,
-                        only: list[str] | None = None, progress: bool = True) -> tuple[pd.DataFrame, dict, dict]:
+                        only: list[str] | None = None, progress: bool = True,
+                        shard: tuple[int, int] | None = None) -> tuple[pd.DataFrame, dict, dict]:
     """Rank candidates by how much they hurt (``only``) or help (``all-but``).
 
     ``config`` gives the int8 specs and, for ``all-but``, the background model;
@@ -65,6 +68,14 @@ def analyze_sensitivity(runner: Runner, config: QuantConfig, out_dir: Path, *, m
     its metadata and the run information (wall times, speed-up over naive
     re-evaluation). ``naive`` re-runs every candidate from the pixels (checks and
     benchmarks); ``only`` restricts the run to the named candidates.
+
+    ``shard=(i, n)`` measures only the candidates at positions i, i+n, ... of the
+    candidate list (after ``only``; round-robin, so every shard gets early and late
+    blocks alike) and appends them to ``<log>.shard-<i>-of-<n>.jsonl``; its table
+    covers those candidates only. Every run first reads what the main log and all
+    shard logs of the same settings hold, and measures only what none has; an
+    unsharded run also copies the shards' rows into the main log, so its result
+    does not depend on the shard files staying around.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -77,13 +88,34 @@ def analyze_sensitivity(runner: Runner, config: QuantConfig, out_dir: Path, *, m
         cands = [c for c in cands if c.name in set(only)]
     if not cands:
         raise ValueError("no candidate to measure: the config keeps every site float")
+    total = len(cands)
+    if shard is not None:
+        index, count = shard
+        if not 0 <= index < count:
+            raise ValueError(f"shard {index}/{count}: need 0 <= i < n")
+        cands = cands[index::count]
     n = len(runner)
     settings = {**(settings or {}), "mode": mode, "group": group, "images": n, "config": config.to_dict()}
-    stem = f"sensitivity_{mode.replace('-', '_')}_{group}"
-    log = ResultLog(out_dir / f"{stem}.{settings_key(settings)}.jsonl", settings)
-    todo = [c for c in cands if c.name not in log.done]
+    base = f"sensitivity_{mode.replace('-', '_')}_{group}.{settings_key(settings)}"
+    main_path = out_dir / f"{base}.jsonl"
+    shard_logs = {p: read_log(p, settings) for p in sorted(out_dir.glob(f"{base}.shard-*.jsonl"))}
+    merged = 0
+    if shard is None:
+        log = ResultLog(main_path, settings)
+        merged = sum(log.adopt(rows) for rows in shard_logs.values())
+        done = log.done
+        if merged:
+            print(f"merged {merged} candidates from {len(shard_logs)} shard log(s) into {log.path}")
+    else:  # the main log is only read here: the other shards read it too
+        log = ResultLog(out_dir / f"{base}.shard-{index}-of-{count}.jsonl", settings)
+        done = {**read_log(main_path, settings), **{c: row for rows in shard_logs.values() for c, row in rows.items()}}
+    todo = [c for c in cands if c.name not in done]
     if len(todo) < len(cands):
         print(f"resuming: {len(cands) - len(todo)} of {len(cands)} candidates already done ({log.path})")
+    shard_meta = {} if shard is None else {"shard": f"{index}/{count}", "candidates_total": total}
+    if not cands:  # more shards than candidates: nothing for this one
+        return pd.DataFrame(), {"mode": mode, "group": group, "images": n, "candidates": 0, **shard_meta}, {
+            "wall_s": 0.0, "measured_now": 0, "merged_from_shards": 0, "log": str(log.path)}
 
     t0 = time.time()
     fp32_state = runner.fp32_state
@@ -106,19 +138,22 @@ def analyze_sensitivity(runner: Runner, config: QuantConfig, out_dir: Path, *, m
                     qmodel.float_site(site.name)
             start = -1 if naive else cand.start(num_blocks)
             stats = runner.measure(qmodel.snapshot(), start, cache)
-            log.append({"candidate": cand.name, **_describe(cand), "mode": mode, "start_block": start,
-                        **stats.summary()})
+            row = {"candidate": cand.name, **_describe(cand), "mode": mode, "start_block": start, **stats.summary()}
+            log.append(row)
+            done[cand.name] = row
         loop_s = time.time() - t_loop
         qmodel.apply(None)
     elapsed = time.time() - t0
-    df = _rank(pd.DataFrame([log.done[c.name] for c in cands]), fp32, baseline, mode, rank_by)
-    run = {"wall_s": round(elapsed, 2), "measured_now": len(todo), "candidates_s": round(loop_s, 2),
+    df = _rank(pd.DataFrame([done[c.name] for c in cands]), fp32, baseline, mode, rank_by)
+    run = {"wall_s": round(elapsed, 2), "measured_now": len(todo), "merged_from_shards": merged,
+           "candidates_s": round(loop_s, 2),
            "full_pass_s": round(full_pass_s, 3), "naive_estimate_s": round(full_pass_s * len(todo), 2),
            # one naive candidate = one full forward; the cached run pays its cache once
            "speedup_vs_naive": round(full_pass_s * len(todo) / elapsed, 2) if todo and not naive else None,
            "log": str(log.path)}
     meta = {"mode": mode, "group": group, "images": n, "candidates": len(cands), "fp32": fp32,
             "baseline": baseline, "rank_by": rank_by}
+    meta.update(shard_meta)  # a shard's table is partial: the pipeline does not write it as the artefact
     return df, meta, run
 
 

@@ -8,7 +8,8 @@ writer and one append-only result log.
 - :func:`write_table`: ``stem.csv`` + ``stem.json`` (rows and metadata) and
   ``stem.run.json`` (wall times: kept apart so reruns give byte-identical results);
 - :class:`ResultLog`: append-only JSONL of finished work items, keyed by
-  :func:`settings_key` of the settings that produced them (resume after a crash).
+  :func:`settings_key` of the settings that produced them (resume after a crash);
+  :func:`read_log` reads the log of another process (a shard) with the same settings.
 """
 
 from __future__ import annotations
@@ -86,6 +87,32 @@ def settings_key(settings: Any) -> str:
     return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+def read_log(path: str | Path, settings: dict | None = None) -> dict[str, dict]:
+    """The finished rows of a result log by ``row["candidate"]``: {} when the file is
+    absent, or when ``settings`` is given and the log's first line holds other ones (a
+    log another process wrote is only trusted for the settings it declares). A torn
+    last line (a killed run) is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    lines = path.read_text().splitlines()
+    if settings is not None:
+        try:
+            header = json.loads(lines[0])["settings"] if lines else None
+        except (json.JSONDecodeError, KeyError, TypeError):
+            header = None
+        if header != json.loads(json.dumps(clean_json(settings), default=str)):
+            return {}
+    rows: dict[str, dict] = {}
+    for line in lines[1:]:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        rows[row["candidate"]] = row
+    return rows
+
+
 class ResultLog:
     """Append-only JSONL of finished work items (``row["candidate"]`` is the key).
 
@@ -95,15 +122,10 @@ class ResultLog:
 
     def __init__(self, path: Path, settings: dict) -> None:
         self.path = Path(path)
-        self.done: dict[str, dict] = {}
         if self.path.is_file():
-            for line in self.path.read_text().splitlines()[1:]:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                self.done[row["candidate"]] = row
+            self.done: dict[str, dict] = read_log(self.path)
         else:
+            self.done = {}
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps({"settings": clean_json(settings)}, default=str) + "\n")
 
@@ -113,3 +135,15 @@ class ResultLog:
             f.flush()
             os.fsync(f.fileno())
         self.done[row["candidate"]] = row
+
+    def adopt(self, rows: dict[str, dict]) -> int:
+        """Append the rows of ``rows`` (by candidate) this log lacks, e.g. those other
+        processes measured, so this log alone holds them all; returns how many."""
+        new = [row for name, row in rows.items() if name not in self.done]
+        if new:
+            with self.path.open("a") as f:
+                f.write("".join(json.dumps(row) + "\n" for row in new))
+                f.flush()
+                os.fsync(f.fileno())
+            self.done.update((row["candidate"], row) for row in new)
+        return len(new)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from analysis.names import GROUPS, MEASURE_TOP, MODES, RANK_METRICS, TAYLOR_IMAGES
@@ -37,7 +39,7 @@ def _import_command_modules() -> None:
     from .models import ModelLoadError
     from .session import DeviceError, Options, Session
 
-    USER_ERRORS = (DataError, ModelLoadError, ConfigError, SiteError, DeviceError)
+    USER_ERRORS = (DataError, ModelLoadError, ConfigError, SiteError, DeviceError, ShardError)
 
 
 def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
@@ -103,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measured: one pass per candidate; taylor: a Fisher/Taylor estimate of every candidate's "
                         "only-KL from a few forward+backward passes (--mode only)")
     p.add_argument("--probes", type=int, default=8, help="taylor: Fisher eigen-probes (backward passes) per image")
+    p.add_argument("--shard", metavar="I/N",
+                   help="measure only candidates I, I+N, I+2N, ... (0 <= I < N) into a shard log, so N processes "
+                        "split the run; 'auto': torchrun's RANK/WORLD_SIZE, on cuda:LOCAL_RANK. The next run "
+                        "without --shard merges the shard logs and writes the table")
 
     p = sub.add_parser("errors", help="SQNR/cosine per activation and weight, outlier statistics")
     _common(p)
@@ -250,9 +256,52 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}"
 
 
+class ShardError(ValueError):
+    """A --shard value that names no shard."""
+
+
+def parse_shard(text: str | None, env: Mapping[str, str] | None = None) -> tuple[int, int] | None:
+    """``--shard``: ``I/N`` -> (I, N); ``auto`` -> (RANK, WORLD_SIZE) as torchrun sets them
+    (``env``, default os.environ), so one torchrun command line serves every process;
+    None -> None (unsharded)."""
+    if text is None:
+        return None
+    env = os.environ if env is None else env
+    if text.strip().lower() == "auto":
+        if "RANK" not in env or "WORLD_SIZE" not in env:
+            raise ShardError("--shard auto: RANK and WORLD_SIZE are not set (launch with torchrun, or give I/N)")
+        value, where = f"{env['RANK']}/{env['WORLD_SIZE']}", " (from RANK/WORLD_SIZE)"
+    else:
+        value, where = text, ""
+    problem = ShardError(f"--shard {value}{where}: expected I/N with 0 <= I < N, e.g. 0/4")
+    try:
+        index, count = (int(x) for x in value.split("/"))
+    except ValueError:  # not two integers
+        raise problem from None
+    if not 0 <= index < count:
+        raise problem
+    return index, count
+
+
+def _shard_device(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> None:
+    """Under torchrun (``--shard auto``), process LOCAL_RANK takes GPU LOCAL_RANK of its node
+    when --device is auto or cuda and CUDA is there."""
+    env = os.environ if env is None else env
+    if args.shard and args.shard.strip().lower() == "auto" and "LOCAL_RANK" in env \
+            and args.device.strip().lower() in ("auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            args.device = f"cuda:{int(env['LOCAL_RANK'])}"
+
+
 def cmd_sensitivity(args: argparse.Namespace) -> None:
     if args.method == "taylor" and args.mode != "only":
         raise ConfigError("--method taylor estimates --mode only; measure all-but with --method measured")
+    shard = parse_shard(args.shard)
+    if shard is not None and args.method == "taylor":
+        raise ConfigError("--shard splits the measured candidates; --method taylor is one estimate of them all")
+    _shard_device(args)
     session = Session(_options(args))
     config = _start_config(args, session)
     session.calibrate()
@@ -266,7 +315,13 @@ def cmd_sensitivity(args: argparse.Namespace) -> None:
         print("wrote " + " and ".join(str(p) for p in paths))
         return
     df, meta, run, paths = run_sensitivity(session, config, mode=args.mode, group=args.group,
-                                           images=args.eval_images, rank_by=args.rank_by)
+                                           images=args.eval_images, rank_by=args.rank_by, shard=shard)
+    if shard is not None:
+        print(f"shard {meta['shard']}: {meta['candidates']} of {meta['candidates_total']} candidates "
+              f"({run['measured_now']} measured now) on {meta['images']} images in {run['wall_s']:.0f} s; "
+              f"log {paths[0]}")
+        print("run the same command without --shard once every shard is done: it merges the shard logs")
+        return
     cols = ["rank", "candidate", "kind", "block", "kl", "top1_drop", "agreement", "logit_sqnr_db"]
     print(df[cols].head(args.worst).to_string(index=False, float_format=_fmt))
     speed = f", {run['speedup_vs_naive']}x faster than naive re-evaluation" if run["speedup_vs_naive"] else ""

@@ -124,16 +124,22 @@ def save_eval(session: Session, df: pd.DataFrame, meta: dict, run: dict, configs
 
 # -- sensitivity ---------------------------------------------------------------------------
 def run_sensitivity(session: Session, config: QuantConfig, *, mode: str = "only", group: str = "op",
-                    images: int = 256, rank_by: str = "kl", only: list[str] | None = None
-                    ) -> tuple[pd.DataFrame, dict, dict, list[Path]]:
-    """Measured sensitivity (``only``: just these candidates, e.g. the estimate's top K)."""
+                    images: int = 256, rank_by: str = "kl", only: list[str] | None = None,
+                    shard: tuple[int, int] | None = None) -> tuple[pd.DataFrame, dict, dict, list[Path]]:
+    """Measured sensitivity (``only``: just these candidates, e.g. the estimate's top K).
+
+    ``shard=(i, n)``: this process's share of the candidates, written to its shard log
+    only (the path returned): a partial table is no artefact, the next unsharded run
+    merges every shard's log and writes the table."""
     data = eval_set(session, images)
     settings = {**session.describe(), "val_files": data.files, "log_version": LOG_VERSION}
     df, meta, run = analyze_sensitivity(runner(session, data), config, session.out, mode=mode, group=group,
                                         rank_by=rank_by, settings=settings, only=only,
-                                        progress=session.opts.progress)
+                                        progress=session.opts.progress, shard=shard)
     meta = {**session.describe(), **meta}
     run = _run_info(session, **run)
+    if shard is not None:
+        return df, meta, run, [Path(run["log"])]
     paths = artifacts.write(session.out, artifacts.sensitivity(mode, group), df, meta, run)
     return df, meta, run, list(paths)
 
