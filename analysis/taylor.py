@@ -67,8 +67,12 @@ def _perturbed(qmodel: QuantModel, cands: list[Candidate], alphas: dict[str, tor
     handles, touched = [], []
 
     def scale(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        if like.shape[0] != a.shape[0]:
+        # Swin's window attention and torch's multi-head attention fold windows / heads into
+        # the first dimension batch-major ((B * windows, ...)): each image's scalar repeats.
+        if not like.dim() or like.shape[0] % a.shape[0]:
             raise RuntimeError(f"a quantized tensor of shape {tuple(like.shape)} is not batch-first")
+        if like.shape[0] != a.shape[0]:
+            a = a.repeat_interleave(like.shape[0] // a.shape[0])
         return a.view(-1, *([1] * (like.dim() - 1)))
 
     def activation(tq, x, out):

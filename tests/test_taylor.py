@@ -76,3 +76,22 @@ def test_cli_taylor_and_plan_measures_top_k(model_dir, data_dir, tmp_path, capsy
     assert main(["plan", *common, "--measure-top", "5", "--max-steps", "1", "--confirm-images", "0"]) == 0
     measured = pd.read_csv(out / "sensitivity_only_op.csv")
     assert sorted(measured["candidate"]) == sorted(table["candidate"].head(5))
+
+
+@pytest.mark.parametrize("family", ["swin", "torchvision"])
+def test_estimate_tracks_measured_kl_where_windows_or_heads_share_dim_0(family, tmp_path):
+    """Swin's window attention and torch's multi-head attention quantize (B * windows or
+    B * heads, ...) tensors: the per-image scalar must follow each image into them."""
+    from tests.conftest import tiny_swin, tiny_torchvision_vit
+
+    model = tiny_swin(num_labels=7) if family == "swin" else tiny_torchvision_vit(num_classes=7)
+    qmodel = QuantModel(model)
+    size = 32
+    g = torch.Generator().manual_seed(5)
+    calibrate(qmodel, [torch.randn(4, 3, size, size, generator=g)], progress=False)
+    runner = Runner(qmodel, [torch.randn(4, 3, size, size, generator=g) for _ in range(2)])
+    config = preset("all", qmodel.sites)
+    estimate, _ = taylor_estimates(runner, config, probes=6, micro_batch=4)
+    measured, _, _ = analyze_sensitivity(runner, config, tmp_path, progress=False)
+    assert set(estimate) == set(measured["candidate"])
+    assert rank_agreement(estimate, measured)["spearman"] > 0.8
