@@ -63,6 +63,8 @@ def main() -> None:
             t1 = time.time()
             measured, _, _ = analyze_sensitivity(run, config, Path(tmp), progress=False)
             measured_s, measured_images = round(time.time() - t1, 1), args.images
+    by_path = {s.path: s.name for s in session.sites}  # tables written before the canonical names
+    measured = measured.assign(candidate=measured["candidate"].map(lambda c: by_path.get(c, c)))
     agreement = rank_agreement(estimate, measured)
     result = {"probe": args.probe, "device": str(session.device), "taylor_images": info["images"],
               "probes": info["probes"], "fisher_trace_captured_mean": info["fisher_trace_captured_mean"],
