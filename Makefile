@@ -89,8 +89,10 @@ bench:
 	$(BIN)/python scripts/bench_taylor.py --probe fmnist --images 64 --probes 4 $(if $(DEVICE),--device $(DEVICE))
 	$(BIN)/python scripts/bench_taylor.py --probe in1k --images 64 --probes 4 $(if $(DEVICE),--device $(DEVICE))
 	$(BIN)/python scripts/bench_sensitivity.py
+	$(BIN)/python scripts/bench_batched.py
 	$(BIN)/python scripts/bench_int8.py
 	$(BIN)/python scripts/bench_families.py
+	$(BIN)/python scripts/bench_analyze.py
 
 sites:
 	$(BIN)/vitq sites $(if $(MODEL),--model $(MODEL)) $(if $(DEVICE),--device $(DEVICE))
