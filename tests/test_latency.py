@@ -55,7 +55,7 @@ def test_plan_with_latency_cost_writes_the_table_once_and_says_so(model_dir, dat
     assert ref.loc["preset all", "cost"] == 0.0
     residual = costs[costs["kind"] == "residual"]
     assert ref.loc["preset mixed_1", "cost"] == pytest.approx((residual["cost_per_site"].clip(lower=0)
-                                                               * residual["sites"]).sum(), abs=1e-6)  # CSV: 6 decimals
+                                                               * residual["sites"]).sum(), rel=1e-5, abs=1e-6)  # CSV: 6 significant digits
     # a second plan reuses the measured table (same settings): the file is not rewritten
     stamp = (out / "latency_sites.json").stat().st_mtime_ns
     assert main(["plan", *common]) == 0
