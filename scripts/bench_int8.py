@@ -195,6 +195,9 @@ def time_variant(spec: dict, threads: int, warmup: int, runs: int) -> dict:
         from torch._inductor import config as inductor_config
         inductor_config.freezing = True
         import torchao.quantization.pt2e  # noqa: F401  (registers the ops the program uses)
+        # registers inductor's int8 fusions (dequant -> linear -> quant into oneDNN qlinear);
+        # without it inductor compiles the Q/DQ graph in float: no faster than FP32
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
         compiled = torch.compile(torch.export.load(spec["path"]).module())
 
         def run(x):
@@ -246,6 +249,8 @@ def main(argv=None) -> int:
                     help="MODEL=plan.yaml: an extra ORT int8 variant of that model (repeatable)")
     ap.add_argument("--torch-int8", action="store_true", help="add the torch-int8 (PT2E + inductor) variant")
     ap.add_argument("--rounds", type=int, default=1, help="fresh-process runs per variant, interleaved")
+    ap.add_argument("--variants", help="time only the variants whose name contains one of these comma-separated "
+                                       "strings (e.g. 'fp32 torch eager,int8 torch'); default: all")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -290,6 +295,9 @@ def main(argv=None) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     for name, source in models:
         variants = prepare_model(name, source, out, args)
+        if args.variants:
+            wanted = [w.strip() for w in args.variants.split(",") if w.strip()]
+            variants = [v for v in variants if any(w in v["variant"] for w in wanted)]
         results: dict[int, list[dict]] = {i: [] for i in range(len(variants))}
         for rnd in range(args.rounds):  # round-robin: every variant once per round, fresh process each
             for i, spec in enumerate(variants):
