@@ -193,7 +193,11 @@ class TorchInt8:
 
 
 def save_pt2e(module: torch.fx.GraphModule, example: torch.Tensor, path: str | Path) -> Path:
-    """The converted module re-exported as a torch.export program (``.pt2``)."""
+    """The converted module re-exported as a torch.export program (``.pt2``). To run it with
+    int8 kernels elsewhere: ``import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer``
+    (it registers inductor's int8 fusions), then ``torch.compile(torch.export.load(path).module())``
+    under ``torch._inductor.config.freezing = True``; without that import inductor compiles the
+    Q/DQ graph in float and it runs no faster than FP32."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     example = example.detach()[:2].float()
