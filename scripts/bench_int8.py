@@ -177,6 +177,8 @@ def time_variant(spec: dict, threads: int, warmup: int, runs: int) -> dict:
     import torch, so their peak RSS is ONNX Runtime's plus the model's."""
     import numpy as np
 
+    from vitq.timing import run_times
+
     evals = np.load(spec["eval_pixels"])
     rss_before = peak_rss_mb()
     if spec["kind"] == "torch":
@@ -215,13 +217,7 @@ def time_variant(spec: dict, threads: int, warmup: int, runs: int) -> dict:
     result = {"rss_after_load_mb": peak_rss_mb(), "rss_at_start_mb": rss_before}
     for batch, key in ((1, "latency_b1_ms"), (8, "throughput_b8")):
         x = np.ascontiguousarray(evals[:batch] if len(evals) >= batch else np.repeat(evals[:1], batch, axis=0))
-        for _ in range(warmup):
-            run(x)
-        times = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            run(x)
-            times.append(time.perf_counter() - t)
+        times = run_times(run, x, warmup, runs)
         med = statistics.median(times)
         result[key] = 1000 * med if batch == 1 else batch / med
         result[key + "_spread"] = (max(times) - min(times)) / med  # (max - min) / median

@@ -25,17 +25,11 @@ from analysis import artifacts
 from quant.config import QuantConfig
 
 from .backends import OnnxRuntimeInt8, OrtRunner, example_pixels
+from .timing import run_times
 
 
 def _time(run, x: torch.Tensor, warmup: int, runs: int) -> float:
-    for _ in range(warmup):
-        run(x)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        run(x)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(run_times(run, x, warmup, runs))
 
 
 def _cpu() -> str:
