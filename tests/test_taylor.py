@@ -78,6 +78,15 @@ def test_cli_taylor_and_plan_measures_top_k(model_dir, data_dir, tmp_path, capsy
     assert sorted(measured["candidate"]) == sorted(table["candidate"].head(5))
 
 
+def test_no_estimate_when_every_candidate_is_measured(model_dir, data_dir, tmp_path):  # noqa: F811
+    out = tmp_path / "out"
+    assert main(["plan", "--model", str(model_dir), "--data", str(data_dir), "--calib", "8", "--batch-size", "5",
+                 "--eval-images", "6", "--no-progress", "--out", str(out), "--measure-top", "22",
+                 "--max-steps", "1", "--confirm-images", "0"]) == 0
+    assert not (out / "sensitivity_taylor_op.csv").exists()  # 22 candidates: nothing to order
+    assert len(pd.read_csv(out / "sensitivity_only_op.csv")) == 22
+
+
 @pytest.mark.parametrize("family", ["swin", "torchvision"])
 def test_estimate_tracks_measured_kl_where_windows_or_heads_share_dim_0(family, tmp_path):
     """Swin's window attention and torch's multi-head attention quantize (B * windows or

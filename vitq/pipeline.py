@@ -20,7 +20,7 @@ from analysis.errors import ErrorReport, analyze_errors
 from analysis.planner import Budget, Planner
 from analysis.runner import Runner
 from analysis.names import MEASURE_TOP, TAYLOR_IMAGES
-from analysis.sensitivity import analyze_sensitivity
+from analysis.sensitivity import analyze_sensitivity, make_candidates
 from analysis.taylor import taylor_table
 from quant.config import QuantConfig
 from quant.store import ResultLog, atomic_write_text, settings_key
@@ -162,13 +162,11 @@ def only_sensitivity(session: Session, config: QuantConfig, images: int, measure
     Else the candidates are ordered by the taylor estimate (on the first ``taylor_images`` of
     the ``images`` plan images: it only orders) and only the top ``measure_top`` measured on
     all of them; the others keep their estimate as ``kl`` (column ``source``: measured / taylor)."""
-    if not measure_top:
+    # every candidate measured anyway: an estimate would order nothing
+    if not measure_top or measure_top >= len(make_candidates(session.sites, config, "op")):
         only, _, _, _ = run_sensitivity(session, config, mode="only", images=images)
         return only.assign(source="measured")
     estimate, _, _, _ = run_taylor(session, config, images=min(images, taylor_images), probes=probes)
-    if measure_top >= len(estimate):
-        only, _, _, _ = run_sensitivity(session, config, mode="only", images=images)
-        return only.assign(source="measured")
     top = estimate["candidate"].head(measure_top).tolist()
     measured, _, _, _ = run_sensitivity(session, config, mode="only", images=images, only=top)
     rest = estimate[~estimate["candidate"].isin(top)].drop(columns=["rank"]).rename(columns={"kl_estimate": "kl"})
