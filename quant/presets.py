@@ -5,7 +5,10 @@
 - ``mixed_1``: ``all`` with both residual adds of every block float;
 - ``mixed_2``: ``mixed_1`` with two MLP fc layers float too: by default fc2 of
   blocks 4 and 5 (the most sensitive in the reference ViT-B/16), or any sites a
-  sensitivity ranking picks.
+  sensitivity ranking picks;
+- ``nncf``: NNCF's transformer placement (``model_type=TRANSFORMER``): ``mixed_1`` with
+  both attention matmuls' second product (``matmul_av``, softmax probabilities x V) float
+  too, the float set NNCF's default PTQ leaves in the OpenVINO graph of a ViT.
 """
 
 from __future__ import annotations
@@ -35,4 +38,6 @@ def preset(name: str, sites: list[Site], mixed_2_float: list[str] | None = None)
     if name == "mixed_2":
         extra = mixed_2_float if mixed_2_float is not None else default_mixed_2_sites(sites)
         return preset("mixed_1", sites).with_float(extra, name="mixed_2")
+    if name == "nncf":
+        return QuantConfig(name="nncf", float_sites=["*.residual_*", "*.matmul_av"])
     raise ValueError(f"unknown preset {name!r}; presets are {', '.join(PRESETS)}")

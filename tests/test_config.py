@@ -27,6 +27,16 @@ def test_presets_give_exact_skip_lists(sites):
     assert preset("fp32", sites) is None
 
 
+def test_nncf_preset_is_residual_adds_and_matmul_av_float_by_hand(sites):
+    """NNCF's transformer placement on the 6-block tiny ViT, every name written out."""
+    names = [f"blocks.{b}.{r}" for b in range(6)
+             for r in ("norm1", "attn.softmax", "attn.matmul_av", "residual_attn", "norm2", "mlp.gelu", "residual_mlp")]
+    names.append("norm")  # the final LayerNorm
+    assert sorted(_float(preset("nncf", sites), sites)) == sorted(names)
+    assert not any(preset("nncf", sites).is_float(s) for s in sites
+                   if s.name.endswith(("attn.q", "attn.k", "attn.v", "attn.matmul_qk", "mlp.fc1", "mlp.fc2")))
+
+
 def test_mixed_2_takes_sites_from_a_ranking_and_falls_back_on_shallow_models(sites):
     cfg = preset("mixed_2", sites, ["blocks.0.mlp.fc1"])
     assert "blocks.0.mlp.fc1" in _float(cfg, sites) and "blocks.4.mlp.fc2" not in _float(cfg, sites)
