@@ -53,9 +53,11 @@ ERRORS_RUN = ("calibration_s", "wall_s")
 ERRORS_ACTIVATIONS = TableSpec("errors_activations", ERRORS_META, ERRORS_RUN, "vitq errors")
 ERRORS_WEIGHTS = TableSpec("errors_weights", ERRORS_META, ERRORS_RUN, "vitq errors")
 ERRORS_CHANNELS = "errors_channels.npz"
-LATENCY = TableSpec("latency_sites", (*RUN_CONTEXT, "config", "batch", "runs", "threads", "backend"),
+LATENCY = TableSpec("latency_sites", (*RUN_CONTEXT, "config", "batch", "runs", "threads", "backend", "version",
+                                      "noise_ms"),
                     ("calibration_s", "wall_s"), "vitq plan --cost latency")
-PLAN_META = (*RUN_CONTEXT, "budget", "met", "outcome", "cost", "met_at_step", "plan_images", "confirm_images", "plan", "float_sites",
+PLAN_META = (*RUN_CONTEXT, "budget", "met", "outcome", "cost", "cost_unit", "cost_noise", "met_at_step", "plan_images",
+             "confirm_images", "plan", "float_sites",
              "start", "best_reference", "verdict", "noise")
 PLAN_RUN = ("calibration_s", "wall_s", "measured_now", "log")
 PLAN_STEPS = TableSpec("plan_steps", PLAN_META, PLAN_RUN, "vitq plan")

@@ -4,7 +4,7 @@ chosen on one image set and confirmed on another.
 How it searches (every measurement on the same *plan* images, with the whole
 configuration, per-image values logged so an interrupted plan resumes):
 
-1. Reference rows: FP32, ``all``, ``mixed_1``, ``mixed_2``.
+1. Reference rows: FP32, ``all``, ``mixed_1``, ``mixed_2``, ``nncf`` (NNCF's default placement).
 2. Path from the start config (default ``all``): remedies first (another
    activation observer everywhere, the fixed [0, 1] range for softmax
    probabilities, SmoothQuant scale migration at two strengths, bias correction,
@@ -12,7 +12,7 @@ configuration, per-image values logged so an interrupted plan resumes):
    candidate moves (one site, all residual adds, all ``matmul_av``, one block)
    ordered by estimated fidelity gained per unit of cost (gain from the
    sensitivity tables, cost from :mod:`analysis.cost`), each measured in turn.
-3. A second path of float fallbacks from the best reference preset.
+3. A second path of float fallbacks from the most accurate reference preset.
 
 The search objective is smooth and per image: KL(FP32 || config) by default
 (``logit_mse`` optional); top-1 on a few hundred images moves in one-image steps.
@@ -21,11 +21,18 @@ A move is kept only when it beats the current point by more than its noise: the
 above zero. Budgets (top-1 drop, agreement, KL) are *checked*, never searched on,
 with 1.96 standard errors of the per-image values allowed for (see :meth:`Budget.met`).
 By default the plan must also beat every reference preset: KL lower by more than the
-noise, agreement no lower, at no higher cost. Every kept point lies on a path; the
-non-dominated ones (lower cost, lower objective) form the frontier. A trimming path
-then returns float sites of the cheapest qualifying point to int8 while it still
-qualifies, and the plan is the cheapest qualifying point measured. The plan and the
-reference presets are then measured on disjoint *confirm* images.
+noise, agreement no lower, at no higher cost than the costliest of them. The cost is what
+the deployment pays where it was measured (``--cost latency``: ms per batch in ONNX
+Runtime, :mod:`vitq.latency`; float sites whose slowdown is not measurable cost nothing,
+and two costs closer than the table's noise are equal), else the float share of matmul
+MACs. Every kept point lies on a path; the non-dominated ones (lower cost, lower
+objective) form the frontier. A trimming path then returns float sites of the cheapest
+qualifying point to int8 while it still qualifies (only sites whose return saves cost),
+and the plan is the cheapest qualifying point measured, the most accurate among points
+of equal cost. When no point beats every preset, the plan is the cheapest point whose
+objective equals the most accurate preset's within the noise (that preset itself, or a
+trimmed version of it that costs less): never a plan slower and worse than a preset.
+The plan and the reference presets are then measured on disjoint *confirm* images.
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ from .metrics import OutputStats, paired_bootstrap
 from .runner import BoundaryCache, Runner, scratch
 
 OBJECTIVES = {"kl": "kl", "logit_mse": "mse"}  # objective -> OutputStats per-image key
-REFERENCES = ("all", "mixed_1", "mixed_2")
+REFERENCES = ("all", "mixed_1", "mixed_2", "nncf")
 SITE_COST = 0.5  # cost of one float non-matmul site (residual add), in % of matmul MACs
 SMOOTH_ALPHAS = (0.15, 0.5)
 CONFIDENCE_Z = 1.96  # a budget counts as met when it holds by this many standard errors (95 %)  # NNCF's alpha for torchvision vit_b_16; SmoothQuant's default
@@ -119,11 +126,12 @@ def cost_of(config: QuantConfig | None, sites, macs: dict[str, float], site_cost
     return 100.0 - config_cost(config, sites, macs)["int8_macs_share"] + site_cost * extra
 
 
-def latency_cost(config: QuantConfig | None, sites, unit_costs: dict[str, float]) -> float:
-    """Sum of the measured per-site latency costs (% of the start config's time) of the
-    sites ``config`` keeps float beyond the backend-float kinds (``vitq.latency``)."""
-    return sum(unit_costs.get(s.name, 0.0) for s in sites
-               if s.kind not in BACKEND_FLOAT_KINDS and (config is None or config.is_float(s)))
+def latency_cost(config: QuantConfig | None, sites, unit_costs: dict[str, float], base: float = 0.0) -> float:
+    """``base`` (the start config's measured time) plus the measured per-site latency costs
+    (``vitq.latency``: ms per batch, 0 where not measurable) of the sites ``config`` keeps
+    float beyond the backend-float kinds."""
+    return base + sum(unit_costs.get(s.name, 0.0) for s in sites
+                      if s.kind not in BACKEND_FLOAT_KINDS and (config is None or config.is_float(s)))
 
 
 class Planner:
@@ -133,7 +141,8 @@ class Planner:
     def __init__(self, plan_runner: Runner, confirm_runner: Runner | None, out_dir: Path,
                  macs: dict[str, float], budget: Budget | None = None, settings: dict | None = None, *,
                  objective: str = "kl", site_cost: float = SITE_COST, level: float = 0.95, n_boot: int = 2000,
-                 seed: int = 0, progress: bool = True, unit_costs: dict[str, float] | None = None) -> None:
+                 seed: int = 0, progress: bool = True, unit_costs: dict[str, float] | None = None,
+                 cost_base: float = 0.0, cost_noise: float = 0.0) -> None:
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
         self.runner, self.confirm_runner = plan_runner, confirm_runner
@@ -142,6 +151,9 @@ class Planner:
         self.macs, self.budget = macs, budget or Budget()
         self.objective, self.site_cost = objective, site_cost
         self.unit_costs = unit_costs  # per-site latency costs (--cost latency); None: MACs
+        # the start config's measured time, and the resolution of a cost difference (costs
+        # closer than this are equal; 0 for MACs, which are exact)
+        self.cost_base, self.cost_noise = cost_base, cost_noise
         self.level, self.n_boot, self.seed, self.progress = level, n_boot, seed, progress
         settings = dict(settings or {})
         self.log = ResultLog(Path(out_dir) / f"plan_measurements.{settings_key(settings)}.jsonl",
@@ -196,7 +208,7 @@ class Planner:
         """The planner's cost of ``config``: float MAC share + residual charge, or the
         measured latency costs when the planner was given them."""
         if self.unit_costs is not None:
-            return latency_cost(config, self.sites, self.unit_costs)
+            return latency_cost(config, self.sites, self.unit_costs, self.cost_base)
         return cost_of(config, self.sites, self.macs, self.site_cost)
 
     def compare(self, new: OutputStats, current: OutputStats) -> dict[str, float]:
@@ -252,6 +264,12 @@ class Planner:
                 if seed is not None:
                     keep = self.feasible if self.feasible(seed) else self.quality_ok
                     self.paths["trim"] = self._trim(seed, self._floats_to_trim(seed, estimates), keep, max_steps)
+                elif self.budget.beat_references:
+                    # nothing beats every preset: make the most accurate one cheaper where that
+                    # is measurable, keeping its objective within the noise
+                    seed = self.trim_seed = references[best_ref]
+                    self.paths["trim"] = self._trim(seed, self._floats_to_trim(seed, estimates), self.matches_best,
+                                                    max_steps)
             finally:
                 self._scratch, self._cache = None, None
 
@@ -279,12 +297,15 @@ class Planner:
                    for ref in self.references.values())
 
     def cost_ok(self, point: Point) -> bool:
-        """No costlier than the reference presets: int8 MAC share no lower than the lowest
-        preset's, skip-list no longer than the longest preset's (always true when the
-        budget does not ask to beat the presets)."""
+        """No costlier than the reference presets (always true when the budget does not ask
+        to beat them). Measured latency: no more than the costliest preset's time plus the
+        table's noise. MACs: int8 MAC share no lower than the lowest preset's, skip-list no
+        longer than the longest preset's."""
         if not self.budget.beat_references:
             return True
         refs = [r.row for r in self.references.values()]
+        if self.unit_costs is not None:
+            return point.row["cost"] <= max(r["cost"] for r in refs) + self.cost_noise
         share, skipped = point.row["int8_macs_share"], point.row["skipped_sites"]
         min_share = min(r["int8_macs_share"] for r in refs)
         return (share != share or share >= min_share - 1e-9) and skipped <= max(r["skipped_sites"] for r in refs)
@@ -292,18 +313,38 @@ class Planner:
     def feasible(self, point: Point) -> bool:
         return self.quality_ok(point) and self.cost_ok(point)
 
+    def matches_best(self, point: Point) -> bool:
+        """Objective equal to the most accurate reference preset's within the noise (the
+        95 % interval of the gain reaches 0 or above) and agreement no lower."""
+        best = self.references[self.best_reference]
+        return (self.compare(point.stats, best.stats)["gain_hi"] >= 0
+                and point.row["agreement"] >= best.row["agreement"])
+
+    def cheapest(self, points: list[Point]) -> Point:
+        """The cheapest of ``points``, counting costs closer than the noise as equal: among
+        those within ``cost_noise`` of the cheapest, the lowest objective."""
+        low = min(p.row["cost"] for p in points)
+        return min((p for p in points if p.row["cost"] <= low + self.cost_noise),
+                   key=lambda p: (p.row[self.objective], p.row["cost"]))
+
     def _choose(self, points: list[Point]) -> tuple[Point, str]:
         """The cheapest feasible point ("met"); else, when the presets were to be beaten
-        too, the cheapest point meeting the explicit budget alone ("budget only"); else
-        the lowest-objective frontier point ("not met")."""
+        too, the cheapest point meeting the explicit budget alone ("budget only"), or
+        without an explicit budget the cheapest point equal to the most accurate preset
+        within the noise ("matches best reference"); else the lowest-objective frontier
+        point ("not met")."""
         feasible = [p for p in points if self.feasible(p)]
         if feasible:
-            return min(feasible, key=lambda p: (p.row["cost"], p.row[self.objective])), "met"
+            return self.cheapest(feasible), "met"
         explicit = (self.budget.max_drop, self.budget.min_agreement, self.budget.max_kl) != (None, None, None)
         if self.budget.beat_references and explicit:
             meeting = [p for p in points if self.budget.met(p.row, CONFIDENCE_Z)]
             if meeting:
-                return min(meeting, key=lambda p: (p.row["cost"], p.row[self.objective])), "budget only"
+                return self.cheapest(meeting), "budget only"
+        if self.budget.beat_references and not explicit:
+            cap = self.references[self.best_reference].row["cost"] + self.cost_noise
+            return self.cheapest([p for p in points if self.matches_best(p) and p.row["cost"] <= cap]), \
+                "matches best reference"
         return min(self.frontier, key=lambda p: (p.row[self.objective], p.row["cost"])), "not met"
 
     def _trim_seed(self) -> Point | None:
@@ -313,7 +354,7 @@ class Planner:
         for ok in (self.feasible, self.quality_ok):
             good = [p for p in points if ok(p)]
             if good:
-                return min(good, key=lambda p: (p.row["cost"], p.row[self.objective]))
+                return self.cheapest(good)
         return None
 
     def _floats_to_trim(self, point: Point, estimates: dict[str, float]) -> list[Move]:
@@ -485,12 +526,16 @@ class Planner:
         c = self.chosen.row
         how = {"met": "met with 95 % confidence on",
                "budget only": "NOT met (the explicit budget alone is met) on",
+               "matches best reference": "NOT met on",
                "not met": "NOT met on"}[self.outcome]
         who = {"met": "the plan", "budget only": "the plan, the cheapest point meeting the explicit budget",
+               "matches best reference": f"no measured point; the plan is the cheapest point whose {self.objective} "
+                                         f"equals the most accurate preset's ({self.best_reference}) within the noise",
                "not met": f"no measured point; the plan is the lowest-{self.objective} point"}[self.outcome]
         text = (f"Budget ({self.budget.describe()}) {how} {len(self.runner)} plan images by {who}"
                 f" (attempt {c['attempt']}, {c['change']}): {c['skipped_sites']} sites kept float beyond the "
-                f"backend-float kinds, int8 share of matmul MACs {c['int8_macs_share']:.1f} %, KL {c['kl']:.4g}, "
+                f"backend-float kinds, {self.describe_cost(c['cost'])}, "
+                f"int8 share of matmul MACs {c['int8_macs_share']:.1f} %, KL {c['kl']:.4g}, "
                 f"agreement {c['agreement']:.2f} %, top-1 drop {c['top1_drop']:.2f} +- {c['top1_drop_se']:.2f} pp (SE).")
         if self.outcome != "met" and self.budget.beat_references:
             text += " " + self._why_not()
@@ -504,8 +549,16 @@ class Planner:
                      f"; against the best reference preset {self.best_reference}: KL {p['kl']:.4g} vs {b['kl']:.4g}, "
                      f"agreement {p['agreement']:.2f} vs {b['agreement']:.2f} %, {p['skipped_sites']} vs "
                      f"{b['skipped_sites']} sites kept float, int8 MAC share {p['int8_macs_share']:.1f} vs "
-                     f"{b['int8_macs_share']:.1f} %.")
+                     f"{b['int8_macs_share']:.1f} %, cost {p['cost']:.4g} vs {b['cost']:.4g} {self.cost_unit()}.")
         return text
+
+    def cost_unit(self) -> str:
+        return "ms/batch (measured)" if self.unit_costs is not None else "(% float MACs + residual charge)"
+
+    def describe_cost(self, cost: float) -> str:
+        if self.unit_costs is None:
+            return f"cost {cost:.3g} {self.cost_unit()}"
+        return f"predicted latency {cost:.4g} ms per batch (noise {self.cost_noise:.2g} ms)"
 
     def _why_not(self) -> str:
         """Why no measured point beats the presets at their cost, in numbers: the best
@@ -516,7 +569,8 @@ class Planner:
         refs = self.references.values()
         parts = [f"Reference presets: " + "; ".join(
             f"{n} KL {r.row['kl']:.4g}, agreement {r.row['agreement']:.2f} %, {r.row['skipped_sites']} float sites, "
-            f"int8 MAC share {r.row['int8_macs_share']:.1f} %" for n, r in self.references.items()) + "."]
+            f"int8 MAC share {r.row['int8_macs_share']:.1f} %, {self.describe_cost(r.row['cost'])}"
+            for n, r in self.references.items()) + "."]
         if within:
             b = min(within, key=lambda p: p.row[self.objective])
             parts.append(f"Best measured point within their cost (attempt {b.row['attempt']}): KL {b.row['kl']:.4g}, "
@@ -524,7 +578,8 @@ class Planner:
         if better:
             b = min(better, key=lambda p: p.row["cost"])
             parts.append(f"Cheapest point that beats them in quality (attempt {b.row['attempt']}): "
-                         f"{b.row['skipped_sites']} float sites, int8 MAC share {b.row['int8_macs_share']:.1f} %.")
+                         f"{b.row['skipped_sites']} float sites, int8 MAC share {b.row['int8_macs_share']:.1f} %, "
+                         f"{self.describe_cost(b.row['cost'])}.")
         else:
             parts.append(f"No measured point beats them all in quality ({len(points)} points measured;"
                          f" max worst-case agreement lead {max((p.row['agreement'] - max(r.row['agreement'] for r in refs)) for p in points):.2f} pp).")

@@ -192,7 +192,8 @@ def test_interrupted_error_analysis_resumes_to_the_same_tables(model_dir, data_d
 def test_plan_end_to_end_writes_a_loadable_plan_and_confirms_it(model_dir, data_dir, tmp_path, capsys):
     out = tmp_path / "p"
     common = ["--model", str(model_dir), "--data", str(data_dir), "--calib", "8", "--out", str(out), "--no-progress"]
-    assert main(["plan", *common, "--eval-images", "6", "--max-kl", "0", "--max-steps", "3", "--batch-size", "3"]) == 0
+    assert main(["plan", *common, "--eval-images", "6", "--max-kl", "0", "--max-steps", "3", "--batch-size", "3",
+                 "--cost", "macs"]) == 0
     printed = capsys.readouterr().out
     assert "NOT met" in printed  # KL 0 is out of reach with any int8 site
     steps = json.loads((out / "plan_steps.json").read_text())
@@ -203,7 +204,7 @@ def test_plan_end_to_end_writes_a_loadable_plan_and_confirms_it(model_dir, data_
     assert tried["attempt"].tolist() == list(range(len(tried)))
     assert len(tried[tried["kind"] == "float"]) <= 3 * 2  # at most --max-steps per path, two paths
     confirm = pd.read_csv(out / "plan_confirm.csv")
-    assert confirm["config"].tolist() == ["fp32", "all", "mixed_1", "mixed_2", "plan"]
+    assert confirm["config"].tolist() == ["fp32", "all", "mixed_1", "mixed_2", "nncf", "plan"]
     # the plan file is a QuantConfig that vitq eval accepts, and its skip-list names real sites
     assert main(["eval", *common, "--preset", "all", "--config", str(out / "plan.yaml")]) == 0
     ev = pd.read_csv(out / "eval.csv").set_index("config")

@@ -29,7 +29,7 @@ def _count_decodes(monkeypatch) -> collections.Counter:
 def test_every_stage_and_rerun_decode_each_image_once(model_dir, data_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
     counts = _count_decodes(monkeypatch)
     args = ["analyze", "--model", str(model_dir), "--data", str(data_dir), "--calib", "8", "--batch-size", "5",
-            "--eval-images", "6", "--confirm-images", "6", "--error-images", "4", "--max-steps", "1",
+            "--eval-images", "6", "--confirm-images", "6", "--error-images", "4", "--max-steps", "1", "--cost", "macs",
             "--no-progress", "--decode-cache", str(tmp_path / "decoded"), "--out", str(tmp_path / "out")]
     assert main(args) == 0
     assert counts and max(counts.values()) == 1  # calibration, plan, confirm, errors, eval: one decode each

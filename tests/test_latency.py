@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 import pandas as pd
 import pytest
 
@@ -26,17 +28,33 @@ def test_latency_table_covers_every_int8_site_once_and_costs_add_up(pixels):
     members = [m for ms in table["members"] for m in ms.split(",")]
     assert sorted(members) == sorted(s.name for s in start.int8_sites(qm.sites))  # each int8 site once
     assert (table["sites"] == [len(m.split(",")) for m in table["members"]]).all()
-    # the cost of one site is the group's slowdown in % of the start config, shared by its members
-    expected = 100 * (table["float_ms"] - table["start_ms"]) / table["start_ms"] / table["sites"]
+    # a group's slowdown is the median paired per-round difference, shared by its members
+    expected = 100 * table["delta_ms"] / table["start_ms"] / table["sites"]
     assert table["cost_per_site"].to_numpy() == pytest.approx(expected.to_numpy())
+    assert ((table["delta_lo_ms"] <= table["delta_ms"]) & (table["delta_ms"] <= table["delta_hi_ms"])).all()
+    # free exactly when the interval reaches 0; a free group costs nothing, the others their slowdown
+    assert (table["free"] == (table["delta_lo_ms"] <= 0)).all()
+    assert (table["cost_ms"] == np.where(table["free"], 0.0, table["delta_ms"] / table["sites"])).all()
     costs = unit_costs(table)
     residual = table.set_index("group").loc["residual/residual_mlp"]
-    assert costs[residual["members"].split(",")[0]] == max(residual["cost_per_site"], 0.0)
-    # a config's cost is the sum over the sites it keeps float, backend-float kinds excluded
+    assert costs[residual["members"].split(",")[0]] == residual["cost_ms"]
+    # a config's cost is the start time plus the sites it keeps float, backend-float kinds excluded
     mixed_1 = preset("mixed_1", qm.sites)
     floats = [s.name for s in qm.sites if s.kind == "residual"]
-    assert latency_cost(mixed_1, qm.sites, costs) == pytest.approx(sum(costs[n] for n in floats))
-    assert latency_cost(start, qm.sites, costs) == 0.0
+    assert latency_cost(mixed_1, qm.sites, costs, 7.0) == pytest.approx(7.0 + sum(costs[n] for n in floats))
+    assert latency_cost(start, qm.sites, costs, 7.0) == 7.0
+
+
+def test_median_interval_takes_the_order_statistics_of_a_95_percent_sign_test():
+    from vitq.latency import median_interval, noise_ms
+
+    # n = 9: P(B <= 1) = 10/512 = 0.0195 <= 0.025 < P(B <= 2): the 2nd and 8th smallest
+    assert median_interval([5, 1, 3, 2, 4, 9, 8, 7, 6]) == (5, 2, 8)
+    # n = 20: P(B <= 5) = 0.0207 <= 0.025 < P(B <= 6) = 0.0577: the 6th and 15th
+    assert median_interval(list(range(20))) == (9.5, 5, 14)
+    assert median_interval([3.0, 1.0, 2.0]) == (2.0, 1.0, 3.0)  # too few rounds: the extremes
+    table = pd.DataFrame({"delta_lo_ms": [-1.0, 0.5, 2.0], "delta_hi_ms": [1.0, 1.5, 8.0]})
+    assert noise_ms(table) == 1.0  # half-widths 1, 0.5, 3: the median
 
 
 def test_plan_with_latency_cost_writes_the_table_once_and_says_so(model_dir, data_dir, tmp_path, capsys):  # noqa: F811
@@ -49,13 +67,15 @@ def test_plan_with_latency_cost_writes_the_table_once_and_says_so(model_dir, dat
     assert json.loads((out / "plan_steps.json").read_text())["meta"]["cost"] == "latency"
     steps = pd.read_csv(out / "plan_steps.csv")
     costs = pd.read_csv(out / "latency_sites.csv")
-    # the `all` reference keeps nothing float beyond the backend kinds: latency cost 0;
-    # mixed_1 costs what its residual groups cost
+    # the `all` reference keeps nothing float beyond the backend kinds: the start config's time;
+    # mixed_1 adds what its residual groups cost (0 where not measurable)
     ref = steps.set_index("change")
-    assert ref.loc["preset all", "cost"] == 0.0
+    assert ref.loc["preset all", "cost"] == pytest.approx(costs["start_ms"].iloc[0], rel=1e-5)
     residual = costs[costs["kind"] == "residual"]
-    assert ref.loc["preset mixed_1", "cost"] == pytest.approx((residual["cost_per_site"].clip(lower=0)
-                                                               * residual["sites"]).sum(), rel=1e-5, abs=1e-6)  # CSV: 6 significant digits
+    assert ref.loc["preset mixed_1", "cost"] == pytest.approx(costs["start_ms"].iloc[0] + (
+        residual["cost_ms"] * residual["sites"]).sum(), rel=1e-5, abs=1e-6)  # CSV: 6 significant digits
+    assert table["meta"]["noise_ms"] == pytest.approx(((costs["delta_hi_ms"] - costs["delta_lo_ms"]) / 2).median(),
+                                                      rel=1e-5)
     # a second plan reuses the measured table (same settings): the file is not rewritten
     stamp = (out / "latency_sites.json").stat().st_mtime_ns
     assert main(["plan", *common]) == 0

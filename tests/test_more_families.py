@@ -230,7 +230,8 @@ def test_cli_eval_sensitivity_plan(model_args, data_dir, tmp_path, capsys):
     sens = pd.read_csv(out / "sensitivity_only_op.csv")
     assert sens["candidate"].str.match(r"^(patch_embed|head|norm|blocks\.|stages\.)").all()
     assert (sens["start_block"] >= 0).any() if "start_block" in sens else True
-    assert main(["plan", *common, "--eval-images", "6", "--max-kl", "0", "--max-steps", "2", "--batch-size", "3"]) == 0
+    assert main(["plan", *common, "--eval-images", "6", "--max-kl", "0", "--max-steps", "2", "--batch-size", "3",
+                 "--cost", "macs"]) == 0
     printed = capsys.readouterr().out
     assert "NOT met" in printed
     plan = yaml.safe_load((out / "plan.yaml").read_text())

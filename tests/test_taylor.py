@@ -73,7 +73,8 @@ def test_cli_taylor_and_plan_measures_top_k(model_dir, data_dir, tmp_path, capsy
     assert len(table) == 22 and table["kl_estimate"].is_monotonic_decreasing
     assert main(["sensitivity", "--method", "taylor", "--mode", "all-but", *common]) == 2
     capsys.readouterr()
-    assert main(["plan", *common, "--measure-top", "5", "--max-steps", "1", "--confirm-images", "0"]) == 0
+    assert main(["plan", *common, "--measure-top", "5", "--max-steps", "1", "--confirm-images", "0",
+                 "--cost", "macs"]) == 0
     measured = pd.read_csv(out / "sensitivity_only_op.csv")
     assert sorted(measured["candidate"]) == sorted(table["candidate"].head(5))
 
@@ -82,7 +83,7 @@ def test_no_estimate_when_every_candidate_is_measured(model_dir, data_dir, tmp_p
     out = tmp_path / "out"
     assert main(["plan", "--model", str(model_dir), "--data", str(data_dir), "--calib", "8", "--batch-size", "5",
                  "--eval-images", "6", "--no-progress", "--out", str(out), "--measure-top", "22",
-                 "--max-steps", "1", "--confirm-images", "0"]) == 0
+                 "--max-steps", "1", "--confirm-images", "0", "--cost", "macs"]) == 0
     assert not (out / "sensitivity_taylor_op.csv").exists()  # 22 candidates: nothing to order
     assert len(pd.read_csv(out / "sensitivity_only_op.csv")) == 22
 

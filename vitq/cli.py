@@ -21,7 +21,7 @@ def _import_command_modules() -> None:
     wait seconds for these imports."""
     global pd, yaml, ConfigError, QuantConfig, render_report, SiteError, preset, Budget, most_sensitive_fc
     global DataError, run_errors, run_eval, run_plan, run_sensitivity, save_eval, ModelLoadError, Options, Session
-    global USER_ERRORS, artifacts, PlanOptions, run_taylor
+    global USER_ERRORS, artifacts, PlanOptions, run_taylor, REFERENCES
 
     import pandas as pd
     import yaml
@@ -30,7 +30,7 @@ def _import_command_modules() -> None:
     from reports.html import render_report
     from quant.model import SiteError
     from quant.presets import preset
-    from analysis.planner import Budget
+    from analysis.planner import REFERENCES, Budget
     from analysis.sensitivity import most_sensitive_fc
     from analysis import artifacts
 
@@ -160,9 +160,10 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--confirm-images", type=int,
                    help="other val images the plan is confirmed on (default: as many as --eval-images; 0: none)")
     p.add_argument("--objective", choices=("kl", "logit_mse"), default="kl", help="search objective (default kl)")
-    p.add_argument("--cost", choices=("macs", "latency"), default="macs",
-                   help="what a float site costs: its share of matmul MACs (+0.5 per residual add; default), or its "
-                        "latency measured once with ONNX Runtime on this machine (needs onnxruntime)")
+    p.add_argument("--cost", choices=("auto", "latency", "macs"), default="auto",
+                   help="what a float site costs: its latency measured once with ONNX Runtime on this machine (sites "
+                        "whose slowdown is not measurable cost nothing), or its share of matmul MACs (+0.5 per residual "
+                        "add); auto (default): latency where onnx/onnxruntime/onnxscript are installed, else macs")
     p.add_argument("--max-steps", type=int, default=12, help="float fallbacks measured per search path (default 12)")
     p.add_argument("--worst-sites", type=int, default=3, help="worst sites offered per-site observer remedies")
     p.add_argument("--measure-top", type=int, default=None,
@@ -418,7 +419,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     session.calibrate()
     planner, _ = run_plan(session, start, _budget(args), _plan_options(args))
     report, _ = run_errors(session, start, images=args.error_images)
-    configs = {n: preset(n, session.sites) for n in ("all", "mixed_1", "mixed_2")}
+    configs = {n: preset(n, session.sites) for n in REFERENCES}
     configs["plan"] = planner.plan_config
     df, meta, run = run_eval(session, configs, limit=args.limit)
     save_eval(session, df, meta, run, configs, spec=artifacts.ACCURACY)

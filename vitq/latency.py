@@ -1,17 +1,24 @@
 """What keeping a site float costs in real time: a per-site latency table measured once
 with ONNX Runtime on this machine (``vitq plan --cost latency``).
 
-MACs say nothing about a residual add, yet keeping it float costs time: Q/DQ pairs
-around it, a fused int8 chain broken in two (ViT-B/16 ``mixed_1`` 9.8 img/s against
-``all``'s 12.3 img/s). So the table times the start config in ONNX Runtime and, for
-each group of sites of one kind and role (all residual adds after attention, all
-fc2, ...), the same config with that group float; the slowdown per site, in % of
-the start config's time, is that site's cost. Sessions are timed round-robin so a
-drift of the machine hits every variant alike; medians of ``runs`` timings.
+What a deployment pays for a float site is time in the runtime, not a MAC share: keeping
+a residual add float removes a Q/DQ pair that ONNX Runtime never fuses anyway (float
+residual adds measured no slower, docs/results.md), while a float fc2 runs a float GEMM.
+So the table times the start config in ONNX Runtime and, for each group of sites of one
+kind and role (all residual adds after attention, all fc2, ...), the same config with
+that group float. Sessions are timed round-robin, so a drift of the machine hits every
+variant alike, and each group's slowdown is the median of its per-round *paired*
+differences from the start config, with a distribution-free 95 % interval of that median
+(order statistics of the rounds). A group whose interval reaches 0 costs nothing
+measurable (``free``); the others cost their median slowdown, shared by their sites.
+The noise of the table (``noise_ms``: the median half-width of the groups' intervals) is
+the resolution of a latency difference: two configs whose predicted times differ by less
+cost the same.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import tempfile
 import time
@@ -36,11 +43,29 @@ def site_groups(config: QuantConfig, sites: list[Site]) -> dict[str, list[str]]:
     return groups
 
 
-def measure_site_latency(qmodel: QuantModel, config: QuantConfig, pixels: torch.Tensor, *, runs: int = 5,
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Median of ``values`` and a distribution-free interval for it: the order statistics
+    ``k`` and ``n - k + 1`` with the largest ``k`` whose binomial tail ``P(B <= k - 1) <= (1 - level) / 2``
+    (B ~ Binomial(n, 1/2)); with fewer than 6 values no interval reaches ``level``, the extremes
+    are returned (coverage 1 - 2^(1-n))."""
+    xs = sorted(values)
+    n = len(xs)
+    tail, k, cum = (1 - level) / 2, 1, 0.0
+    for j in range(n):  # cum = P(B <= j)
+        cum += math.comb(n, j) / 2 ** n
+        if cum > tail:
+            break
+        k = j + 1  # P(B <= k - 1) <= tail: the k-th order statistic still qualifies
+    k = min(k, (n + 1) // 2)
+    return statistics.median(xs), xs[k - 1], xs[n - k]
+
+
+def measure_site_latency(qmodel: QuantModel, config: QuantConfig, pixels: torch.Tensor, *, runs: int = 9,
                          threads: int | None = None, progress: bool = True) -> pd.DataFrame:
     """One row per site group: its sites, the median time of ``config`` and of ``config``
-    with the group float (ms per batch of ``pixels``), and the cost of one site of the
-    group in % of ``config``'s time (negative when float is faster)."""
+    with the group float (ms per batch of ``pixels``), the median paired slowdown with its
+    95 % interval, whether it is measurable, and the cost of one site of the group (ms per
+    batch, 0 when not measurable; and in % of ``config``'s time, signed, as measured)."""
     from tqdm import tqdm
 
     groups = site_groups(config, qmodel.sites)
@@ -60,15 +85,25 @@ def measure_site_latency(qmodel: QuantModel, config: QuantConfig, pixels: torch.
     base = statistics.median(times["start"])
     rows = []
     for label, members in groups.items():
-        ms = statistics.median(times[label])
+        delta, lo, hi = median_interval([t - s for t, s in zip(times[label], times["start"])])
+        free = lo <= 0
         rows.append({"group": label, "kind": label.split("/")[0], "role": label.split("/")[1],
-                     "sites": len(members), "members": ",".join(members), "start_ms": base, "float_ms": ms,
-                     "spread_ms": max(times[label]) - min(times[label]),
-                     "cost_per_site": 100 * (ms - base) / base / len(members)})
-    return pd.DataFrame(rows)
+                     "sites": len(members), "members": ",".join(members), "start_ms": base,
+                     "float_ms": statistics.median(times[label]), "delta_ms": delta, "delta_lo_ms": lo,
+                     "delta_hi_ms": hi, "spread_ms": max(times[label]) - min(times[label]), "free": free,
+                     "cost_ms": 0.0 if free else delta / len(members),
+                     "cost_per_site": 100 * delta / base / len(members)})
+    table = pd.DataFrame(rows)
+    table.attrs["noise_ms"] = noise_ms(table)
+    return table
+
+
+def noise_ms(table: pd.DataFrame) -> float:
+    """The resolution of the table: the median half-width of its groups' 95 % intervals."""
+    return float(((table["delta_hi_ms"] - table["delta_lo_ms"]) / 2).median()) if len(table) else 0.0
 
 
 def unit_costs(table: pd.DataFrame) -> dict[str, float]:
-    """site -> cost of keeping it float (% of the start config's time), floored at 0: a
-    group measured faster in float is free, not a gain, as far as the planner goes."""
-    return {name: max(float(r["cost_per_site"]), 0.0) for _, r in table.iterrows() for name in r["members"].split(",")}
+    """site -> what keeping it float costs (ms per batch): its group's measured slowdown
+    shared by the group's sites, 0 where the slowdown is not measurable (``free``)."""
+    return {name: float(r["cost_ms"]) for _, r in table.iterrows() for name in r["members"].split(",")}

@@ -204,22 +204,45 @@ class PlanOptions:
     max_steps: int = 12  # float moves measured per path
     worst_sites: int = 3  # sites offered per-site observer remedies
     all_but: bool = False  # also measure the all-but sensitivity (better gain estimates, much slower)
-    cost: str = "macs"  # "macs" (float MAC share + residual charge) or "latency" (measured with ONNX Runtime)
+    # "latency" (measured with ONNX Runtime), "macs" (float MAC share + residual charge) or
+    # "auto": latency where ONNX Runtime and the exporter are installed, else macs
+    cost: str = "auto"
     latency_batch: int = 8
-    latency_runs: int = 5
+    latency_runs: int = 15
     measure_top: int | None = MEASURE_TOP  # only-candidates measured, in taylor order (None/0: all)
     probes: int = 8  # Fisher probes of the taylor estimate
     taylor_images: int = TAYLOR_IMAGES  # plan images the estimate uses (the first ones)
 
 
-def run_latency(session: Session, config: QuantConfig, *, batch: int = 8, runs: int = 5,
+LATENCY_VERSION = 2  # 2: paired per-round differences with their interval, free groups, ms costs
+
+
+def resolve_cost(cost: str) -> str:
+    """``auto`` -> ``latency`` where the latency table can be measured (onnx, onnxruntime and
+    onnxscript importable), else ``macs`` with a note on stderr saying what to install."""
+    if cost != "auto":
+        if cost not in ("macs", "latency"):
+            raise ValueError(f"unknown cost {cost!r}; choose auto, macs or latency")
+        return cost
+    import importlib.util
+    import sys
+
+    missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"vitq: note: {', '.join(missing)} not installed: the planner's cost is the float share of matmul "
+              "MACs, not measured latency (pip install 'vitq[onnx]')", file=sys.stderr)
+        return "macs"
+    return "latency"
+
+
+def run_latency(session: Session, config: QuantConfig, *, batch: int = 8, runs: int = 9,
                 threads: int | None = None) -> pd.DataFrame:
     """The per-site latency table of ``config`` (:mod:`vitq.latency`), measured once per
     output folder and config: a table already there with the same settings is reused."""
     from .latency import measure_site_latency
 
     meta = {**session.describe(), "config": config.to_dict(), "batch": batch, "runs": runs, "threads": threads,
-            "backend": "onnxruntime"}
+            "backend": "onnxruntime", "version": LATENCY_VERSION}
     old = artifacts.read(session.out, artifacts.LATENCY)
     if old is not None and all(old.meta.get(k) == v for k, v in meta.items() if k not in ("torch", "transformers")):
         return old.rows
@@ -227,6 +250,7 @@ def run_latency(session: Session, config: QuantConfig, *, batch: int = 8, runs: 
     pixels = torch.cat(eval_set(session, batch).pixels)[:batch]
     table = measure_site_latency(session.qmodel, config, pixels, runs=runs, threads=threads,
                                  progress=session.opts.progress)
+    meta["noise_ms"] = table.attrs["noise_ms"]
     artifacts.write(session.out, artifacts.LATENCY, table, meta, _run_info(session, wall_s=round(time.time() - t0, 1)))
     return table
 
@@ -250,16 +274,17 @@ def run_plan(session: Session, start: QuantConfig, budget: Budget,
         confirm_data = None
     settings = {**session.describe(), "val_files": plan_data.files, "start": start.to_dict(),
                 "log_version": LOG_VERSION}
-    costs = None
-    if opts.cost == "latency":
-        from .latency import unit_costs
+    cost = resolve_cost(opts.cost)
+    latency = {}
+    if cost == "latency":
+        from .latency import noise_ms, unit_costs
 
-        costs = unit_costs(run_latency(session, start, batch=opts.latency_batch, runs=opts.latency_runs))
-    elif opts.cost != "macs":
-        raise ValueError(f"unknown cost {opts.cost!r}; choose macs or latency")
+        table = run_latency(session, start, batch=opts.latency_batch, runs=opts.latency_runs)
+        latency = {"unit_costs": unit_costs(table), "cost_base": float(table["start_ms"].iloc[0]) if len(table) else 0.0,
+                   "cost_noise": noise_ms(table)}
     planner = Planner(runner(session, plan_data), None if confirm_data is None else runner(session, confirm_data),
                       session.out, macs(session), budget, settings, objective=opts.objective,
-                      seed=session.opts.seed, progress=session.opts.progress, unit_costs=costs)
+                      seed=session.opts.seed, progress=session.opts.progress, **latency)
     plan = planner.plan(start, only, all_but, worst_sites=opts.worst_sites, max_steps=opts.max_steps)
     confirm = planner.confirm() if confirm_data is not None else pd.DataFrame()
     plan.save(session.out / artifacts.PLAN_YAML)
@@ -268,7 +293,9 @@ def run_plan(session: Session, start: QuantConfig, budget: Budget,
     atomic_write_text(session.out / artifacts.PLAN_SKIPLIST,
                       yaml.safe_dump({"float_kinds": plan.float_kinds, "float_sites": floats}, sort_keys=False))
     meta = {**session.describe(), "budget": vars(budget), "met": planner.met, "outcome": planner.outcome,
-            "cost": opts.cost,
+            "cost": cost, "cost_unit": (f"ms per batch of {opts.latency_batch} in ONNX Runtime (measured)"
+                                        if cost == "latency" else "% float MACs + residual charge"),
+            "cost_noise": planner.cost_noise,
             "met_at_step": planner.chosen.row["attempt"] if planner.met else None,
             "plan_images": len(plan_data.labels), "confirm_images": 0 if confirm_data is None else len(confirm_data.labels),
             "plan": plan.to_dict(), "float_sites": floats, "start": start.name,
