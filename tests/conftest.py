@@ -9,7 +9,6 @@ import torch
 
 from quant.families import REGISTRY
 from quant.families.hf_common import TINY  # noqa: F401  (the tests' tiny HF config)
-from quant.families.swin import TINY as TINY_SWIN  # noqa: F401
 from quant.families.torchvision_vit import TINY as TINY_TV  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
