@@ -6,16 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (
-    DeiTConfig,
-    DeiTForImageClassificationWithTeacher,
-    Dinov2Config,
-    Dinov2ForImageClassification,
-    SwinConfig,
-    SwinForImageClassification,
-    ViTConfig,
-    ViTForImageClassification,
-)
+
+from quant.families import REGISTRY
+from quant.families.hf_common import TINY  # noqa: F401  (the tests' tiny HF config)
+from quant.families.torchvision_vit import TINY as TINY_TV  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -37,49 +31,21 @@ def _decode_cache(tmp_path_factory):
     yield
 
 
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            image_size=32, patch_size=8, num_labels=5, attn_implementation="eager")
-
-
 def tiny_model(family: str = "vit", seed: int = 0, **overrides):
-    torch.manual_seed(seed)
-    kw = {**TINY, **overrides}
-    if family == "vit":
-        return ViTForImageClassification(ViTConfig(**kw)).eval()
-    if family == "deit":
-        return DeiTForImageClassificationWithTeacher(DeiTConfig(**kw)).eval()
-    if family == "dinov2":
-        return Dinov2ForImageClassification(Dinov2Config(**kw)).eval()
-    raise ValueError(family)
-
-
-# tiny Swin: 8x8 patch grid, two stages (2 blocks each) joined by a patch merging; window 2
-# gives shifted windows with the shift mask in the odd blocks
-TINY_SWIN = dict(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=2,
-                 num_labels=5)
-# tiny torchvision ViT of TINY's depth and width (its sites carry the same canonical names)
-TINY_TV = dict(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=5)
+    """The registered family's tiny random model (``FamilyAdapter.tiny``); the test skips,
+    with the reason, when the library the family needs is not installed."""
+    try:
+        return REGISTRY[family].tiny(seed, **overrides)
+    except ModuleNotFoundError as e:
+        pytest.skip(f"family {family}: {e.name} is not installed")
 
 
 def tiny_swin(seed: int = 0, **overrides):
-    """A random tiny Swin with a random (not zero) relative position bias, so a forward
-    that dropped it would differ."""
-    torch.manual_seed(seed)
-    model = SwinForImageClassification(SwinConfig(**{**TINY_SWIN, **overrides})).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "relative_position_bias_table" in name:
-                p.normal_(0, 1)
-    return model
+    return tiny_model("swin", seed, **overrides)
 
 
 def tiny_torchvision_vit(seed: int = 0, **overrides):
-    tv = pytest.importorskip("torchvision", reason="torchvision is not installed (CI's CPU torch has none)")
-    torch.manual_seed(seed)
-    model = tv.models.vision_transformer.VisionTransformer(**{**TINY_TV, **overrides}).eval()
-    with torch.no_grad():  # torchvision zero-initialises the head: every image would get the same logits
-        model.heads.head.weight.normal_(0, 0.5)
-    return model
+    return tiny_model("torchvision_vit", seed, **overrides)
 
 
 @pytest.fixture

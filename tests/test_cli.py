@@ -46,7 +46,61 @@ def test_sites_lists_every_site(model_dir, capsys):
     assert "blocks.1.mlp.fc2,linear,1,fc2,input+weight,vit.layers.1.mlp.fc2" in lines
 
 
-def test_eval_writes_table_csv_json_and_configs(model_dir, data_dir, tmp_path, capsys):
+def _val_pixels_and_labels(model_dir, val_dir):
+    """The files of ``val_dir`` through the model folder's own processor, with their labels
+    from the class folder names through the model's label2id (no vitq code)."""
+    import torch
+    from transformers import AutoConfig, AutoImageProcessor
+
+    label2id = AutoConfig.from_pretrained(model_dir).label2id
+    files = sorted(val_dir.glob("*/*.png"))
+    processor = AutoImageProcessor.from_pretrained(model_dir)
+    pixels = processor(images=[Image.open(f).convert("RGB") for f in files], return_tensors="pt")["pixel_values"]
+    return pixels, torch.tensor([label2id[f.parent.name] for f in files])
+
+
+@pytest.fixture(scope="module")
+def separating_model_dir(model_dir, data_dir, tmp_path_factory):
+    """The tiny model with a classifier fitted (least squares) to tell the val images' classes
+    apart: a random tiny ViT gives every image the same class, so top-1 would not show a
+    wrong label mapping or a wrong preprocessing."""
+    import torch
+    from transformers import AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(model_dir).eval()
+    pixels, labels = _val_pixels_and_labels(model_dir, data_dir / "val")
+    features = []
+    hook = model.classifier.register_forward_hook(lambda m, inp, out: features.append(inp[0]))
+    with torch.no_grad():
+        model(pixel_values=pixels)
+    hook.remove()
+    h = torch.cat([features[0].double(), torch.ones(len(labels), 1, dtype=torch.float64)], 1)
+    target = 4.0 * torch.nn.functional.one_hot(labels, model.config.num_labels).double()
+    w = torch.linalg.lstsq(h, target).solution
+    with torch.no_grad():
+        model.classifier.weight.copy_(w[:-1].T)
+        model.classifier.bias.copy_(w[-1])
+    path = tmp_path_factory.mktemp("tiny-vit-separating")
+    model.save_pretrained(path)
+    ViTImageProcessor.from_pretrained(model_dir).save_pretrained(path)
+    return path
+
+
+def _plain_hf_topk(model_dir, val_dir):
+    """Top-1 and top-5 (%) of the uninstrumented transformers model on every image of ``val_dir``."""
+    import torch
+    from transformers import AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(model_dir).eval()
+    pixels, labels = _val_pixels_and_labels(model_dir, val_dir)
+    with torch.no_grad():
+        ranked = model(pixel_values=pixels).logits.topk(5, dim=1).indices
+    return (100 * (ranked[:, 0] == labels).float().mean().item(),
+            100 * (ranked == labels[:, None]).any(1).float().mean().item())
+
+
+def test_eval_writes_table_csv_json_and_configs(separating_model_dir, data_dir, tmp_path, capsys):
+    model_dir = separating_model_dir
     out = tmp_path / "out"
     rc = main(["eval", "--model", str(model_dir), "--data", str(data_dir), "--calib", "8", "--out", str(out),
                "--batch-size", "5", "--no-progress"])
@@ -56,7 +110,11 @@ def test_eval_writes_table_csv_json_and_configs(model_dir, data_dir, tmp_path, c
     df = pd.read_csv(out / "eval.csv")
     assert df["config"].tolist() == ["fp32", "all", "mixed_1", "mixed_2"]
     assert (df["images"] == 12).all()
-    assert df.loc[0, "agreement"] == 100 and df.loc[0, "top1_drop"] == 0
+    # the FP32 row against the plain transformers model run on the same files through its processor
+    top1, top5 = _plain_hf_topk(model_dir, data_dir / "val")
+    assert top1 >= 50  # the fitted classifier tells the classes apart, so a wrong mapping would show
+    assert df.loc[0, "top1"] == pytest.approx(top1) and df.loc[0, "top5"] == pytest.approx(top5)
+    assert df["top1_drop"].tolist() == pytest.approx([top1 - t for t in df["top1"]])
     assert df["int8_sites"].tolist()[1:] == [31 - 9, 31 - 9 - 4, 31 - 9 - 4 - 2]  # 9 = 2 x (2 LN + GELU + softmax) + final LN
     meta = json.loads((out / "eval.json").read_text())
     assert meta["meta"]["calibration_images"] == 8 and len(meta["rows"]) == 4

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import DeiTConfig, DeiTForImageClassification, ViTConfig, ViTForImageClassification
+from transformers import ViTConfig, ViTForImageClassification
 
 import quant
 import quant.families
@@ -25,36 +25,30 @@ from quant.families import (
 from quant.families.hf_vit import HFViT
 from quant.model import QuantModel
 from quant.presets import preset
-from quant.sites import discover_sites
+from quant.sites import BLOCK_ROLES, discover_sites
 from tests.conftest import TINY, tiny_model
 
-BUILTIN = ["DeiTForImageClassification", "DeiTForImageClassificationWithTeacher",
-           "Dinov2ForImageClassification", "SwinForImageClassification", "ViTForImageClassification",
-           "VisionTransformer"]
-FAMILIES = ["deit", "dinov2", "swin", "torchvision_vit", "vit"]
-
-
-def _deit_plain():
-    torch.manual_seed(0)
-    return DeiTForImageClassification(DeiTConfig(**TINY)).eval()
-
-
+# every registered family, each with its tiny model: a new family file is tested here as is
+FAMILIES = sorted(REGISTRY)
+# the helper modules of the package: every other module must register a family
+HELPERS = {"base", "prenorm", "hf_common", "hf_loading"}
 MODELS = {
-    "vit": lambda: tiny_model("vit"),
-    "deit_teacher": lambda: tiny_model("deit"),
-    "deit": _deit_plain,
-    # layer scale 0.5, not the default 1.0 (an identity): a forward without it must differ
-    "dinov2": lambda: tiny_model("dinov2", layerscale_value=0.5),
+    **{name: (lambda name=name: tiny_model(name)) for name in FAMILIES},
+    "deit_plain": lambda: tiny_model("deit", teacher=False),
 }
+
+
+def _logits(out):
+    return getattr(out, "logits", out)  # transformers' output object, or torchvision's tensor
 
 
 # -- each family -----------------------------------------------------------------
 @pytest.mark.parametrize("key,family,count,first,last_three", [
     ("vit", "vit", 31, "vit.embeddings.patch_embeddings.projection",
      [("blocks.1.residual_mlp", "residual"), ("norm", "layernorm"), ("head", "linear")]),
-    ("deit_teacher", "deit", 32, "deit.embeddings.patch_embeddings.projection",
+    ("deit", "deit", 32, "deit.embeddings.patch_embeddings.projection",
      [("norm", "layernorm"), ("head", "linear"), ("head_dist", "linear")]),
-    ("deit", "deit", 31, "deit.embeddings.patch_embeddings.projection",
+    ("deit_plain", "deit", 31, "deit.embeddings.patch_embeddings.projection",
      [("blocks.1.residual_mlp", "residual"), ("norm", "layernorm"), ("head", "linear")]),
     ("dinov2", "dinov2", 31, "dinov2.embeddings.patch_embeddings.projection",
      [("blocks.1.residual_mlp", "residual"), ("norm", "layernorm"), ("head", "linear")]),
@@ -72,10 +66,17 @@ def test_sites_per_family(key, family, count, first, last_three):
 
 
 @pytest.mark.parametrize("key", list(MODELS))
-def test_instrumented_float_forward_matches_transformers(key, pixels):
+def test_tiny_model_is_handled_by_its_family(key):
+    model = MODELS[key]()
+    assert family_of(model).name == key.split("_plain")[0]
+    assert type(model).__name__ in SUPPORTED
+
+
+@pytest.mark.parametrize("key", list(MODELS))
+def test_instrumented_float_forward_matches_the_library(key, pixels):
     model = MODELS[key]()
     with torch.no_grad():
-        reference = model(pixels).logits
+        reference = _logits(model(pixels))  # the library's own forward, before any restructuring
     qm = QuantModel(model)
     assert torch.allclose(qm(pixels), reference, atol=1e-5)
 
@@ -93,8 +94,21 @@ def test_every_slot_is_reached_once_per_forward(key, pixels):
     assert set(calls.values()) == {1}, {n: c for n, c in calls.items() if c != 1}
 
 
-@pytest.mark.parametrize("key,tokens", [("vit", 17), ("deit_teacher", 18), ("deit", 18), ("dinov2", 17)])
-def test_shape_facts_match_what_the_model_computes(key, tokens, pixels):
+@pytest.mark.parametrize("key", list(MODELS))
+def test_every_block_has_the_14_block_sites_and_restarts_anywhere(key, pixels):
+    qm = QuantModel(MODELS[key]())
+    for b in range(qm.num_blocks):
+        assert [s.role for s in qm.sites if s.block == b and s.role in BLOCK_ROLES] == list(BLOCK_ROLES)
+    with torch.inference_mode():
+        hidden = [qm.embed(pixels)]
+        for b in range(qm.num_blocks):
+            hidden.append(qm.run_blocks(hidden[-1], b, b + 1))
+        assert torch.equal(qm.head(hidden[-1]), qm(pixels))
+        assert torch.equal(qm.run_blocks(hidden[1], 1), hidden[-1])  # a restart at block 1
+
+
+@pytest.mark.parametrize("key", list(MODELS))
+def test_shape_facts_match_what_the_model_computes(key, pixels):
     model = MODELS[key]()
     qm = QuantModel(model)
     q_width = []
@@ -102,9 +116,33 @@ def test_shape_facts_match_what_the_model_computes(key, tokens, pixels):
         lambda tq, x, out: q_width.append(x.shape[-1]))
     hidden = qm.embed(pixels)
     qm.run_blocks(hidden)
-    assert qm.head_dim == q_width[0] == TINY["hidden_size"] // TINY["num_attention_heads"]
-    assert qm.family.num_tokens(model) == hidden.shape[1] == tokens
-    assert qm.num_blocks == qm.family.num_blocks(model) == TINY["num_hidden_layers"]
+    assert qm.head_dim == q_width[0]
+    assert qm.family.num_tokens(model) == hidden.shape[1]
+    assert qm.num_blocks == len({s.block for s in qm.sites if s.role in BLOCK_ROLES})
+
+
+@pytest.mark.parametrize("key,tokens", [("vit", 17), ("deit", 18), ("deit_plain", 18), ("dinov2", 17),
+                                        ("swin", 64), ("torchvision_vit", 17)])
+def test_tokens_and_head_width_by_hand(key, tokens, pixels):
+    """32 px in 8 px patches: 16 patches + CLS (+ distillation token); Swin: 8x8 patches of 4 px."""
+    model = MODELS[key]()
+    qm = QuantModel(model)
+    assert qm.family.num_tokens(model) == tokens
+    width = 16 if key == "swin" else TINY["hidden_size"]  # Swin: stage 0's embed_dim
+    assert qm.head_dim == width // 2  # 2 heads
+
+
+@pytest.mark.parametrize("key", list(MODELS))
+def test_quantized_all_differs_from_float_and_float_comes_back(key, pixels):
+    model = MODELS[key]()
+    with torch.no_grad():
+        reference = _logits(model(pixels))
+    qm = QuantModel(model)
+    calibrate(qm, [pixels], progress=False)
+    qm.apply(preset("all", qm.sites))
+    assert (qm(pixels) - reference).abs().max() > 1e-3
+    qm.apply(None)
+    assert torch.allclose(qm(pixels), reference, atol=1e-5)
 
 
 def test_deit_teacher_head_averages_its_two_heads(pixels):
@@ -132,7 +170,11 @@ def _renamed():
 def test_registry_rejects_an_unknown_class_with_the_supported_list():
     with pytest.raises(UnsupportedModelError) as e:
         family_of(_renamed())
-    assert str(e.value) == f"unsupported model class RenamedViT; vitq supports: {', '.join(BUILTIN)}"
+    assert str(e.value) == f"unsupported model class RenamedViT; vitq supports: {', '.join(SUPPORTED)}"
+    assert SUPPORTED == sorted(SUPPORTED) and {"ViTForImageClassification", "DeiTForImageClassification",
+                                                "DeiTForImageClassificationWithTeacher", "VisionTransformer",
+                                                "Dinov2ForImageClassification", "SwinForImageClassification"
+                                                } <= set(SUPPORTED)
 
 
 def test_dinov2_swiglu_is_refused():
@@ -140,21 +182,22 @@ def test_dinov2_swiglu_is_refused():
         family_of(tiny_model("dinov2", use_swiglu_ffn=True))
 
 
-def test_every_module_of_the_package_is_imported_and_builtins_registered():
-    modules = [m.name for m in pkgutil.iter_modules(quant.families.__path__)]
-    assert {"base", "prenorm", "hf_common", "hf_vit", "deit", "dinov2", "swin", "torchvision_vit"} <= set(modules)
+def test_every_module_of_the_package_is_imported_and_registers_a_family():
+    modules = {m.name for m in pkgutil.iter_modules(quant.families.__path__)}
+    assert {"hf_vit", "deit", "dinov2", "swin", "torchvision_vit"} <= modules and HELPERS <= modules
     assert all(f"quant.families.{m}" in sys.modules for m in modules)
-    assert sorted(REGISTRY) == FAMILIES
-    assert SUPPORTED == BUILTIN
+    assert {a.__module__ for a in REGISTRY.values()} == {f"quant.families.{m}" for m in modules - HELPERS}
+    assert {"vit", "deit", "dinov2", "swin", "torchvision_vit"} <= set(REGISTRY)
     assert all(issubclass(a, FamilyAdapter) for a in REGISTRY.values())
 
 
 def test_register_refuses_a_taken_name_or_class():
+    before = sorted(REGISTRY)
     with pytest.raises(ValueError, match="family 'vit' is already registered"):
         register_family("vit")(type("Again", (HFViT,), {}))
     with pytest.raises(ValueError, match="ViTForImageClassification is already handled by family 'vit'"):
         register_family("vit2")(type("Again", (HFViT,), {}))
-    assert sorted(REGISTRY) == FAMILIES
+    assert sorted(REGISTRY) == before
 
 
 def test_quant_imports_nothing_above_it():

@@ -2,6 +2,7 @@
 restart at any block, one skip-list for HF ViT and torchvision ViT, and the CLI
 (sites, eval, sensitivity, plan) end to end on tiny models."""
 
+import io
 import json
 
 import pandas as pd
@@ -222,14 +223,25 @@ def test_cli_eval_sensitivity_plan(model_args, data_dir, tmp_path, capsys):
     kind, args = model_args
     out = tmp_path / "out"
     common = [*args, "--data", str(data_dir), "--calib", "8", "--out", str(out), "--no-progress"]
+    assert main(["sites", *args, "--format", "csv"]) == 0  # the sites, from another command
+    sites = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    int8 = sites[~sites["kind"].isin(["layernorm", "gelu", "softmax"])]  # what `all` quantizes
+    residual = (int8["kind"] == "residual").sum()
     assert main(["eval", *common, "--batch-size", "5"]) == 0
     df = pd.read_csv(out / "eval.csv")
     assert df["config"].tolist() == ["fp32", "all", "mixed_1", "mixed_2"] and (df["images"] == 12).all()
-    assert df.loc[0, "agreement"] == 100
+    # all: every site but the backend-float kinds; mixed_1: also the residual adds float;
+    # mixed_2: also fc2 of two blocks
+    assert df["int8_sites"].tolist() == [0, len(int8), len(int8) - residual, len(int8) - residual - 2]
     assert main(["sensitivity", *common, "--eval-images", "8", "--batch-size", "4"]) == 0
-    sens = pd.read_csv(out / "sensitivity_only_op.csv")
-    assert sens["candidate"].str.match(r"^(patch_embed|head|norm|blocks\.|stages\.)").all()
-    assert (sens["start_block"] >= 0).any() if "start_block" in sens else True
+    sens = pd.read_csv(out / "sensitivity_only_op.csv").set_index("candidate")
+    assert sorted(sens.index) == sorted(int8["name"])  # one candidate per int8 site, canonical names
+    # each candidate restarts at its own block: -1 = the patch embedding, the head after the last block
+    starts = {"patch_embed": -1, "head": 2, "blocks.1.mlp.fc2": 1, "blocks.0.residual_attn": 0}
+    if kind == "swin":  # 4 blocks in 2 stages; stage 0's patch merging runs with its last block
+        starts = {"patch_embed": -1, "head": 4, "stages.0.downsample": 1, "stages.1.blocks.0.attn.q": 2,
+                  "stages.1.blocks.1.mlp.fc2": 3}
+    assert sens.loc[list(starts), "start_block"].to_dict() == starts
     assert main(["plan", *common, "--eval-images", "6", "--max-kl", "0", "--max-steps", "2", "--batch-size", "3",
                  "--cost", "macs"]) == 0
     printed = capsys.readouterr().out

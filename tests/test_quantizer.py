@@ -77,7 +77,19 @@ def test_composed_per_tensor_fake_quant_is_bit_identical():
             fast = fake_quantize(x, qp)
         ref = torch.fake_quantize_per_tensor_affine(x, qp.scale, qp.zero_point, qp.qmin, qp.qmax)
         assert torch.equal(fast, ref)
-    xg = x.clone().requires_grad_(True)  # with autograd: torch's kernel (straight-through gradient)
-    fake_quantize(xg, qp).sum().backward()
-    assert xg.grad is not None
     assert qz.FAST_PER_TENSOR
+
+
+def test_fake_quant_gradient_is_straight_through_inside_the_grid_and_zero_outside():
+    """With autograd on, the per-tensor fake quant passes the gradient (1) for values the
+    grid covers and blocks it (0) for clipped ones. Range [-2, 5], uint8: scale 7/255,
+    zero point 0 - round(-2 / scale) = 73, so the grid covers [-73 s, 182 s] = [-2.004, 4.996]."""
+    from quant.quantizer import QuantSpec, fake_quantize, qparams_from_range
+
+    qp = qparams_from_range(torch.tensor(-2.0), torch.tensor(5.0), QuantSpec())
+    assert int(qp.zero_point) == 73 and float(qp.scale) == pytest.approx(7 / 255)
+    x = torch.tensor([0.5, -1.9, 4.9, 0.0, 5.1, -2.1, 1e6, -1e6], requires_grad=True)
+    y = fake_quantize(x, qp)
+    (y * torch.arange(1.0, 9.0)).sum().backward()  # distinct upstream gradients: each must pass unchanged
+    assert x.grad.tolist() == [1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 0.0]
+    assert y[4].item() == pytest.approx(182 * 7 / 255) and y[5].item() == pytest.approx(-73 * 7 / 255)  # clipped

@@ -5,8 +5,10 @@ model's layout; ``quant.model.QuantModel`` does everything else through it.
 
 Adding a family = adding one module here whose adapter class is decorated with
 ``@register_family("name")`` (usually a subclass of
-``hf_common.HFPreNormAdapter`` for a HF pre-norm ViT). Every module of this
-package is imported below, so no list needs editing.
+``hf_common.HFPreNormAdapter`` for a HF pre-norm ViT); the adapter also loads the
+family's models (``load``) and builds a tiny random one for the tests (``tiny``), which
+run every registered family. Every module of this package is imported below, so no
+list needs editing.
 """
 
 from __future__ import annotations
@@ -18,16 +20,18 @@ from .base import (
     REGISTRY,
     SUPPORTED,
     FamilyAdapter,
+    ModelLoadError,
     Quantizer,
     Quantizers,
     UnsupportedModelError,
     family_of,
+    loader_for,
     register_family,
     unregister_family,
 )
 
-__all__ = ["REGISTRY", "SUPPORTED", "FamilyAdapter", "Quantizer", "Quantizers", "UnsupportedModelError",
-           "family_of", "register_family", "unregister_family"]
+__all__ = ["REGISTRY", "SUPPORTED", "FamilyAdapter", "ModelLoadError", "Quantizer", "Quantizers",
+           "UnsupportedModelError", "family_of", "loader_for", "register_family", "unregister_family"]
 
 # Import every module of the package so its @register_family runs (sorted: a stable
 # registry order whatever the file system lists first).

@@ -34,6 +34,10 @@ class UnsupportedModelError(ValueError):
     """The model is not one of the ViT-family classifiers vitq knows how to quantize."""
 
 
+class ModelLoadError(ValueError):
+    """The model cannot be loaded, with a message that says what to do."""
+
+
 class FamilyAdapter(ABC):
     """Everything vitq needs to know about one model family.
 
@@ -45,6 +49,27 @@ class FamilyAdapter(ABC):
 
     name: ClassVar[str] = ""
     model_classes: ClassVar[tuple[str, ...]] = ()
+    # The ``--model SCHEME:ARCH`` sources the family loads (torchvision's ViT: "torchvision");
+    # None: Hugging Face model folders and hub ids, which every HF family loads alike
+    # (``hf_loading.HFLoading``: the checkpoint's architecture then picks the family).
+    scheme: ClassVar[str | None] = None
+
+    # -- loading, and a tiny model for tests -------------------------------
+    @classmethod
+    @abstractmethod
+    def load(cls, source: str, weights: str | None) -> tuple[nn.Module, object]:
+        """The classifier (eval mode) and its image processor, called as vitq calls a HF
+        one (``processor(images=..., return_tensors="pt")["pixel_values"]``), from
+        ``--model source`` and ``--weights``; the model carries ``config.id2label``.
+        Raises :class:`ModelLoadError` with a one-line message saying what to do."""
+
+    @classmethod
+    @abstractmethod
+    def tiny(cls, seed: int = 0, **overrides) -> nn.Module:
+        """A tiny random classifier of the family (eval mode, 32 px input, 5 classes), built
+        from a config with ``overrides`` applied and weights drawn from ``seed``, so that the
+        tests run every registered family without a list of them. Raises ImportError when the
+        library the family needs is not installed."""
 
     def check(self, model: nn.Module) -> None:
         """Raise :class:`UnsupportedModelError` for a variant of a handled class that the
@@ -154,6 +179,21 @@ def unregister_family(name: str) -> None:
     """Remove family ``name`` (tests that register a throw-away family clean up with it)."""
     del REGISTRY[name]
     _refresh_supported()
+
+
+def loader_for(source: str) -> type[FamilyAdapter]:
+    """The family class that loads ``--model source``: the one whose scheme prefixes it
+    (``torchvision:vit_b_16``), else a Hugging Face one (folder or hub id)."""
+    scheme = source.split(":", 1)[0] if ":" in source else None
+    schemed = [a for a in REGISTRY.values() if a.scheme is not None]
+    for adapter_cls in schemed:
+        if adapter_cls.scheme == scheme:
+            return adapter_cls
+    hf = [a for a in REGISTRY.values() if a.scheme is None]
+    if not hf:
+        raise ModelLoadError(f"--model {source}: no family loads it; use "
+                             f"{', '.join(a.scheme + ':NAME' for a in schemed)}")
+    return hf[0]
 
 
 def family_of(model: nn.Module) -> FamilyAdapter:

@@ -20,6 +20,8 @@ class Dinov2(HFPreNormAdapter):
     backbone_attr = "dinov2"
     layers_paths = ("encoder.layer",)
     norm1, norm2 = "norm1", "norm2"
+    tiny_classes = ("Dinov2Config", "Dinov2ForImageClassification")
+    tiny_defaults = {"layerscale_value": 0.5}  # not 1.0 (an identity): a forward without it must differ
 
     def check(self, model: nn.Module) -> None:
         if getattr(model.config, "use_swiglu_ffn", False):

@@ -17,7 +17,14 @@ import torch
 from torch import nn
 
 from .base import UnsupportedModelError
+from .hf_loading import HFLoading
 from .prenorm import PreNormAdapter
+
+# The tiny random models of the HF pre-norm families (``tiny``): 2 blocks of width 32 on
+# 32 px images in 8 px patches (16 patches), 5 classes; eager attention (the matmuls vitq
+# instruments are the ones the library computes)
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            image_size=32, patch_size=8, num_labels=5, attn_implementation="eager")
 
 # role -> where the module may live inside a block, transformers 5.x first, then 4.x
 PART_PATHS = {
@@ -48,9 +55,10 @@ def find_parts(layer: nn.Module, norm1: str, norm2: str, paths: dict = PART_PATH
     return parts
 
 
-class HFPreNormAdapter(PreNormAdapter):
+class HFPreNormAdapter(HFLoading, PreNormAdapter):
     """A HF classifier ``model.<backbone>`` with ``embeddings``, a list of pre-norm
-    blocks and a final ``layernorm``; the classifier heads are the model's Linear children."""
+    blocks and a final ``layernorm``; the classifier heads are the model's Linear children.
+    ``tiny`` builds ``model_class(config_class(**TINY, **overrides))``."""
 
     backbone_attr: str = ""  # attribute of the classifier holding the backbone
     layers_paths: tuple[str, ...] = ("layers", "encoder.layer")  # the block list: 5.x, 4.x
@@ -59,6 +67,16 @@ class HFPreNormAdapter(PreNormAdapter):
     final_norm_attr: str = "layernorm"
     special_tokens: int = 1  # CLS (+ distillation token, registers, ...)
     head_names: dict[str, str] = {"classifier": "head"}  # Linear child -> canonical name
+    tiny_classes: tuple[str, str] = ("", "")  # transformers' (config class, model class) of ``tiny``
+    tiny_defaults: dict = {}  # the family's own departures from TINY
+
+    @classmethod
+    def tiny(cls, seed: int = 0, **overrides) -> nn.Module:
+        import transformers
+
+        config_class, model_class = (getattr(transformers, name) for name in cls.tiny_classes)
+        torch.manual_seed(seed)
+        return model_class(config_class(**{**TINY, **cls.tiny_defaults, **overrides})).eval()
 
     # -- what differs between families -----------------------------------
     def post_attn(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:

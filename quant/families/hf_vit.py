@@ -14,3 +14,4 @@ from .hf_common import HFPreNormAdapter
 class HFViT(HFPreNormAdapter):
     model_classes = ("ViTForImageClassification",)
     backbone_attr = "vit"
+    tiny_classes = ("ViTConfig", "ViTForImageClassification")

@@ -32,6 +32,7 @@ from torch import nn
 from ..sites import BLOCK_ROLES, Site, block_sites
 from .base import FamilyAdapter, Quantizers, UnsupportedModelError, hook_output, patch_weighted, register_family
 from .hf_common import find_parts
+from .hf_loading import HFLoading
 from .prenorm import attention, block_norm_consumers, block_paths
 
 # role -> where the module may live inside a SwinLayer: transformers 5.x, then 4.x
@@ -61,9 +62,29 @@ def relative_position_bias(layer: nn.Module, q_owner: nn.Module) -> torch.Tensor
     return table[index.view(-1)].view(n, n, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
 
 
+# The tiny random Swin (``Swin.tiny``): 8x8 patch grid, two stages (2 blocks each) joined by a
+# patch merging; window 2 gives shifted windows with the shift mask in the odd blocks
+TINY = dict(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=2,
+            num_labels=5)
+
+
 @register_family("swin")
-class Swin(FamilyAdapter):
+class Swin(HFLoading, FamilyAdapter):
     model_classes = ("SwinForImageClassification",)
+
+    @classmethod
+    def tiny(cls, seed: int = 0, **overrides) -> nn.Module:
+        """A random tiny Swin with a random (not zero) relative position bias, so a forward
+        that dropped it would differ."""
+        from transformers import SwinConfig, SwinForImageClassification
+
+        torch.manual_seed(seed)
+        model = SwinForImageClassification(SwinConfig(**{**TINY, **overrides})).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "relative_position_bias_table" in name:
+                    p.normal_(0, 1)
+        return model
 
     def check(self, model: nn.Module) -> None:
         if not isinstance(model.classifier, nn.Linear):
