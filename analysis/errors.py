@@ -33,7 +33,8 @@ import torch
 from tqdm import tqdm
 
 from quant.config import QuantConfig
-from quant.model import QuantModel, SiteError, TensorQuantizer
+from quant.model import QuantModel, TensorQuantizer
+from quant.modes import SiteError
 from quant.observers import activation_qparams, weight_qparams
 from quant.quantizer import QParams, fake_quantize
 from quant.sites import Site

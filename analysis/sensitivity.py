@@ -41,6 +41,15 @@ class Candidate:
                   for s in self.sites]
         return min(starts)
 
+    def describe(self) -> dict:
+        """The table columns that say what the candidate is: path, kind, block, role, sites
+        ("group" / "" / None where its sites differ)."""
+        s = self.sites
+        one = len(s) == 1
+        return {"path": s[0].path if one else "", "kind": s[0].kind if len({x.kind for x in s}) == 1 else "group",
+                "block": s[0].block if len({x.block for x in s}) == 1 else None,
+                "role": s[0].role if one else "group", "sites": len(s)}
+
 
 def make_candidates(sites: list[Site], config: QuantConfig, group: str) -> list[Candidate]:
     """Candidates among the sites ``config`` quantizes, one per site, block or kind."""
@@ -138,7 +147,7 @@ def analyze_sensitivity(runner: Runner, config: QuantConfig, out_dir: Path, *, m
                     qmodel.float_site(site.name)
             start = -1 if naive else cand.start(num_blocks)
             stats = runner.measure(qmodel.snapshot(), start, cache)
-            row = {"candidate": cand.name, **_describe(cand), "mode": mode, "start_block": start, **stats.summary()}
+            row = {"candidate": cand.name, **cand.describe(), "mode": mode, "start_block": start, **stats.summary()}
             log.append(row)
             done[cand.name] = row
         loop_s = time.time() - t_loop
@@ -155,14 +164,6 @@ def analyze_sensitivity(runner: Runner, config: QuantConfig, out_dir: Path, *, m
             "baseline": baseline, "rank_by": rank_by}
     meta.update(shard_meta)  # a shard's table is partial: the pipeline does not write it as the artefact
     return df, meta, run
-
-
-def _describe(cand: Candidate) -> dict:
-    s = cand.sites
-    one = len(s) == 1
-    return {"path": s[0].path if one else "", "kind": s[0].kind if len({x.kind for x in s}) == 1 else "group",
-            "block": s[0].block if len({x.block for x in s}) == 1 else None,
-            "role": s[0].role if one else "group", "sites": len(s)}
 
 
 # For each ranking metric: does a larger value mean a more harmful candidate?
