@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -32,6 +32,15 @@ from analysis.metrics import OutputStats
 from quant.model import QuantModel
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # pixels -> logits of one built config
+
+
+class Backend(Protocol):
+    """Where a config runs (see the module docstring)."""
+
+    name: str
+
+    def build(self, name: str, config: QuantConfig | None) -> Forward:
+        """``config`` (None: FP32) made runnable here, known as ``name`` (file names)."""
 BACKENDS = ("torch", "onnxruntime", "torch-int8")
 
 
@@ -135,7 +144,7 @@ class OnnxRuntimeInt8:
 
 
 def make_backend(kind: str, qmodel: QuantModel, out_dir: str | Path, example_pixels: torch.Tensor,
-                 threads: int | None = None, calib: list[torch.Tensor] | None = None):
+                 threads: int | None = None, calib: list[torch.Tensor] | None = None) -> Backend:
     if kind == "torch":
         return TorchFakeQuant(qmodel)
     if kind == "onnxruntime":
@@ -175,7 +184,7 @@ class BackendEval:
     measure their agreement (:meth:`simulation_agreement`)."""
 
     qmodel: QuantModel
-    backend: object
+    backend: Backend
     compare_simulation: bool = True
     _forwards: list = field(default_factory=list)
     _sim: list = field(default_factory=list)
