@@ -33,14 +33,15 @@ import torch
 from tqdm import tqdm
 
 from quant.config import QuantConfig
-from quant.model import QuantModel, SiteError, TensorQuantizer
+from quant.model import QuantModel, TensorQuantizer
+from quant.modes import SiteError
 from quant.observers import activation_qparams, weight_qparams
 from quant.quantizer import QParams, fake_quantize
 from quant.sites import Site
 from quant.store import atomic_torch_save, atomic_write
 
 from . import artifacts
-from .metrics import sqnr_db
+from .metrics import sqnr_db, sqnr_of_sums
 
 ERROR_METRICS = ("sqnr_db", "cosine", "mse", "rel_l2")
 ACTIVATION_COLUMNS = (
@@ -87,13 +88,13 @@ class ErrorSums:
         if self.count == 0:
             return dict.fromkeys(ERROR_METRICS, math.nan)
         if self.noise == 0:
-            sqnr, cos = math.inf, 1.0
+            cos = 1.0
         else:
-            sqnr = 10.0 * math.log10(self.signal / self.noise) if self.signal > 0 else -math.inf
             denom = math.sqrt(self.signal) * math.sqrt(self.approx)
             cos = self.dot / denom if denom > 0 else 0.0
         rel = math.sqrt(self.noise / self.signal) if self.signal > 0 else math.sqrt(self.noise)
-        return {"sqnr_db": sqnr, "cosine": cos, "mse": self.noise / self.count, "rel_l2": rel}
+        return {"sqnr_db": sqnr_of_sums(self.signal, self.noise), "cosine": cos, "mse": self.noise / self.count,
+                "rel_l2": rel}
 
 
 @dataclass

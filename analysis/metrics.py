@@ -8,13 +8,21 @@ import numpy as np
 import torch
 
 
+def sqnr_of_sums(signal: float, noise: float) -> float:
+    """SQNR in dB from summed powers, 10*log10(signal / noise): +inf when nothing was
+    lost, -inf when there was no signal. Every SQNR vitq reports comes from here (a
+    ratio of sums over all values, never a mean of per-batch dB values)."""
+    if noise == 0:
+        return math.inf
+    if signal == 0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     """10*log10(sum(ref^2) / sum((ref - approx)^2)); +inf when nothing was lost."""
     ref = reference.detach().double()
-    noise = (ref - approx.detach().double()).pow(2).sum()
-    if noise == 0:
-        return float("inf")
-    return float(10.0 * torch.log10(ref.pow(2).sum() / noise))
+    return sqnr_of_sums(float(ref.pow(2).sum()), float((ref - approx.detach().double()).pow(2).sum()))
 
 
 def cosine(reference: torch.Tensor, approx: torch.Tensor) -> float:
@@ -105,18 +113,28 @@ class OutputStats:
         """Per-image values of ``key`` (one of PER_IMAGE), float64."""
         return np.asarray(self.values[key], dtype=np.float64)
 
-    def summary(self) -> dict[str, float]:
-        """images; top-1/top-5 (%) against labels; top-1 agreement with FP32 (%); mean
+    def summary(self, fp32: "OutputStats | None" = None) -> dict[str, float]:
+        """images; top-1/top-5 (%) against labels; with ``fp32`` (the FP32 run on the same
+        images) their drops (:func:`drops`); top-1 agreement with FP32 (%); mean
         KL(FP32 || config) (nats); mean logit MSE; logit SQNR (dB, inf = identical)."""
         n = len(self)
         if n == 0:
             raise ValueError("no image was measured")
-        signal, noise = float(self.array("signal").sum()), float(self.array("noise").sum())
-        return {"images": n, "top1": 100 * float(self.array("top1").mean()),
-                "top5": 100 * float(self.array("top5").mean()),
-                "agreement": 100 * float(self.array("agree").mean()), "kl": float(self.array("kl").mean()),
+        out = {"images": n, "top1": 100 * float(self.array("top1").mean()),
+               "top5": 100 * float(self.array("top5").mean())}
+        if fp32 is not None:
+            out.update(drops(out, fp32.summary()))
+        return {**out, "agreement": 100 * float(self.array("agree").mean()), "kl": float(self.array("kl").mean()),
                 "logit_mse": float(self.array("mse").mean()),
-                "logit_sqnr_db": math.inf if noise == 0 else 10 * math.log10(signal / noise)}
+                "logit_sqnr_db": sqnr_of_sums(float(self.array("signal").sum()), float(self.array("noise").sum()))}
+
+    def standard_errors(self, fp32: "OutputStats") -> dict[str, float]:
+        """Standard errors of the mean of the per-image values: top-1 drop against ``fp32``
+        on the same images (paired; pp), agreement (pp) and KL."""
+        if len(fp32) != len(self):
+            raise ValueError(f"standard errors need the FP32 run on the same images ({len(fp32)} vs {len(self)})")
+        return {"top1_drop_se": 100 * _standard_error(fp32.array("top1") - self.array("top1")),
+                "agreement_se": 100 * _standard_error(self.array("agree")), "kl_se": _standard_error(self.array("kl"))}
 
     def to_dict(self) -> dict[str, list[float]]:
         return {k: list(v) for k, v in self.values.items()}
@@ -126,9 +144,15 @@ class OutputStats:
         return cls(data)
 
 
-def output_metrics(logits: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
-    """The summary of :class:`OutputStats` for one set of logits."""
-    return OutputStats.of(logits, reference, labels).summary()
+def drops(summary: dict, fp32: dict) -> dict[str, float]:
+    """Top-1 and top-5 drop (pp) of a summary against the FP32 summary of the same images:
+    the one place a drop is computed (eval, sensitivity and planner rows)."""
+    return {"top1_drop": fp32["top1"] - summary["top1"], "top5_drop": fp32["top5"] - summary["top5"]}
+
+
+def _standard_error(values: np.ndarray) -> float:
+    """Standard error of the mean of per-image values (0 for fewer than 2 images)."""
+    return float(values.std(ddof=1) / len(values) ** 0.5) if len(values) > 1 else 0.0
 
 
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, n_boot: int = 2000, seed: int = 0,

@@ -48,9 +48,11 @@ from tqdm import tqdm
 
 from quant.config import BACKEND_FLOAT_KINDS, QuantConfig
 from quant.presets import preset
-from quant.store import ResultLog, settings_key
+from quant.store import settings_key
 
 from .cost import MATMUL_KINDS, config_cost
+from .evaluate import accuracy_row
+from .measurement_log import MeasurementLog
 from .metrics import OutputStats, paired_bootstrap
 from .runner import BoundaryCache, Runner, scratch
 
@@ -156,13 +158,12 @@ class Planner:
         self.cost_base, self.cost_noise = cost_base, cost_noise
         self.level, self.n_boot, self.seed, self.progress = level, n_boot, seed, progress
         settings = dict(settings or {})
-        self.log = ResultLog(Path(out_dir) / f"plan_measurements.{settings_key(settings)}.jsonl",
-                             {**settings, "images": len(plan_runner)})
-        self.confirm_log = None if confirm_runner is None else ResultLog(
+        self.log = MeasurementLog(Path(out_dir) / f"plan_measurements.{settings_key(settings)}.jsonl",
+                                  {**settings, "images": len(plan_runner)})
+        self.confirm_log = None if confirm_runner is None else MeasurementLog(
             Path(out_dir) / f"plan_confirm.{settings_key(settings)}.jsonl",
             {**settings, "confirm_images": len(confirm_runner)})
         self.tried: list[dict] = []
-        self.measured_now = 0
         self._cache: tuple[str, BoundaryCache] | None = None
         self.out_dir = Path(out_dir)
         self._scratch: Path | None = None
@@ -175,16 +176,22 @@ class Planner:
         when measured before. ``background``: a config equal to ``config`` before
         ``start_block``, whose cached block inputs may be reused."""
         runner, log = (self.confirm_runner, self.confirm_log) if confirm else (self.runner, self.log)
-        key = "fp32" if config is None else settings_key(config.to_dict())
-        if key not in log.done:
+
+        def run() -> dict:
             state = runner.fp32_state if config is None else runner.state(config)
             use_cache = background is not None and start_block > 0 and not confirm and self._scratch is not None
             cache = self._boundaries(background) if use_cache else None
             stats = runner.measure(state, start_block if cache is not None else -1, cache)
-            log.append({"candidate": key, "stats": stats.to_dict()})
-            self.measured_now += 1
             self.qmodel.apply(None)
-        return OutputStats.from_dict(log.done[key]["stats"])
+            return {"stats": stats.to_dict()}
+
+        key = "fp32" if config is None else settings_key(config.to_dict())
+        return OutputStats.from_dict(log.get(key, run)["stats"])
+
+    @property
+    def measured_now(self) -> int:
+        """Configurations measured (not read from the logs) by this process."""
+        return self.log.measured_now + (self.confirm_log.measured_now if self.confirm_log else 0)
 
     def _boundaries(self, config: QuantConfig) -> BoundaryCache:
         key = settings_key(config.to_dict())
@@ -197,11 +204,7 @@ class Planner:
         """Summary, drops vs FP32 (``fp32``: the FP32 run on the same images, default the
         plan images), site counts, MAC share and planner cost of one measurement."""
         fp32 = fp32 or self.fp32
-        s, f = stats.summary(), fp32.summary()
-        return {**s, "top1_drop": f["top1"] - s["top1"], "top5_drop": f["top5"] - s["top5"],
-                "top1_drop_se": 100 * _se(fp32.array("top1") - stats.array("top1")),
-                "agreement_se": 100 * _se(stats.array("agree")), "kl_se": _se(stats.array("kl")),
-                **config_cost(config, self.sites, self.macs),
+        return {**accuracy_row(config, stats, fp32, self.sites, self.macs), **stats.standard_errors(fp32),
                 "cost": self.cost(config)}
 
     def cost(self, config: QuantConfig | None) -> float:
@@ -584,11 +587,6 @@ class Planner:
             parts.append(f"No measured point beats them all in quality ({len(points)} points measured;"
                          f" max worst-case agreement lead {max((p.row['agreement'] - max(r.row['agreement'] for r in refs)) for p in points):.2f} pp).")
         return " ".join(parts)
-
-
-def _se(values) -> float:
-    """Standard error of the mean of per-image values (0 for fewer than 2 images)."""
-    return float(values.std(ddof=1) / len(values) ** 0.5) if len(values) > 1 else 0.0
 
 
 def pareto(points: list[Point], objective: str = "kl") -> list[Point]:

@@ -15,17 +15,39 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
 
 from quant.config import QuantConfig
 from quant.model import QuantModel
+from quant.sites import Site
 
 from .metrics import OutputStats
 
 State = dict  # QuantModel.snapshot()
+
+
+class SwitchableModel(Protocol):
+    """What :func:`stream` and :func:`analysis.evaluate.evaluate_configs` run: a model
+    whose quantization state is prepared once per config and swapped in batch by batch.
+    :class:`~quant.model.QuantModel` is one; ``vitq.backends.BackendEval`` serves a
+    real-int8 backend through the same interface."""
+
+    sites: list[Site]
+
+    def prepare(self, config: QuantConfig | None) -> Any:
+        """The state of ``config`` (None: FP32), an opaque value for :meth:`restore`."""
+
+    def restore(self, state: Any) -> None:
+        """Run the next calls under ``state``."""
+
+    def apply(self, config: QuantConfig | None) -> None:
+        """Put the model into ``config`` (None: FP32, how evaluation leaves it)."""
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Logits of ``pixels`` under the current state."""
 
 
 class _Memmap:
@@ -113,11 +135,11 @@ class Runner:
         return BoundaryCache(self.qmodel, self.batches, folder)
 
 
-def stream(model, states: dict[str, object], batches: Iterable[tuple[torch.Tensor, torch.Tensor, list[int]]]
+def stream(model: SwitchableModel, states: dict[str, Any],
+           batches: Iterable[tuple[torch.Tensor, torch.Tensor, list[int]]]
            ) -> Iterator[tuple[list[int], dict[str, OutputStats]]]:
-    """Images decoded batch by batch (too many to hold): every state on each batch,
-    the first state being the FP32 reference. ``model`` is a QuantModel or anything
-    with its ``restore``/``__call__`` (a real-int8 backend)."""
+    """Images decoded batch by batch (too many to hold): every state (``model.prepare``'s)
+    on each batch, the first state being the FP32 reference."""
     for pixels, labels, idx in batches:
         reference, out = None, {}
         for name, state in states.items():

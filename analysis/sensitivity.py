@@ -21,8 +21,10 @@ from tqdm import tqdm
 
 from quant.config import QuantConfig
 from quant.sites import Site
-from quant.store import ResultLog, read_log, settings_key
+from quant.store import settings_key
 
+from .measurement_log import MeasurementLog
+from .metrics import drops
 from .runner import Runner, scratch
 
 from .names import GROUPS, MODES, RANK_METRICS  # re-exported: a light module, the CLI parser reads it
@@ -40,6 +42,15 @@ class Candidate:
         starts = [-1 if s.role == "patch_embed" else (num_blocks if s.block is None else s.block)
                   for s in self.sites]
         return min(starts)
+
+    def describe(self) -> dict:
+        """The table columns that say what the candidate is: path, kind, block, role, sites
+        ("group" / "" / None where its sites differ)."""
+        s = self.sites
+        one = len(s) == 1
+        return {"path": s[0].path if one else "", "kind": s[0].kind if len({x.kind for x in s}) == 1 else "group",
+                "block": s[0].block if len({x.block for x in s}) == 1 else None,
+                "role": s[0].role if one else "group", "sites": len(s)}
 
 
 def make_candidates(sites: list[Site], config: QuantConfig, group: str) -> list[Candidate]:
@@ -98,20 +109,17 @@ def analyze_sensitivity(runner: Runner, config: QuantConfig, out_dir: Path, *, m
     settings = {**(settings or {}), "mode": mode, "group": group, "images": n, "config": config.to_dict()}
     base = f"sensitivity_{mode.replace('-', '_')}_{group}.{settings_key(settings)}"
     main_path = out_dir / f"{base}.jsonl"
-    shard_logs = {p: read_log(p, settings) for p in sorted(out_dir.glob(f"{base}.shard-*.jsonl"))}
-    merged = 0
+    shard_paths = sorted(out_dir.glob(f"{base}.shard-*.jsonl"))
     if shard is None:
-        log = ResultLog(main_path, settings)
-        merged = sum(log.adopt(rows) for rows in shard_logs.values())
-        done = log.done
-        if merged:
-            print(f"merged {merged} candidates from {len(shard_logs)} shard log(s) into {log.path}")
+        log = MeasurementLog(main_path, settings, read_also=shard_paths, adopt=True)
+        if log.adopted:
+            print(f"merged {log.adopted} candidates from {len(shard_paths)} shard log(s) into {log.path}")
     else:  # the main log is only read here: the other shards read it too
-        log = ResultLog(out_dir / f"{base}.shard-{index}-of-{count}.jsonl", settings)
-        done = {**read_log(main_path, settings), **{c: row for rows in shard_logs.values() for c, row in rows.items()}}
+        log = MeasurementLog(out_dir / f"{base}.shard-{index}-of-{count}.jsonl", settings,
+                             read_also=[main_path, *shard_paths])
+    merged, done = log.adopted, log.done
     todo = [c for c in cands if c.name not in done]
-    if len(todo) < len(cands):
-        print(f"resuming: {len(cands) - len(todo)} of {len(cands)} candidates already done ({log.path})")
+    log.resuming(len(cands) - len(todo), len(cands), "candidates already done")
     shard_meta = {} if shard is None else {"shard": f"{index}/{count}", "candidates_total": total}
     if not cands:  # more shards than candidates: nothing for this one
         return pd.DataFrame(), {"mode": mode, "group": group, "images": n, "candidates": 0, **shard_meta}, {
@@ -138,13 +146,11 @@ def analyze_sensitivity(runner: Runner, config: QuantConfig, out_dir: Path, *, m
                     qmodel.float_site(site.name)
             start = -1 if naive else cand.start(num_blocks)
             stats = runner.measure(qmodel.snapshot(), start, cache)
-            row = {"candidate": cand.name, **_describe(cand), "mode": mode, "start_block": start, **stats.summary()}
-            log.append(row)
-            done[cand.name] = row
+            log.add({"candidate": cand.name, **cand.describe(), "mode": mode, "start_block": start, **stats.summary()})
         loop_s = time.time() - t_loop
         qmodel.apply(None)
     elapsed = time.time() - t0
-    df = _rank(pd.DataFrame([done[c.name] for c in cands]), fp32, baseline, mode, rank_by)
+    df = _rank(pd.DataFrame([{**done[c.name], **drops(done[c.name], fp32)} for c in cands]), baseline, mode, rank_by)
     run = {"wall_s": round(elapsed, 2), "measured_now": len(todo), "merged_from_shards": merged,
            "candidates_s": round(loop_s, 2),
            "full_pass_s": round(full_pass_s, 3), "naive_estimate_s": round(full_pass_s * len(todo), 2),
@@ -157,23 +163,13 @@ def analyze_sensitivity(runner: Runner, config: QuantConfig, out_dir: Path, *, m
     return df, meta, run
 
 
-def _describe(cand: Candidate) -> dict:
-    s = cand.sites
-    one = len(s) == 1
-    return {"path": s[0].path if one else "", "kind": s[0].kind if len({x.kind for x in s}) == 1 else "group",
-            "block": s[0].block if len({x.block for x in s}) == 1 else None,
-            "role": s[0].role if one else "group", "sites": len(s)}
-
-
 # For each ranking metric: does a larger value mean a more harmful candidate?
 _HARMFUL_WHEN_LARGE = {"top1_drop": True, "kl": True, "agreement": False, "logit_sqnr_db": False}
 
 
-def _rank(df: pd.DataFrame, fp32: dict, baseline: dict, mode: str, rank_by: str) -> pd.DataFrame:
+def _rank(df: pd.DataFrame, baseline: dict, mode: str, rank_by: str) -> pd.DataFrame:
     """Worst first for ``only`` (what hurts most), most helpful first for ``all-but``."""
     df = df.copy()
-    df["top1_drop"] = fp32["top1"] - df["top1"]
-    df["top5_drop"] = fp32["top5"] - df["top5"]
     if mode == "all-but":
         df["top1_gain"] = df["top1"] - baseline["top1"]
     harmful_first = _HARMFUL_WHEN_LARGE[rank_by] == (mode == "only")

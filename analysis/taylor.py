@@ -33,7 +33,7 @@ from quant.config import QuantConfig
 from quant.model import QuantModel
 
 from .runner import Runner
-from .sensitivity import Candidate, _describe, make_candidates
+from .sensitivity import Candidate, make_candidates
 
 TOP_CLASSES = 64  # F is restricted to the most probable classes (the rest carry ~no probability)
 
@@ -193,7 +193,7 @@ def taylor_table(runner: Runner, config: QuantConfig, *, group: str = "op", prob
     """The ranked estimate table (most harmful first), its meta and run info."""
     estimates, info = taylor_estimates(runner, config, group=group, probes=probes, progress=progress)
     cands = {c.name: c for c in make_candidates(runner.qmodel.sites, config, group)}
-    df = pd.DataFrame([{"candidate": name, **_describe(cands[name]), "kl_estimate": v}
+    df = pd.DataFrame([{"candidate": name, **cands[name].describe(), "kl_estimate": v}
                        for name, v in estimates.items()])
     df = df.sort_values("kl_estimate", ascending=False, kind="stable").reset_index(drop=True)
     df.insert(0, "rank", range(1, len(df) + 1))

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ConfigError, QuantConfig
+from .modes import QUANT, SiteError
 from .sites import Site
 
 if TYPE_CHECKING:
@@ -53,8 +54,6 @@ def _targets(qmodel: "QuantModel", config: QuantConfig, all_int8: bool = False) 
 def expected_shifts(qmodel: "QuantModel", config: QuantConfig) -> dict[str, torch.Tensor]:
     """Site -> ``(W_q - W) E[x]`` per output channel for the int8 Linear sites that
     ``config`` corrects, with ``config``'s quantizers already applied to ``qmodel``."""
-    from .model import QUANT, SiteError
-
     shifts = {}
     for site in _targets(qmodel, config):
         wq_tq, in_tq = qmodel.quantizers[site.name]["weight"], qmodel.quantizers[site.name]["input"]
@@ -93,8 +92,6 @@ def measure_bias_shift(qmodel: "QuantModel", config: QuantConfig, batches: Itera
     float layer (float weight, original bias) on the same arriving input. With no
     correction this is the shift bias correction removes; with it, the residual.
     The model's state is kept."""
-    from .model import QUANT
-
     saved = qmodel.snapshot()
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}

@@ -12,7 +12,8 @@ from typing import Iterable
 import torch
 from tqdm import tqdm
 
-from .model import FLOAT, OBSERVE, QuantModel
+from .model import QuantModel
+from .modes import FLOAT, OBSERVE
 
 
 def calibrate(qmodel: QuantModel, batches: Iterable[torch.Tensor], total: int | None = None,

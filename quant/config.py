@@ -90,7 +90,7 @@ class QuantConfig:
 
     # -- decisions per site ----------------------------------------------
     def is_float(self, site: Site) -> bool:
-        return site.kind in self.float_kinds or any(_matches(site, p) for p in self.float_sites)
+        return site.kind in self.float_kinds or any(matches(site, p) for p in self.float_sites)
 
     def spec_for(self, site: Site, part: str, slot: str | None = None) -> QuantSpec:
         """The spec of ``part`` ('activation' or 'weight') at ``site``; later overrides win.
@@ -100,7 +100,7 @@ class QuantConfig:
         keys = (part,) if slot is None or part == "weight" else (part, slot)
         for key in keys:
             for pattern, override in self.overrides.items():
-                if _matches(site, pattern) and key in override:
+                if matches(site, pattern) and key in override:
                     spec = _spec(override[key], spec, f"override {pattern!r}")
         return spec
 
@@ -115,14 +115,14 @@ class QuantConfig:
     def validate(self, sites: list[Site]) -> None:
         """Every skip-list entry and override pattern must match a site of this model."""
         for pattern in [*self.float_sites, *self.overrides]:
-            if not any(_matches(s, pattern) for s in sites):
+            if not any(matches(s, pattern) for s in sites):
                 close = _close(pattern, sites)
                 hint = f"; close matches: {', '.join(close)}" if close else "; `vitq sites` lists the names"
                 raise ConfigError(f"pattern {pattern!r} matches no site of this model{hint}")
         for what, patterns, kind in (("smooth", self.smooth, "layernorm"),
                                      ("bias_correction", self.bias_correction, "linear")):
             for pattern in patterns:
-                if not any(_matches(s, pattern) for s in sites if s.kind == kind):
+                if not any(matches(s, pattern) for s in sites if s.kind == kind):
                     close = _close(pattern, [s for s in sites if s.kind == kind])
                     hint = f"; close matches: {', '.join(close)}" if close else "; `vitq sites` lists the names"
                     raise ConfigError(f"{what} pattern {pattern!r} matches no {kind} site of this model{hint}")
@@ -131,12 +131,12 @@ class QuantConfig:
         """The smoothing alpha of LayerNorm ``site`` (later patterns win), or None."""
         alpha = None
         for pattern, a in self.smooth.items():
-            if _matches(site, pattern):
+            if matches(site, pattern):
                 alpha = float(a)
         return alpha
 
     def corrects_bias(self, site: Site) -> bool:
-        return any(_matches(site, p) for p in self.bias_correction)
+        return any(matches(site, p) for p in self.bias_correction)
 
     def with_float(self, patterns: Iterable[str], name: str | None = None) -> "QuantConfig":
         """A copy with more float sites (duplicates dropped, order kept)."""
@@ -212,7 +212,7 @@ def _str_list(value: Any, key: str) -> list[str]:
     return list(value)
 
 
-def _matches(site: Site | str, pattern: str) -> bool:
+def matches(site: Site | str, pattern: str) -> bool:
     """``pattern`` (a name or glob) names ``site``: its canonical name or its module path."""
     names = (site,) if isinstance(site, str) else (site.name, site.path)
     return any(n == pattern or fnmatch.fnmatchcase(n, pattern) for n in names)

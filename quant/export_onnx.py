@@ -49,7 +49,8 @@ import torch
 from torch import nn
 
 from .config import ConfigError
-from .model import OBSERVE, QUANT, QuantModel, TensorQuantizer
+from .model import QuantModel, TensorQuantizer
+from .modes import OBSERVE, QUANT
 from .quantizer import QParams, quantize_to_int
 from .store import atomic_write
 

@@ -21,23 +21,21 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from .bias_correction import corrected_biases
 from .families import FamilyAdapter, family_of
+from .modes import FLOAT, OBSERVE, QUANT, SiteError
 from .observers import (FIXED_RANGES, ChannelRange, NonFiniteError, StreamingHistogram, activation_qparams,
                         smoothed_range, weight_qparams)
 from .quantizer import QParams, QuantSpec, fake_quantize, qparams_from_range
 from .config import QuantConfig
 from .sites import Site
+from .smooth import smoothing, smoothing_plan
 
-FLOAT, OBSERVE, QUANT = "float", "observe", "quant"
 # snapshot key of the model parameters a config changed (smoothing, bias correction)
 PARAMS_KEY = "__params__"
 
 # A tap sees (quantizer, float input, value passed on): the error analyzer uses it.
 Tap = Callable[["TensorQuantizer", torch.Tensor, torch.Tensor], None]
-
-
-class SiteError(RuntimeError):
-    """A numerical fault at a named site (NaN/Inf, no calibration data)."""
 
 
 class TensorQuantizer:
@@ -258,9 +256,6 @@ class QuantModel:
         """Quantize every site ``config`` does not keep float (None: all float), from
         the original parameters: smoothing first (parameters changed, smoothed
         tensors marked), then the quantizers, then bias correction (biases)."""
-        from .bias_correction import corrected_biases
-        from .smooth import smoothing, smoothing_plan
-
         if config is None:
             self.set_mode(FLOAT)
             return

@@ -21,12 +21,6 @@ its family adapter (``quant.families``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-from torch import nn
-
-if TYPE_CHECKING:
-    from .families import FamilyAdapter
 
 KINDS = ("conv", "linear", "matmul_qk", "softmax", "matmul_av", "residual", "layernorm", "gelu")
 SLOTS = {
@@ -87,10 +81,3 @@ def block_sites(prefix: str, block: int, paths: dict[str, str]) -> list[Site]:
     ``paths`` maps each role to its path in the installed library."""
     return [Site(f"{prefix}.{suffix}", kind, block, role, paths[role]) for role, kind, suffix in BLOCK_LAYOUT]
 
-
-def discover_sites(model: nn.Module, family: FamilyAdapter | None = None) -> list[Site]:
-    """All sites of ``model`` in execution order; the family adapter decides them
-    (kept as a shortcut for ``family_of(model).sites(model)``)."""
-    from .families import family_of  # the adapters import this module: import late
-
-    return (family or family_of(model)).sites(model)

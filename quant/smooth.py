@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .config import ConfigError, QuantConfig, _matches
+from .config import ConfigError, QuantConfig, matches
+from .modes import SiteError
 
 if TYPE_CHECKING:
     from .model import QuantModel
@@ -48,7 +49,7 @@ def smoothing_plan(qmodel: "QuantModel", config: QuantConfig) -> dict[str, tuple
     a pattern that matches no smoothable norm is a ConfigError."""
     consumers = qmodel.family.norm_consumers(qmodel.model, qmodel.sites)
     for pattern in config.smooth:
-        if not any(_matches(qmodel.site_by_name[name], pattern) for name in consumers):
+        if not any(matches(qmodel.site_by_name[name], pattern) for name in consumers):
             close = difflib.get_close_matches(pattern, list(consumers), n=3, cutoff=0.5)
             hint = (f"; close matches: {', '.join(close)}" if close else
                     f"; smoothable norms: {', '.join(list(consumers)[:4])}{', ...' if len(consumers) > 4 else ''}"
@@ -67,8 +68,6 @@ def smoothing(qmodel: "QuantModel", config: QuantConfig
               ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, list[str]]]]:
     """The smoothed parameter values (parameter name -> new tensor, computed from the
     model's current, i.e. original, parameters) and norm -> (scales, consumers)."""
-    from .model import SiteError
-
     values: dict[str, torch.Tensor] = {}
     scales: dict[str, tuple[torch.Tensor, list[str]]] = {}
     model = qmodel.model

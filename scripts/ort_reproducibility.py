@@ -47,7 +47,8 @@ sys.path.insert(0, str(ROOT))
 from analysis.metrics import paired_bootstrap, top1_agreement
 from quant import export_onnx as qexport
 from quant.config import QuantConfig
-from quant.model import QUANT, TensorQuantizer
+from quant.model import TensorQuantizer
+from quant.modes import QUANT
 from quant.presets import preset
 from quant.quantizer import fake_quantize
 from quant.store import atomic_write_text

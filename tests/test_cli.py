@@ -199,7 +199,7 @@ def test_sensitivity_and_errors_commands(model_dir, data_dir, tmp_path, capsys):
 
 
 def test_interrupted_eval_resumes_to_the_same_table(model_dir, data_dir, tmp_path, capsys, monkeypatch):
-    import vitq.evaluate as ev
+    import analysis.evaluate as ev
 
     args = ["eval", "--model", str(model_dir), "--data", str(data_dir), "--calib", "8", "--no-progress",
             "--batch-size", "4"]

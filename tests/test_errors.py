@@ -12,7 +12,8 @@ from analysis.artifacts import RUN_CONTEXT
 from analysis.metrics import cosine, mse, relative_l2, sqnr_db
 from quant.calibrate import calibrate
 from quant.config import QuantConfig
-from quant.model import FLOAT, QuantModel
+from quant.model import QuantModel
+from quant.modes import FLOAT
 from quant.presets import preset
 from tests.conftest import tiny_model
 

@@ -168,13 +168,13 @@ def test_onnxruntime_int8_agrees_with_fake_quant(family, name, tmp_path):
 @needs_ort
 def test_backends_share_one_interface(qmodel, tmp_path):
     from vitq.backends import BackendEval, OnnxRuntimeInt8, OrtRunner, TorchFakeQuant
-    from vitq.evaluate import evaluate_configs
+    from analysis.evaluate import evaluate_configs
 
     cfg = preset("all", qmodel.sites)
     x = _images(16, 3)
-    torch_run = TorchFakeQuant(qmodel).prepare("all", cfg)
+    torch_run = TorchFakeQuant(qmodel).build("all", cfg)
     ort_backend = OnnxRuntimeInt8(qmodel, tmp_path, x[:1], threads=1)
-    ort_run = ort_backend.prepare("all", cfg)
+    ort_run = ort_backend.build("all", cfg)
     assert (tmp_path / "model_all.onnx").is_file() and ort_backend.exports["all"].dequantize_nodes == 36
     assert (torch_run(x).argmax(1) == ort_run(x).argmax(1)).float().mean() >= 0.99
     # the same file run as written (no int8 fusions) is the Q/DQ reference: same logits to rounding

@@ -6,7 +6,8 @@ import torch
 from quant.calibrate import calibrate
 from quant.config import QuantConfig
 from quant.families import family_of
-from quant.model import QuantModel, SiteError
+from quant.model import QuantModel
+from quant.modes import SiteError
 from quant.presets import preset
 from tests.conftest import tiny_model
 

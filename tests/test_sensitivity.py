@@ -93,19 +93,19 @@ def test_resume_after_interruption_gives_identical_table(tmp_path, monkeypatch):
     qm, pixels, labels = _setup()
     full, _ = _run(qm, pixels, labels, tmp_path / "full")
 
-    import analysis.sensitivity as sens
-    real_append, calls = sens.ResultLog.append, {"n": 0}
+    from analysis.measurement_log import MeasurementLog
+    real_add, calls = MeasurementLog.add, {"n": 0}
 
-    def dying_append(self, row):
+    def dying_add(self, row):
         if calls["n"] == 4:
             raise KeyboardInterrupt
         calls["n"] += 1
-        real_append(self, row)
+        return real_add(self, row)
 
-    monkeypatch.setattr(sens.ResultLog, "append", dying_append)
+    monkeypatch.setattr(MeasurementLog, "add", dying_add)
     with pytest.raises(KeyboardInterrupt):
         _run(qm, pixels, labels, tmp_path / "resumed")
-    monkeypatch.setattr(sens.ResultLog, "append", real_append)
+    monkeypatch.setattr(MeasurementLog, "add", real_add)
     resumed, meta = _run(qm, pixels, labels, tmp_path / "resumed")
     assert meta["run"]["measured_now"] == meta["candidates"] - 4
     pd.testing.assert_frame_equal(resumed.drop(columns=[]), full)

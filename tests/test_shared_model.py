@@ -7,7 +7,7 @@ import pytest
 
 from tests.conftest import SHARED_DATA, SHARED_MODEL, needs_shared
 from vitq.cli import main
-from vitq.evaluate import evaluate_configs
+from analysis.evaluate import evaluate_configs
 from vitq.session import Options, Session
 
 pytestmark = [needs_shared, pytest.mark.shared]

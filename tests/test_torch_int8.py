@@ -43,7 +43,7 @@ def test_pt2e_reference_is_bit_exact_with_the_simulation_and_keeps_the_skip_list
     qm.apply(cfg)
     sim = qm(x)
     backend = TorchInt8(qm, calib, x[:1], compile=False)
-    out = backend.prepare(cfg.name, cfg)(x)
+    out = backend.build(cfg.name, cfg)(x)
     graph = backend.modules[cfg.name].graph
     weights = sum(str(n.target).startswith("quantized_decomposed.dequantize_per_channel") for n in graph.nodes)
     int8_weighted = [s for s in cfg.int8_sites(qm.sites) if s.has_weight()]
@@ -68,6 +68,6 @@ def test_compiled_int8_agrees_with_the_simulation(calibrated):
     x = _images(32, 4)
     qm.apply(cfg)
     sim = qm(x)
-    out = TorchInt8(qm, calib, x[:1], compile=True).prepare(cfg.name, cfg)(x)
+    out = TorchInt8(qm, calib, x[:1], compile=True).build(cfg.name, cfg)(x)
     assert (out.argmax(1) == sim.argmax(1)).float().mean() >= 0.97
     assert (out - sim).abs().max() <= 0.05 * sim.abs().max()

@@ -1,7 +1,7 @@
 """Execution backends: where a quantization config actually runs.
 
-Every backend has the same interface: ``prepare(name, config)`` maps a
-:class:`~quant.config.QuantConfig` (None: FP32) to a runner, a callable
+Every backend has the same interface: ``build(name, config)`` maps a
+:class:`~quant.config.QuantConfig` (None: FP32) to a :data:`Forward`, a callable
 ``pixels -> logits`` (CPU float32 torch tensor). The config -> backend mapping is
 one piece of code per backend:
 
@@ -12,7 +12,7 @@ one piece of code per backend:
 - :class:`vitq.torch_int8.TorchInt8`: torch.export + torchao PT2E + torch.compile
   (conv/linear sites in int8; configs with other int8 kinds are refused).
 
-:class:`BackendEval` lets :func:`vitq.evaluate.evaluate_configs` evaluate a backend
+:class:`BackendEval` lets :func:`analysis.evaluate.evaluate_configs` evaluate a backend
 (FP32 row from the torch reference) and measures how well the backend agrees with
 the fake-quant simulation of the same config.
 """
@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -31,7 +31,16 @@ from quant.export_onnx import ExportResult, export_onnx, float_state
 from analysis.metrics import OutputStats
 from quant.model import QuantModel
 
-Runner = Callable[[torch.Tensor], torch.Tensor]
+Forward = Callable[[torch.Tensor], torch.Tensor]  # pixels -> logits of one built config
+
+
+class Backend(Protocol):
+    """Where a config runs (see the module docstring)."""
+
+    name: str
+
+    def build(self, name: str, config: QuantConfig | None) -> Forward:
+        """``config`` (None: FP32) made runnable here, known as ``name`` (file names)."""
 BACKENDS = ("torch", "onnxruntime", "torch-int8")
 
 
@@ -57,7 +66,7 @@ class TorchFakeQuant:
     def __init__(self, qmodel: QuantModel) -> None:
         self.qmodel = qmodel
 
-    def prepare(self, name: str, config: QuantConfig | None) -> Runner:
+    def build(self, name: str, config: QuantConfig | None) -> Forward:
         state = self.qmodel.prepare(config)
 
         def run(pixels: torch.Tensor) -> torch.Tensor:
@@ -129,13 +138,13 @@ class OnnxRuntimeInt8:
         self.exports[name] = result
         return result
 
-    def prepare(self, name: str, config: QuantConfig | None) -> OrtRunner:
+    def build(self, name: str, config: QuantConfig | None) -> OrtRunner:
         result = self.export(name, config)
         return OrtRunner(result.path, self.threads, result)
 
 
 def make_backend(kind: str, qmodel: QuantModel, out_dir: str | Path, example_pixels: torch.Tensor,
-                 threads: int | None = None, calib: list[torch.Tensor] | None = None):
+                 threads: int | None = None, calib: list[torch.Tensor] | None = None) -> Backend:
     if kind == "torch":
         return TorchFakeQuant(qmodel)
     if kind == "onnxruntime":
@@ -169,15 +178,15 @@ class _SimTally:
 
 @dataclass
 class BackendEval:
-    """The part of QuantModel's interface that ``evaluate_configs`` uses, served by a
-    backend: FP32 (config None) runs the torch reference, every other config runs on
+    """QuantModel's :class:`~analysis.runner.SwitchableModel` interface (what
+    ``evaluate_configs`` runs), served by a backend: FP32 (config None) runs the torch reference, every other config runs on
     ``backend`` and, when ``compare_simulation``, also through the fake-quant model to
     measure their agreement (:meth:`simulation_agreement`)."""
 
     qmodel: QuantModel
-    backend: object
+    backend: Backend
     compare_simulation: bool = True
-    _runners: list = field(default_factory=list)
+    _forwards: list = field(default_factory=list)
     _sim: list = field(default_factory=list)
     _names: list = field(default_factory=list)
     _tallies: dict = field(default_factory=dict)
@@ -188,28 +197,29 @@ class BackendEval:
         return self.qmodel.sites
 
     def prepare(self, config: QuantConfig | None) -> int:
+        """The state of ``config``: its position among the built configs."""
         name = "fp32" if config is None else config.name
         if config is None:
             state = self.qmodel.prepare(None)
-            runner, sim = None, state
+            forward, sim = None, state
         else:
-            runner = self.backend.prepare(name, config)
+            forward = self.backend.build(name, config)
             sim = self.qmodel.prepare(config) if self.compare_simulation else None
             self._tallies[name] = _SimTally()
-        self._runners.append(runner)
+        self._forwards.append(forward)
         self._sim.append(sim)
         self._names.append(name)
-        return len(self._runners) - 1
+        return len(self._forwards) - 1
 
     def restore(self, key: int) -> None:
         self._current = key
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        runner, sim, name = self._runners[self._current], self._sim[self._current], self._names[self._current]
-        if runner is None:
+        forward, sim, name = self._forwards[self._current], self._sim[self._current], self._names[self._current]
+        if forward is None:
             self.qmodel.restore(sim)
             return self.qmodel(pixels)
-        out = runner(pixels)
+        out = forward(pixels)
         if sim is not None:
             self.qmodel.restore(sim)
             self._tallies[name].update(out, self.qmodel(pixels).float())

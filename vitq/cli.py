@@ -28,7 +28,7 @@ def _import_command_modules() -> None:
 
     from quant.config import ConfigError, QuantConfig
     from reports.html import render_report
-    from quant.model import SiteError
+    from quant.modes import SiteError
     from quant.presets import preset
     from analysis.planner import REFERENCES, Budget
     from analysis.sensitivity import most_sensitive_fc

@@ -312,7 +312,7 @@ class CropStore:
                         pos += 1
                         self.decoded += 1
                         if crop is None and error is None:
-                            raise _NotCacheable()
+                            raise NotCacheable()
                         if crop is None:
                             self.index["bad"][self._rel(path)] = [error, *_stamp(path)]
                             continue
@@ -353,7 +353,7 @@ class CropStore:
                        ids)
 
 
-class _NotCacheable(Exception):
+class NotCacheable(Exception):
     """The processor's crops are not whole uint8 values: decode through the processor."""
 
 

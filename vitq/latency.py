@@ -71,9 +71,9 @@ def measure_site_latency(qmodel: QuantModel, config: QuantConfig, pixels: torch.
     groups = site_groups(config, qmodel.sites)
     with tempfile.TemporaryDirectory(prefix="vitq-latency-") as tmp:
         backend = OnnxRuntimeInt8(qmodel, Path(tmp), pixels[:1], threads=threads)
-        variants = {"start": backend.prepare("start", config)}
+        variants = {"start": backend.build("start", config)}
         for label, members in tqdm(groups.items(), desc="latency: export", unit="graph", disable=not progress):
-            variants[label] = backend.prepare(label.replace("/", "_"), config.with_float(members))
+            variants[label] = backend.build(label.replace("/", "_"), config.with_float(members))
         for run in variants.values():  # warm-up: first runs allocate and pick kernels
             run(pixels)
         times: dict[str, list[float]] = {k: [] for k in variants}

@@ -17,15 +17,16 @@ import yaml
 from analysis import artifacts
 from analysis.cost import float_site_names, site_macs
 from analysis.errors import ErrorReport, analyze_errors
+from analysis.evaluate import evaluate_configs, evaluated_images
+from analysis.measurement_log import MeasurementLog
 from analysis.planner import Budget, Planner
 from analysis.runner import Runner
 from analysis.names import MEASURE_TOP, TAYLOR_IMAGES
 from analysis.sensitivity import analyze_sensitivity, make_candidates
 from analysis.taylor import taylor_table
 from quant.config import QuantConfig
-from quant.store import ResultLog, atomic_write_text, settings_key
+from quant.store import atomic_write_text, settings_key
 
-from .evaluate import evaluate_configs
 from .session import Session
 
 # Bumped when the per-image records of the logs change shape (old logs are not mixed in).
@@ -100,10 +101,9 @@ def run_eval(session: Session, configs: dict[str, QuantConfig], *, limit: int | 
     backend = getattr(model, "backend", None)
     settings = {**session.describe(), "val_files": [str(p) for p, _ in val.items], "log_version": LOG_VERSION,
                 "configs": {k: v.to_dict() for k, v in configs.items()}, "backend": type(model).__name__}
-    log = ResultLog(session.out / f"eval.{settings_key(settings)}.jsonl", settings)
-    done = {i for r in log.done.values() for i in r["indices"]}
-    if done:
-        print(f"resuming: {len(done)} of {len(val)} images already evaluated ({log.path})")
+    log = MeasurementLog(session.out / f"eval.{settings_key(settings)}.jsonl", settings)
+    done = evaluated_images(log)
+    log.resuming(len(done), len(val), "images already evaluated")
     todo = val.subset([i for i in range(len(val)) if i not in done])
     df = evaluate_configs(model or session.qmodel, configs, session.batches(todo), session.sites, macs(session),
                           session.num_batches(todo), session.opts.progress, log=log)

@@ -15,7 +15,7 @@ import torch
 from quant.calibrate import calibrate
 from quant.model import QuantModel
 
-from .data import BadImages, CropStore, ImageSet, _NotCacheable, batches, cacheable
+from .data import BadImages, CropStore, ImageSet, NotCacheable, batches, cacheable
 from .models import DEFAULT_DATA, LoadedModel, load_model
 from quant.store import atomic_torch_save
 
@@ -110,7 +110,7 @@ class Session:
             try:
                 store.ensure(images, self.opts.workers, self.opts.progress, self.opts.batch_size)
                 return store.batches(images, self.opts.batch_size, bad)
-            except _NotCacheable:
+            except NotCacheable:
                 self._crop_stores[images.split] = None
         return batches(images, self.loaded.processor, self.opts.batch_size, bad, self.opts.workers or 0)
 

@@ -175,20 +175,20 @@ class TorchInt8:
         self.out_dir = Path(out_dir) if out_dir else None
         self.modules: dict[str, torch.fx.GraphModule] = {}
 
-    def prepare(self, name: str, config: QuantConfig | None):
+    def build(self, name: str, config: QuantConfig | None):
         if config is None:
             raise TorchInt8Error("the FP32 row runs on the torch reference")
         converted = quantize_pt2e(self.qmodel, config, self.calib, self.example)
         self.modules[name] = converted
-        runner = converted
+        module = converted
         if self.compile:
             from torch._inductor import config as inductor_config
             inductor_config.freezing = True  # constant weights: lets inductor pack int8 weights for oneDNN
-            runner = torch.compile(converted)
+            module = torch.compile(converted)
 
         def run(pixels: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                return runner(pixels.float()).float()
+                return module(pixels.float()).float()
         return run
 
 

@@ -75,7 +75,7 @@ class FamilyAdapter(ABC):
         """Raise :class:`UnsupportedModelError` for a variant of a handled class that the
         adapter cannot quantize (e.g. a config option it does not implement)."""
 
-    def prepare(self, model: nn.Module) -> None:
+    def restructure(self, model: nn.Module) -> None:
         """Restructure ``model`` once, in place and float-equivalently, so that every
         weighted site is a module of its own (torchvision: the fused q/k/v projection of
         ``nn.MultiheadAttention`` becomes three Linear modules). Called by
@@ -203,7 +203,7 @@ def family_of(model: nn.Module) -> FamilyAdapter:
         if cls in adapter_cls.model_classes:
             adapter = adapter_cls()
             adapter.check(model)
-            adapter.prepare(model)
+            adapter.restructure(model)
             return adapter
     raise UnsupportedModelError(
         f"unsupported model class {cls}; vitq supports: {', '.join(SUPPORTED)}"

@@ -90,7 +90,7 @@ class Swin(HFLoading, FamilyAdapter):
         if not isinstance(model.classifier, nn.Linear):
             raise UnsupportedModelError("Swin without a classifier head (num_labels 0) is not supported")
 
-    def prepare(self, model: nn.Module) -> None:
+    def restructure(self, model: nn.Module) -> None:
         """Mark each block with its stage's token grid and, for a stage's last block, the
         patch merging that follows it (plain attributes: no module is re-registered)."""
         grid = tuple(model.swin.embeddings.patch_grid)
@@ -137,7 +137,7 @@ class Swin(HFLoading, FamilyAdapter):
 
     # -- instrumentation -----------------------------------------------------------
     def instrument(self, model: nn.Module, sites: Sequence[Site], quantizers: Quantizers) -> None:
-        self.prepare(model)
+        self.restructure(model)
         for site in sites:
             if site.kind in ("linear", "conv"):
                 patch_weighted(model.get_submodule(site.path), site.kind, quantizers[site.name])

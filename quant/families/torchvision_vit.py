@@ -7,7 +7,7 @@ Where they live differs: ``conv_proj``, ``encoder.layers.encoder_layer_4.{ln_1,l
 ``mlp.0``/``mlp.3`` (fc1/fc2), ``encoder.ln``, ``heads.head``.
 
 torchvision's attention is ``nn.MultiheadAttention``, whose q/k/v projections are one
-fused ``in_proj_weight``. :meth:`TorchvisionViT.prepare` replaces it, once, by
+fused ``in_proj_weight``. :meth:`TorchvisionViT.restructure` replaces it, once, by
 :class:`SplitAttention`: the same parameters as three Linear modules (``q_proj``,
 ``k_proj``, ``v_proj``) and ``out_proj``, computing the same attention explicitly (equal
 to ``nn.MultiheadAttention`` up to float rounding; a test checks it), so that q, k and
@@ -187,7 +187,7 @@ class TorchvisionViT(PreNormAdapter):
         if list(dict(model.heads.named_children())) != ["head"]:
             raise UnsupportedModelError("torchvision ViT with a representation (pre-logits) layer is not supported")
 
-    def prepare(self, model: nn.Module) -> None:
+    def restructure(self, model: nn.Module) -> None:
         for block in self.blocks(model):
             if isinstance(block.self_attention, nn.MultiheadAttention):
                 block.self_attention = SplitAttention(block.self_attention)
