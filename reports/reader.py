@@ -55,6 +55,16 @@ class Artefacts:
         rows = [r for r in records(steps.rows) if is_true(r.get("plan"))] if steps is not None else []
         return rows[0] if rows else None
 
+    def float_site_costs(self, sites: list[str]) -> list[dict[str, Any]]:
+        """Each of ``sites`` with its latency group's ``group``, ``cost_ms`` and ``free``
+        flag from latency_sites (a site in no group: its name alone; [] without the table)."""
+        t = self.table(artifacts.LATENCY)
+        if t is None:
+            return []
+        groups = {m: r for r in records(t.rows) for m in str(r["members"]).split(",")}
+        return [{"site": s, **({k: groups[s][k] for k in ("group", "cost_ms", "free")} if s in groups else {})}
+                for s in sites]
+
     @cached_property
     def channels(self) -> dict[str, np.ndarray] | None:
         """errors_channels.npz: per-channel max |x| of every activation tensor."""

@@ -156,7 +156,11 @@ def test_latency_section_and_the_plans_free_float_sites(tmp_path: Path):
     ], backend="onnxruntime", batch=8, runs=7, threads=2, noise_ms=0.25)
     floats = ["blocks.1.residual_mlp", "blocks.0.attn.matmul_av", "blocks.2.attn.o"]
     (tmp_path / artifacts.PLAN_SKIPLIST).write_text(yaml.safe_dump({"float_kinds": [], "float_sites": floats}))
+    plant(tmp_path, artifacts.PLAN_CONFIRM, [accuracy_row("plan", 99.0, top1_drop_se=0.1, cost=1.0)],
+          float_sites=floats[:2], cost="latency")
     text = render_report(tmp_path).read_text()
+    assert ("Latency (latency_sites.json): 1 of the plan's 2 float site(s) have no measurable cost"
+            " (blocks.1.residual_mlp)") in section(text, "planner")
     sec = section(text, "latency")
     assert "batch 8, 7 paired rounds, 2 threads, timing noise 0.25 ms. 1 of 2 groups have no measurable cost" in sec
     assert column(sec, "latency-table", "measurable") == ["no measurable cost", "yes"]

@@ -112,6 +112,12 @@ def planner(a: Artefacts, sec: Section) -> None:
         f" ({esc(noise.get('test') or 'bootstrap')}, {fmt_int(noise.get('resamples'))} resamples) lies above"
         " zero. The plan is then"
         f" measured again on {fmt_int(m['confirm_images'])} confirm images, beside the presets."))
+    costs = a.float_site_costs([str(x) for x in m["float_sites"] or []])
+    if costs:
+        free = [r["site"] for r in costs if is_true(r.get("free"))]
+        sec.add("p", f"Latency ({artifacts.LATENCY.file}): {len(free)} of the plan's {len(costs)} float site(s) have no"
+                     " measurable cost" + (f" ({esc(', '.join(free))})" if free else "")
+                     + "; the skip-list below marks each one.")
     cost_unit = _cost_unit(m)
     steps = steps_t.rows if steps_t is not None else pd.DataFrame()
     if len(steps):

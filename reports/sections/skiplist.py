@@ -3,11 +3,9 @@ with a latency table, whether each float site costs measurable time."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from analysis import artifacts
 
-from ..format import Column, esc, fmt_fixed, fmt_int, is_missing, is_true, make_table, num, records, text_column
+from ..format import Column, esc, fmt_fixed, fmt_int, is_missing, is_true, make_table, num, text_column
 from ..reader import Artefacts
 from ..registry import Block, Section, command, not_available, register_section
 
@@ -22,16 +20,6 @@ LATENCY_COLUMNS = [
 
 def _slug(text: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in text).strip("-").lower() or "x"
-
-
-def site_costs(a: Artefacts, sites: list[str]) -> list[dict[str, Any]]:
-    """Each float site with its latency group's cost and ``free`` flag (none without latency_sites)."""
-    t = a.table(artifacts.LATENCY)
-    if t is None:
-        return []
-    groups = {m: r for r in records(t.rows) for m in str(r["members"]).split(",")}
-    return [{"site": s, **({k: groups[s][k] for k in ("group", "cost_ms", "free")} if s in groups else {})}
-            for s in sites]
 
 
 @register_section("skiplist", "Chosen skip-list (sites kept float)", order=40, always=True,
@@ -67,7 +55,7 @@ def skiplist(a: Artefacts, sec: Section) -> None:
         if chosen is not None and not is_missing(chosen.get("skipped_sites")) and int(num(chosen["skipped_sites"])) != n:
             sec.add("warn", f"{artifacts.PLAN_SKIPLIST} lists {n} site(s), the planner's chosen point keeps"
                             f" {fmt_int(chosen['skipped_sites'])} float: the files may come from different runs.")
-        costs = site_costs(a, [str(s) for s in sites])
+        costs = a.float_site_costs([str(s) for s in sites])
         if costs:
             free = sum(is_true(r.get("free")) for r in costs)
             sec.add_table(make_table(
