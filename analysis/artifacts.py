@@ -1,10 +1,11 @@
-"""The artefact schema: every file an analysis writes into an output folder, and
-every metadata key it carries.
+"""The artefact schema: every file an analysis writes into an output folder, the
+columns of every table and every metadata key it carries.
 
 Writers (the commands) and the reader (the HTML report) both go through this
-module, so a key the report reads is a key a writer wrote: :func:`write` refuses
-metadata that does not match the declared keys, and :func:`read` returns only
-what the files hold. Wall times live in ``<stem>.run.json`` (see
+module, so a column or key the report reads is one a writer wrote: :func:`write`
+refuses a table without its declared columns and metadata that does not match the
+declared keys, and :func:`read` refuses a file without the declared columns and
+returns only the declared keys. Wall times live in ``<stem>.run.json`` (see
 :func:`quant.store.write_table`), so result files stay byte-identical across
 resumed and uninterrupted runs.
 """
@@ -26,9 +27,11 @@ RUN_CONTEXT = ("model", "family", "data", "seed", "calibration_images", "torch",
 
 @dataclass(frozen=True)
 class TableSpec:
-    """One table artefact: ``stem``.csv/.json/.run.json and the keys of its meta and run info."""
+    """One table artefact: ``stem``.csv/.json/.run.json, the columns every row has (a
+    writer may add others), the keys of its meta and run info, and its command."""
 
     stem: str
+    columns: tuple[str, ...]  # required: write() refuses a table without them, read() a file without them
     meta: tuple[str, ...]
     run: tuple[str, ...]
     command: str  # the command that writes it (named by the report when it is missing)
@@ -36,36 +39,72 @@ class TableSpec:
     def path(self, out: Path, suffix: str = ".json") -> Path:
         return Path(out) / f"{self.stem}{suffix}"
 
+    @property
+    def file(self) -> str:
+        """The file the report reads: ``<stem>.json``."""
+        return f"{self.stem}.json"
+
+
+# The accuracy columns of one measured configuration (eval, accuracy, plan tables).
+ACCURACY_COLUMNS = ("images", "top1", "top5", "top1_drop", "top5_drop", "agreement", "kl", "logit_mse",
+                    "logit_sqnr_db")
+# What a configuration keeps float and runs in int8.
+SHARE_COLUMNS = ("int8_sites", "float_sites", "skipped_sites", "int8_macs_share")
+# One sensitivity candidate: a site, or a group of sites (block, kind).
+CANDIDATE_COLUMNS = ("rank", "candidate", "path", "kind", "block", "role", "sites")
 
 EVAL = TableSpec(
-    "eval", (*RUN_CONTEXT, "val_images", "skipped_images", "configs", "backend", "simulation_agreement",
-             "onnx_models"),
+    "eval", ("config", *ACCURACY_COLUMNS, *SHARE_COLUMNS),
+    (*RUN_CONTEXT, "val_images", "skipped_images", "configs", "backend", "simulation_agreement", "onnx_models"),
     ("calibration_s", "evaluation_s", "resumed_images", "log"), "vitq eval")
-ACCURACY = TableSpec("accuracy", EVAL.meta, EVAL.run, "vitq analyze")  # analyze's final table (eval's stays apart)
+# analyze's final table (eval's stays apart)
+ACCURACY = TableSpec("accuracy", EVAL.columns, EVAL.meta, EVAL.run, "vitq analyze")
+SENSITIVITY_COLUMNS = (*CANDIDATE_COLUMNS, *ACCURACY_COLUMNS)
 SENSITIVITY_META = (*RUN_CONTEXT, "mode", "group", "images", "candidates", "fp32", "baseline", "rank_by")
 SENSITIVITY_RUN = ("calibration_s", "wall_s", "measured_now", "merged_from_shards", "candidates_s", "full_pass_s",
                    "naive_estimate_s", "speedup_vs_naive", "log")
+TAYLOR_COLUMNS = (*CANDIDATE_COLUMNS, "kl_estimate")
 TAYLOR_META = (*RUN_CONTEXT, "method", "group", "images", "candidates", "probes", "fisher_trace_captured_mean",
                "fisher_trace_captured_min")
 TAYLOR_RUN = ("calibration_s", "wall_s")
+ERROR_METRICS = ("sqnr_db", "cosine", "mse", "rel_l2")
 ERRORS_META = (*RUN_CONTEXT, "config", "images", "batches", "outlier_k")
 ERRORS_RUN = ("calibration_s", "wall_s")
-ERRORS_ACTIVATIONS = TableSpec("errors_activations", ERRORS_META, ERRORS_RUN, "vitq errors")
-ERRORS_WEIGHTS = TableSpec("errors_weights", ERRORS_META, ERRORS_RUN, "vitq errors")
+ERRORS_ACTIVATIONS = TableSpec(
+    "errors_activations",
+    ("tensor", "site", "slot", "kind", "block", "role", "int8", *(f"isolated_{m}" for m in ERROR_METRICS),
+     *(f"acc_{m}" for m in ERROR_METRICS), "max_abs", "p99", "p99_9", "p99_99", "max_over_p99_9", "kurtosis",
+     "n_outlier_channels", "outlier_channels", "outlier_tokens", "bits_lost"),
+    ERRORS_META, ERRORS_RUN, "vitq errors")
+ERRORS_WEIGHTS = TableSpec(
+    "errors_weights", ("site", "kind", "block", "role", "w_min", "w_max", "per_tensor_sqnr_db", "per_channel_sqnr_db",
+                       "per_channel_gain_db"),
+    ERRORS_META, ERRORS_RUN, "vitq errors")
 ERRORS_CHANNELS = "errors_channels.npz"
-LATENCY = TableSpec("latency_sites", (*RUN_CONTEXT, "config", "batch", "runs", "threads", "backend", "version",
-                                      "noise_ms"),
-                    ("calibration_s", "wall_s"), "vitq plan --cost latency")
+# One row per group of int8 sites (kind/role): the start config's time, the time with the
+# group float, the paired per-round difference (float minus start, ms per batch) with its
+# 95 % interval, and the cost of one site of the group (cost_ms: ms per batch, 0 when free;
+# cost_per_site: % of the start time); free: the interval reaches 0, no measurable slowdown.
+LATENCY = TableSpec(
+    "latency_sites",
+    ("group", "kind", "role", "sites", "members", "start_ms", "float_ms", "delta_ms", "delta_lo_ms", "delta_hi_ms",
+     "spread_ms", "cost_ms", "free", "cost_per_site"),
+    (*RUN_CONTEXT, "config", "batch", "runs", "threads", "backend", "version", "noise_ms"),
+    ("calibration_s", "wall_s"), "vitq plan --cost latency")
+PLAN_COLUMNS = ("attempt", "path", "kind", "change", "config", "kept", "gain", "gain_se", "gain_lo", "gain_hi",
+                *ACCURACY_COLUMNS, "top1_drop_se", *SHARE_COLUMNS, "cost")
 PLAN_META = (*RUN_CONTEXT, "budget", "met", "outcome", "cost", "cost_unit", "cost_noise", "met_at_step", "plan_images",
-             "confirm_images", "plan", "float_sites",
-             "start", "best_reference", "verdict", "noise")
+             "confirm_images", "plan", "float_sites", "start", "best_reference", "verdict", "noise")
 PLAN_RUN = ("calibration_s", "wall_s", "measured_now", "log")
-PLAN_STEPS = TableSpec("plan_steps", PLAN_META, PLAN_RUN, "vitq plan")
-PLAN_TRIED = TableSpec("plan_tried", PLAN_META, PLAN_RUN, "vitq plan")
-PLAN_CONFIRM = TableSpec("plan_confirm", PLAN_META, PLAN_RUN, "vitq plan")
+PLAN_STEPS = TableSpec("plan_steps", (*PLAN_COLUMNS, "on_frontier", "plan"), PLAN_META, PLAN_RUN, "vitq plan")
+PLAN_TRIED = TableSpec("plan_tried", PLAN_COLUMNS, PLAN_META, PLAN_RUN, "vitq plan")
+PLAN_CONFIRM = TableSpec("plan_confirm", ("config", *ACCURACY_COLUMNS, "top1_drop_se", *SHARE_COLUMNS, "cost"),
+                         PLAN_META, PLAN_RUN, "vitq plan")
 # vitq analyze --bench: CPU speed of FP32 and the presets/plan (vitq.bench)
-SPEED = TableSpec("speed", (*RUN_CONTEXT, "threads", "warmup", "runs", "rounds", "image_size", "cpu",
-                            "load_avg", "onnxruntime", "method"),
+SPEED = TableSpec("speed", ("config", "backend", "file_mb", "latency_b1_ms", "latency_b1_spread", "throughput_b8",
+                            "throughput_b8_spread", "speedup_b8_vs_fp32_eager"),
+                  (*RUN_CONTEXT, "threads", "warmup", "runs", "rounds", "image_size", "cpu", "load_avg", "onnxruntime",
+                   "method"),
                   ("wall_s",), "vitq analyze --bench")
 PLAN_YAML = "plan.yaml"
 PLAN_SKIPLIST = "plan_skiplist.yaml"
@@ -81,7 +120,7 @@ def sensitivity(mode: str, group: str) -> TableSpec:
     mode = mode.replace("-", "_")
     if mode not in MODES or group not in GROUPS:
         raise ValueError(f"no sensitivity artefact for mode {mode!r}, group {group!r}")
-    return TableSpec(f"sensitivity_{mode}_{group}", SENSITIVITY_META, SENSITIVITY_RUN,
+    return TableSpec(f"sensitivity_{mode}_{group}", SENSITIVITY_COLUMNS, SENSITIVITY_META, SENSITIVITY_RUN,
                      f"vitq sensitivity --mode {mode.replace('_', '-')} --group {group}")
 
 
@@ -89,8 +128,15 @@ def sensitivity_taylor(group: str) -> TableSpec:
     """``sensitivity_taylor_<group>``: the gradient (Fisher) estimate of the ``only`` KL."""
     if group not in GROUPS:
         raise ValueError(f"no taylor sensitivity artefact for group {group!r}")
-    return TableSpec(f"sensitivity_taylor_{group}", TAYLOR_META, TAYLOR_RUN,
+    return TableSpec(f"sensitivity_taylor_{group}", TAYLOR_COLUMNS, TAYLOR_META, TAYLOR_RUN,
                      f"vitq sensitivity --method taylor --group {group}")
+
+
+def table_specs() -> list[TableSpec]:
+    """Every table artefact an output folder may hold."""
+    return [ACCURACY, EVAL, *(sensitivity(m, g) for m in MODES for g in GROUPS),
+            *(sensitivity_taylor(g) for g in GROUPS), ERRORS_ACTIVATIONS, ERRORS_WEIGHTS, LATENCY,
+            PLAN_STEPS, PLAN_TRIED, PLAN_CONFIRM, SPEED]
 
 
 def config_file(name: str) -> str:
@@ -105,9 +151,18 @@ def _check(keys: dict[str, Any], declared: tuple[str, ...], what: str) -> None:
         raise ValueError(f"{what}: keys do not match the schema (missing {missing}, undeclared {extra})")
 
 
+def missing_columns(spec: TableSpec, columns: Any, rows: int) -> list[str]:
+    """The declared columns a table of ``rows`` rows lacks (none to lack without rows)."""
+    return [c for c in spec.columns if c not in columns] if rows else []
+
+
 def write(out: str | Path, spec: TableSpec, df: pd.DataFrame, meta: dict[str, Any],
           run: dict[str, Any]) -> tuple[Path, Path]:
-    """Write one table artefact; its meta and run keys must be exactly the declared ones."""
+    """Write one table artefact: it must have the declared columns (others may follow),
+    and its meta and run keys must be exactly the declared ones."""
+    missing = missing_columns(spec, df.columns, len(df))
+    if missing:
+        raise ValueError(f"{spec.stem}: the table lacks the declared columns {missing}")
     _check(meta, spec.meta, f"{spec.stem} meta")
     _check(run, spec.run, f"{spec.stem} run")
     return write_table(df, Path(out) / spec.stem, meta, run)
@@ -129,7 +184,8 @@ class SchemaError(ValueError):
 
 
 def read(out: str | Path, spec: TableSpec) -> Table | None:
-    """The artefact ``spec`` in ``out`` (None when absent); SchemaError when unreadable."""
+    """The artefact ``spec`` in ``out`` (None when absent); SchemaError when unreadable
+    or when its rows lack a declared column (a file from another version)."""
     path = spec.path(Path(out))
     if not path.is_file():
         return None
@@ -140,6 +196,9 @@ def read(out: str | Path, spec: TableSpec) -> Table | None:
             raise ValueError("'rows' must be a list and 'meta' a mapping")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SchemaError(f"could not read {path.name}: {e}") from None
+    missing = missing_columns(spec, {k for r in rows if isinstance(r, dict) for k in r}, len(rows))
+    if missing:
+        raise SchemaError(f"{path.name} lacks the columns {missing} (written by another version of vitq?)")
     run_path = spec.path(Path(out), ".run.json")
     run: dict[str, Any] = {}
     if run_path.is_file():

@@ -346,9 +346,10 @@ def _flags(values: Iterable) -> np.ndarray:
 
 
 def frontier(steps: pd.DataFrame, tried: pd.DataFrame | None = None, *, objective: str = "kl",
-             max_objective: float | None = None, cost: str = "macs") -> bytes:
-    """The planner's search as cost (x: % of matmul MACs kept float plus the per-site
-    charge, the planner's ``cost`` column) against the objective (y, log scale).
+             max_objective: float | None = None, cost: str = "macs", cost_unit: str | None = None) -> bytes:
+    """The planner's search as cost (x: the planner's ``cost`` column, in ``cost_unit``
+    when given, else % of matmul MACs kept float plus the per-site charge, or the
+    latency added for ``cost="latency"``) against the objective (y, log scale).
 
     ``tried`` (every attempt): faint grey points. ``steps`` (kept points): one line per
     search path in attempt order, frontier points circled, reference presets as
@@ -395,11 +396,48 @@ def frontier(steps: pd.DataFrame, tried: pd.DataFrame | None = None, *, objectiv
                        label=f"budget: {'KL' if objective == 'kl' else objective} ≤ {max_objective:g}")
         if ok.any() or (tried is not None and len(tried)):
             ax.set_yscale("log")
-        ax.set_xlabel("cost (% of matmul MACs kept float + a charge per float residual add; lower = more int8)"
+        ax.set_xlabel(f"cost ({cost_unit}; lower = more int8)" if cost_unit else
+                      "cost (% of matmul MACs kept float + a charge per float residual add; lower = more int8)"
                       if cost != "latency" else "cost (% latency added by the float sites, measured with ONNX Runtime)")
         ax.set_ylabel(OBJECTIVE_LABELS.get(objective, f"{objective} (log scale)"))
         ax.set_title("the planner's search: cost against distance to FP32", loc="left")
         handles, labels = ax.get_legend_handles_labels()
         if handles:
             fig.legend(handles, labels, loc="outside lower center", ncols=min(len(handles), 3))
+        return _png(fig)
+
+
+def taylor_ranks(both: pd.DataFrame) -> bytes:
+    """The taylor estimate against the measurement for the candidates measured both ways
+    (columns candidate, kind, kl_estimate, kl, estimate_rank, measured_rank). Left: rank by
+    the estimate (x) against rank by measured KL (y), 1 = most sensitive; on the diagonal
+    the estimate orders the candidate exactly. Right: the two KL values, log-log."""
+    with _styled():
+        fig = _figure(4.4)
+        ax_r, ax_v = fig.subplots(1, 2)
+        colors = [KIND_COLORS.get(str(k), NEUTRAL) for k in both["kind"]]
+        x, y = _floats(both["estimate_rank"]), _floats(both["measured_rank"])
+        n = max(len(both), 1)
+        ax_r.plot([1, n], [1, n], color=NEUTRAL, linestyle="--", linewidth=1, zorder=1)
+        ax_r.scatter(x, y, s=30, c=colors, zorder=2)
+        ax_r.set_xlabel("rank by the taylor estimate (1 = most sensitive)")
+        ax_r.set_ylabel("rank by measured KL")
+        ax_r.invert_xaxis()
+        ax_r.invert_yaxis()
+        ax_r.set_title("rank: estimate against measurement", loc="left")
+        est, meas = _floats(both["kl_estimate"]), _floats(both["kl"])
+        ok = np.isfinite(est) & np.isfinite(meas) & (est > 0) & (meas > 0)
+        ax_v.scatter(est[ok], meas[ok], s=30, c=[c for c, keep in zip(colors, ok) if keep], zorder=2)
+        if ok.any():
+            lo, hi = min(est[ok].min(), meas[ok].min()), max(est[ok].max(), meas[ok].max())
+            ax_v.plot([lo, hi], [lo, hi], color=NEUTRAL, linestyle="--", linewidth=1, zorder=1)
+            ax_v.set_xscale("log")
+            ax_v.set_yscale("log")
+        ax_v.set_xlabel("KL estimate (nats, log scale)")
+        ax_v.set_ylabel("measured KL (nats, log scale)")
+        ax_v.set_title("value: estimate against measurement", loc="left")
+        kinds = list(dict.fromkeys(str(k) for k in both["kind"]))
+        handles = [ax_v.scatter([], [], s=30, color=KIND_COLORS.get(k, NEUTRAL), label=k) for k in kinds]
+        if handles:
+            fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6))
         return _png(fig)

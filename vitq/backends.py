@@ -26,6 +26,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from analysis import artifacts
 from quant.config import ConfigError, QuantConfig
 from quant.export_onnx import ExportResult, export_onnx, float_state
 from analysis.metrics import OutputStats
@@ -304,13 +305,13 @@ def run_export(session, config: QuantConfig, opset: int = 18) -> list[str]:
             "fp32": {"path": str(fp32.path), "bytes": fp32.file_bytes},
             "int8": {"path": str(int8.path), "bytes": int8.file_bytes, "quantize_linear": int8.quantize_nodes,
                      "dequantize_linear": int8.dequantize_nodes, "int8_weights": int8.int8_weights}}
-    atomic_write_text(session.out / "export.json", json.dumps(info, indent=2, default=str) + "\n")
+    atomic_write_text(session.out / artifacts.EXPORT, json.dumps(info, indent=2, default=str) + "\n")
     n_int8 = len(config.int8_sites(session.sites))
     return [f"config {config.name}: {n_int8} of {len(session.sites)} sites int8, "
             f"{expected} distinct int8 tensors ({int8.int8_weights} weights, "
             f"{expected - int8.int8_weights} activations)",
             describe_export(int8, fp32),
-            f"wrote {fp32.path}, {int8.path}, {session.out / 'model_int8.yaml'} and {session.out / 'export.json'}"]
+            f"wrote {fp32.path}, {int8.path}, {session.out / 'model_int8.yaml'} and {session.out / artifacts.EXPORT}"]
 
 
 def backend_eval(session, kind: str, threads: int | None = None) -> BackendEval:

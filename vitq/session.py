@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from analysis import artifacts
 from quant.calibrate import calibrate
 from quant.model import QuantModel
 
@@ -125,7 +126,7 @@ class Session:
         files = "\n".join(str(p.relative_to(images.split)) for p, _ in images.items)
         key = {"model": self.describe()["model"], "split": str(images.split.resolve()), "images": len(images),
                "seed": self.opts.seed, "files": hashlib.sha1(files.encode()).hexdigest(), "version": 3}  # 3: canonical site names
-        cache = self.out / "calibration.pt"
+        cache = self.out / artifacts.CALIBRATION
         if cache.is_file():
             saved = torch.load(cache, weights_only=False)
             if saved.get("key") == key:
