@@ -1,6 +1,7 @@
 """`--shard i/n`: n processes split the sensitivity candidates, the next unsharded run merges their logs."""
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -141,3 +142,47 @@ def test_sharded_cli_runs_then_the_unsharded_command_merges(model_dir, data_dir,
     assert len(table) == 22 and table["rank"].tolist() == list(range(1, 23))
     run = json.loads((out / "sensitivity_only_op.run.json").read_text())
     assert run["measured_now"] == 0 and run["merged_from_shards"] == 22
+
+
+def _dead_pid() -> int:
+    """The PID of a process that has ended (and been reaped)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_scratch_cleanup_removes_only_dead_runs_of_this_host(tmp_path, monkeypatch):
+    # several hosts write into one shared output folder: a folder whose PID is not alive
+    # *here* may belong to a live run on another host, so only this host's are judged
+    import os
+    import socket
+
+    from analysis.runner import scratch
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "node-7.cluster")  # dashes and dots in the name
+    dead, alive = _dead_pid(), os.getpid()
+    names = {"mine_dead": f"vitq-sens-node-7.cluster-{dead}-x1", "mine_alive": f"vitq-sens-node-7.cluster-{alive}-x2",
+             "other_dead": f"vitq-sens-node-8.cluster-{dead}-x3", "other_alive": f"vitq-sens-node-8.cluster-{alive}-x4",
+             "other_suffix": f"vitq-sens-node-7-{dead}-x5"}  # host "node-7", not "node-7.cluster"
+    for name in names.values():
+        (tmp_path / name / "bounds").mkdir(parents=True)
+    with scratch(tmp_path) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(f"vitq-sens-node-7.cluster-{alive}-")
+        left = {p.name for p in tmp_path.iterdir()} - {tmp.name}
+    assert left == {names[k] for k in ("mine_alive", "other_dead", "other_alive", "other_suffix")}
+    assert not tmp.exists()  # its own folder goes on exit
+
+
+def test_scratch_folders_without_a_host_are_left_with_a_warning(tmp_path):
+    # the name of an older vitq's scratch folder does not say which host made it
+    from analysis.runner import scratch
+
+    legacy = tmp_path / f"vitq-sens-{_dead_pid()}-ab12cd"
+    legacy.mkdir()
+    with pytest.warns(UserWarning, match=re.escape(f"scratch folder {legacy} does not name its host")):
+        with scratch(tmp_path):
+            pass
+    assert legacy.is_dir()
