@@ -186,3 +186,39 @@ def test_scratch_folders_without_a_host_are_left_with_a_warning(tmp_path):
         with scratch(tmp_path):
             pass
     assert legacy.is_dir()
+
+
+def test_the_settings_name_the_device_type_except_the_cpu(model_dir, data_dir, tmp_path):  # noqa: F811
+    # a CUDA run must not reuse a CPU run's log rows or calibration (nor the reverse); the CPU
+    # keeps the settings it had before the device was in them, so its logs stay usable
+    import torch
+
+    from quant.presets import preset as make_preset
+    from vitq.pipeline import run_eval, save_eval
+    from vitq.session import Options, Session
+
+    session = Session(Options(model=str(model_dir), data=str(data_dir), out=str(tmp_path), calib=8, batch_size=4,
+                              progress=False, device="cpu"))
+    session.calibrate()
+    context = ["calibration_images", "data", "family", "model", "seed", "torch", "transformers"]
+    assert sorted(session.settings()) == context == sorted(session.describe())
+    configs = {"all": make_preset("all", session.sites)}
+    _, _, on_cpu = run_eval(session, configs)
+    # the same session claiming a GPU (the model stays on the CPU: only the settings change)
+    session.device = torch.device("cuda:1")
+    settings = session.settings()
+    assert (settings["device"], settings["tf32"]) == ("cuda", False)
+    df, meta, on_gpu = run_eval(session, configs)
+    assert on_gpu["resumed_images"] == 0 and on_gpu["log"] != on_cpu["log"]
+    assert sorted(session.describe()) == context  # the tables' meta keeps its schema:
+    save_eval(session, df, meta, on_gpu, configs)  # the artefact is written
+    session.device = torch.device("cuda:0")  # another GPU index: the same log (the shards of one torchrun)
+    _, _, other_gpu = run_eval(session, configs)
+    assert other_gpu["resumed_images"] == 12 and other_gpu["log"] == on_gpu["log"]
+    session.opts.tf32 = True  # TF32 changes CUDA's numbers: another log
+    assert run_eval(session, configs)[2]["resumed_images"] == 0
+    session.calibrate()  # and the CPU's calibration cache is not taken for the GPU's
+    assert torch.load(tmp_path / "calibration.pt", weights_only=False)["key"]["device"] == "cuda"
+    session.device = torch.device("cpu")  # TF32 does nothing on the CPU: the CPU log again
+    _, _, back = run_eval(session, configs)
+    assert back["resumed_images"] == 12 and back["log"] == on_cpu["log"]
