@@ -82,7 +82,7 @@ def test_shard_auto_reads_torchrun_environment():
     assert parse_shard("2/3", {}) == (2, 3) and parse_shard(None, {}) is None
     with pytest.raises(ShardError, match="RANK and WORLD_SIZE are not set"):
         parse_shard("auto", {})
-    with pytest.raises(ShardError, match="--shard 2/2 \\(from RANK/WORLD_SIZE\\)"):
+    with pytest.raises(ShardError, match="--shard auto: RANK='2', WORLD_SIZE='2' \\(torchrun's\\)"):
         parse_shard("auto", {"RANK": "2", "WORLD_SIZE": "2"})
 
 
@@ -95,6 +95,7 @@ def test_shard_auto_takes_the_gpu_of_its_local_rank(monkeypatch):
 
     env = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     for shard, device, expected in [("auto", "auto", "cuda:1"), ("auto", "cuda", "cuda:1"), ("auto", "cpu", "cpu"),
                                     ("auto", "cuda:0", "cuda:0"), ("1/2", "auto", "auto")]:
         args = argparse.Namespace(shard=shard, device=device)
@@ -113,6 +114,35 @@ def test_bad_shard_is_a_one_line_error(value, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"vitq: error: --shard {value}: expected I/N") and err.count("\n") == 1
     assert "Traceback" not in err
+
+
+RANKS = "expected integers with 0 <= RANK < WORLD_SIZE"
+LOCAL = "expected a GPU index 0..1 (2 CUDA device(s) visible: at most 2 processes per node)"
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"RANK": "x", "WORLD_SIZE": "2"}, f"RANK='x', WORLD_SIZE='2' (torchrun's): {RANKS}"),
+    ({"RANK": "1", "WORLD_SIZE": "two"}, f"RANK='1', WORLD_SIZE='two' (torchrun's): {RANKS}"),
+    ({"RANK": "2", "WORLD_SIZE": "2"}, f"RANK='2', WORLD_SIZE='2' (torchrun's): {RANKS}"),
+    ({"RANK": "-1", "WORLD_SIZE": "2"}, f"RANK='-1', WORLD_SIZE='2' (torchrun's): {RANKS}"),
+    ({"RANK": "0", "WORLD_SIZE": "0"}, f"RANK='0', WORLD_SIZE='0' (torchrun's): {RANKS}"),
+    ({"RANK": "1\n", "WORLD_SIZE": "2\n3"}, f"RANK='1\\n', WORLD_SIZE='2\\n3' (torchrun's): {RANKS}"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "x"}, f"LOCAL_RANK='x' (torchrun's): {LOCAL}"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "2"}, f"LOCAL_RANK='2' (torchrun's): {LOCAL}"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "-1"}, f"LOCAL_RANK='-1' (torchrun's): {LOCAL}"),
+])
+def test_a_bad_torchrun_environment_is_a_one_line_error(env, message, monkeypatch, capsys):
+    # refused before the model is loaded, on a node with 2 GPUs
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["sensitivity", "--shard", "auto", "--no-progress"]) == 2
+    assert capsys.readouterr().err == f"vitq: error: --shard auto: {message}\n"
 
 
 def test_shard_auto_from_env_through_the_cli(monkeypatch, capsys):
