@@ -271,12 +271,14 @@ def parse_shard(text: str | None, env: Mapping[str, str] | None = None) -> tuple
     if text.strip().lower() == "auto":
         if "RANK" not in env or "WORLD_SIZE" not in env:
             raise ShardError("--shard auto: RANK and WORLD_SIZE are not set (launch with torchrun, or give I/N)")
-        value, where = f"{env['RANK']}/{env['WORLD_SIZE']}", " (from RANK/WORLD_SIZE)"
-    else:
-        value, where = text, ""
-    problem = ShardError(f"--shard {value}{where}: expected I/N with 0 <= I < N, e.g. 0/4")
+        index, count = _env_integer(env["RANK"]), _env_integer(env["WORLD_SIZE"])
+        if index is None or count is None or not 0 <= index < count:
+            raise ShardError(f"--shard auto: RANK={env['RANK']!r}, WORLD_SIZE={env['WORLD_SIZE']!r} (torchrun's): "
+                             "expected integers with 0 <= RANK < WORLD_SIZE")
+        return index, count
+    problem = ShardError(f"--shard {text}: expected I/N with 0 <= I < N, e.g. 0/4")
     try:
-        index, count = (int(x) for x in value.split("/"))
+        index, count = (int(x) for x in text.split("/"))
     except ValueError:  # not two integers
         raise problem from None
     if not 0 <= index < count:
@@ -284,16 +286,29 @@ def parse_shard(text: str | None, env: Mapping[str, str] | None = None) -> tuple
     return index, count
 
 
+def _env_integer(value: str) -> int | None:
+    """An environment variable's integer, None when it holds none."""
+    try:
+        return int(value)
+    except ValueError:
+        return None
+
+
 def _shard_device(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> None:
     """Under torchrun (``--shard auto``), process LOCAL_RANK takes GPU LOCAL_RANK of its node
-    when --device is auto or cuda and CUDA is there."""
+    when --device is auto or cuda and CUDA is there; a LOCAL_RANK that names no visible GPU
+    is a user error."""
     env = os.environ if env is None else env
     if args.shard and args.shard.strip().lower() == "auto" and "LOCAL_RANK" in env \
             and args.device.strip().lower() in ("auto", "cuda"):
         import torch
 
         if torch.cuda.is_available():
-            args.device = f"cuda:{int(env['LOCAL_RANK'])}"
+            local, count = _env_integer(env["LOCAL_RANK"]), torch.cuda.device_count()
+            if local is None or not 0 <= local < count:
+                raise ShardError(f"--shard auto: LOCAL_RANK={env['LOCAL_RANK']!r} (torchrun's): expected a GPU index "
+                                 f"0..{count - 1} ({count} CUDA device(s) visible: at most {count} processes per node)")
+            args.device = f"cuda:{local}"
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> None:

@@ -125,7 +125,8 @@ class Session:
         images = self.images("train", self.opts.calib)
         files = "\n".join(str(p.relative_to(images.split)) for p, _ in images.items)
         key = {"model": self.describe()["model"], "split": str(images.split.resolve()), "images": len(images),
-               "seed": self.opts.seed, "files": hashlib.sha1(files.encode()).hexdigest(), "version": 3}  # 3: canonical site names
+               "seed": self.opts.seed, "files": hashlib.sha1(files.encode()).hexdigest(), "version": 3,  # 3: canonical site names
+               **self.numerics()}
         cache = self.out / artifacts.CALIBRATION
         if cache.is_file():
             saved = torch.load(cache, weights_only=False)
@@ -150,3 +151,19 @@ class Session:
             "calibration_images": getattr(self, "calibration_images", None),
             "torch": torch.__version__, "transformers": transformers.__version__,
         }
+
+    def settings(self) -> dict:
+        """:meth:`describe` (every table's meta) plus :meth:`numerics`: the settings that name
+        the result logs (``quant.store.settings_key``)."""
+        return {**self.describe(), **self.numerics()}
+
+    def numerics(self) -> dict:
+        """What decides the numbers besides model, data and seed, in every settings key (the
+        result logs' and the calibration cache's): the device type and TF32 when not on the
+        CPU, so a CUDA run never reuses a CPU run's rows nor the reverse. Not the GPU index:
+        the shards of one torchrun (``cuda:LOCAL_RANK``) and the merge run share one log.
+        Empty on the CPU, so the logs and caches written before the device was in the key
+        stay valid there."""
+        if self.device.type == "cpu":
+            return {}
+        return {"device": self.device.type, "tf32": self.opts.tf32}
