@@ -76,11 +76,13 @@ def resolve_device(name: str | None, tf32: bool = False) -> torch.device:
 
 
 class Session:
-    def __init__(self, opts: Options) -> None:
+    def __init__(self, opts: Options, loaded: LoadedModel | None = None) -> None:
+        """``loaded``: a model already loaded (the Python API's in-memory model); else
+        ``opts.model`` / ``opts.weights`` are loaded."""
         torch.manual_seed(opts.seed)
         self.opts = opts
         self.device = resolve_device(opts.device, opts.tf32)
-        self.loaded: LoadedModel = load_model(opts.model, opts.weights)
+        self.loaded: LoadedModel = loaded if loaded is not None else load_model(opts.model, opts.weights)
         self.qmodel = QuantModel(self.loaded.model.to(self.device))
         self.data_root = Path(opts.data) if opts.data else DEFAULT_DATA
         self.out = Path(opts.out) if opts.out else Path("out") / self.loaded.name
