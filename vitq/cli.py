@@ -46,9 +46,10 @@ def _import_command_modules() -> None:
 
 def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("--model", help="HF model folder or hub id, or torchvision:vit_b_16 (vit_b_32, vit_l_16, ...) "
-                                   "with --weights (default: the embedded tiny ViT)")
-    p.add_argument("--weights", help="torchvision weights file (.pth, as torchvision downloads it) for "
-                                     "--model torchvision:NAME")
+                                   "or timm:ARCH (vit_base_patch16_224, deit_small_patch16_224, "
+                                   "swin_tiny_patch4_window7_224, ...) with --weights (default: the embedded tiny ViT)")
+    p.add_argument("--weights", help="weights file for --model torchvision:NAME (.pth, as torchvision downloads it) "
+                                     "or timm:ARCH (model.safetensors of timm/ARCH on the hub, or a .pth)")
     if data:
         p.add_argument("--data", help="folder with train/ and val/ class folders (default: embedded sample)")
         p.add_argument("--calib", type=int, default=256, help="calibration images from train/ (default 256)")
