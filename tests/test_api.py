@@ -137,5 +137,7 @@ def test_user_errors_are_one_line(processor):
         vitq.analyze(model)
     with pytest.raises(ValueError, match="in memory"):
         vitq.evaluate(processor=processor)
-    with pytest.raises(ValueError, match="no config.id2label"):
-        vitq.load(torch.nn.Sequential(torch.nn.Linear(2, 2)), processor=processor)
+    with pytest.raises(ValueError, match="unsupported model class Sequential; vitq supports: "):
+        vitq.analyze(torch.nn.Sequential(torch.nn.Linear(2, 2)), processor=processor)
+    with pytest.raises(ValueError, match="weights= is for"):
+        vitq.sites(model, weights="x.pth")

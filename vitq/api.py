@@ -8,8 +8,9 @@ return result objects whose tables are pandas DataFrames and whose plan is a
 :class:`quant.config.QuantConfig`.
 
 ``model`` is what ``--model`` takes (None: the embedded default; a HF folder or hub id;
-``torchvision:vit_b_16`` with ``weights=``), or a classifier already in memory
-(``nn.Module`` of a supported family, e.g. a fine-tuned ``ViTForImageClassification``).
+``torchvision:vit_b_16`` or ``timm:vit_base_patch16_224`` with ``weights=``), or a classifier
+already in memory (``nn.Module`` of a supported family, e.g. a fine-tuned
+``ViTForImageClassification``).
 An in-memory model needs ``processor=``: a HF image processor, or a callable taking a
 PIL image and returning a (C, H, W) tensor (a torchvision transform); ``labels=`` (the
 class names, in output order) when its folder names are not in its ``config.id2label``
@@ -35,6 +36,7 @@ from torch import nn
 from analysis import artifacts
 from analysis.planner import REFERENCES, Budget, Planner
 from quant.config import ConfigError, QuantConfig
+from quant.families import family_of
 from quant.families.torchvision_vit import LabelConfig, TorchvisionProcessor
 from quant.names import PRESETS
 from quant.presets import preset
@@ -147,11 +149,13 @@ def load(model: ModelArg = None, *, weights: str | os.PathLike | None = None, pr
                              "a model folder or hub id carries its own")
         return load_model(model, weights)
     if weights is not None:
-        raise ValueError("weights= is for a 'torchvision:NAME' model; an in-memory model carries its weights")
+        raise ValueError("weights= is for a 'torchvision:NAME' or 'timm:ARCH' model; an in-memory model "
+                         "carries its weights")
     if processor is None:
         raise ValueError("an in-memory model needs processor=: its HF image processor, or a callable taking a "
                          "PIL image and returning a (C, H, W) tensor")
     model = copy.deepcopy(model)  # vitq instruments the model in place: never the caller's
+    family_of(model)  # an unsupported class fails here, naming what is supported
     if labels is not None:
         _set_labels(model, labels)
     if not hasattr(getattr(model, "config", None), "id2label"):
@@ -269,14 +273,16 @@ _SESSION_DOC = """``model``, ``data``, ``weights``, ``processor``, ``labels``, `
     options ``calib``, ``seed``, ``batch_size``, ``device``, ``progress``, ... as :func:`open_session`."""
 
 
-def sites(model: ModelArg = None, *, weights=None, processor=None, labels=None, device: str = "cpu") -> pd.DataFrame:
+def sites(model: ModelArg = None, *, weights: str | os.PathLike | None = None, device: str = "cpu") -> pd.DataFrame:
     """The quantization sites of ``model`` (``vitq sites``): canonical name, kind, block, role,
-    tensors, module path. An in-memory model needs no processor here."""
+    tensors, module path. An in-memory model needs no processor or labels here."""
     if isinstance(model, nn.Module):
-        loaded = in_memory_model(copy.deepcopy(model), processor, type(model).__name__)
+        if weights is not None:
+            raise ValueError("weights= is for a 'torchvision:NAME' or 'timm:ARCH' model; an in-memory model "
+                             "carries its weights")
+        loaded = in_memory_model(copy.deepcopy(model), None, type(model).__name__)
         return sites_table(Session(Options(device=device, progress=False), loaded))
-    return sites_table(open_session(model, weights=weights, processor=processor, labels=labels, device=device,
-                                    progress=False))
+    return sites_table(open_session(model, weights=weights, device=device, progress=False))
 
 
 def evaluate(model: ModelArg = None, data=None, *, presets: Sequence[str] = ("all", "mixed_1", "mixed_2"),

@@ -36,7 +36,7 @@ class Options:
     device: str = "auto"  # auto (CUDA when available), cpu, cuda, cuda:N
     tf32: bool = False  # allow TF32 matmuls/convolutions on CUDA (FP32 stays FP32 without it)
     decode_cache: str | None = None  # folder of the decoded-crop stores (default: default_decode_cache(); "none": off)
-    weights: str | None = None  # torchvision weights file (--weights)
+    weights: str | None = None  # torchvision / timm weights file (--weights)
 
 
 def default_decode_cache() -> str:
