@@ -188,3 +188,31 @@ def test_an_in_memory_timm_model_through_the_python_api(tmp_path):
     assert result.table["config"].tolist() == ["fp32", "all"] and (result.table["images"] == 16).all()
     assert result.meta["family"] == "timm_vit" and result.meta["model"].startswith("memory:VisionTransformer@")
     assert not hasattr(model, "config")  # the labels went to vitq's copy
+
+
+def test_one_skip_list_applies_to_hf_and_timm_alike():
+    hf, tm = tiny_model("vit"), timm_tiny("timm_vit")
+    cfg = QuantConfig(name="skip", float_sites=["blocks.1.mlp.fc2", "*.residual_*", "blocks.0.attn.matmul_av"])
+    int8 = []
+    for model in (hf, tm):
+        sites = family_of(model).sites(model)
+        cfg.validate(sites)
+        int8.append([s.name for s in cfg.int8_sites(sites)])
+    assert int8[0] == int8[1] and "blocks.1.mlp.fc2" not in int8[1] and "blocks.1.mlp.fc1" in int8[1]
+
+
+def test_vitq_eval_on_a_tiny_timm_swin(tmp_path, capsys):
+    path = tmp_path / "tiny_swin.pth"
+    from quant.families.timm_swin import TINY as TINY_SWIN
+
+    model = timm_tiny("timm_swin", num_classes=len(LABELS))
+    torch.save({"config": {**TINY_SWIN, "num_classes": len(LABELS)}, "labels": LABELS,
+                "state_dict": model.state_dict()}, path)
+    out = tmp_path / "out"
+    assert main(["eval", "--model", "timm:swin_tiny_patch4_window7_224", "--weights", str(path), "--calib", "8",
+                 "--limit", "16", "--preset", "all,mixed_1", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    df = pd.read_csv(out / "eval.csv")
+    assert df["config"].tolist() == ["fp32", "all", "mixed_1"] and (df["images"] == 16).all()
+    # mixed_1 keeps the residual adds of the 4 blocks (2 stages of 2) float, all quantizes them
+    assert df["int8_sites"].iloc[1] - df["int8_sites"].iloc[2] == 8
+    assert json.loads((out / "eval.json").read_text())["meta"]["family"] == "timm_swin"
