@@ -36,7 +36,7 @@ class Options:
     device: str = "auto"  # auto (CUDA when available), cpu, cuda, cuda:N
     tf32: bool = False  # allow TF32 matmuls/convolutions on CUDA (FP32 stays FP32 without it)
     decode_cache: str | None = None  # folder of the decoded-crop stores (default: default_decode_cache(); "none": off)
-    weights: str | None = None  # torchvision weights file (--weights)
+    weights: str | None = None  # torchvision / timm weights file (--weights)
 
 
 def default_decode_cache() -> str:
@@ -76,11 +76,13 @@ def resolve_device(name: str | None, tf32: bool = False) -> torch.device:
 
 
 class Session:
-    def __init__(self, opts: Options) -> None:
+    def __init__(self, opts: Options, loaded: LoadedModel | None = None) -> None:
+        """``loaded``: a model already loaded (the Python API's in-memory model); else
+        ``opts.model`` / ``opts.weights`` are loaded."""
         torch.manual_seed(opts.seed)
         self.opts = opts
         self.device = resolve_device(opts.device, opts.tf32)
-        self.loaded: LoadedModel = load_model(opts.model, opts.weights)
+        self.loaded: LoadedModel = loaded if loaded is not None else load_model(opts.model, opts.weights)
         self.qmodel = QuantModel(self.loaded.model.to(self.device))
         self.data_root = Path(opts.data) if opts.data else DEFAULT_DATA
         self.out = Path(opts.out) if opts.out else Path("out") / self.loaded.name
