@@ -232,11 +232,12 @@ class Decision:
             return line
         if self.images_needed is None:
             return f"{line}; cannot be decided (the estimate sits on the budget: more than {IMAGE_CAP:,} images)"
-        return f"{line}; ~{_round2(self.images_needed):,} images would decide it"
+        return f"{line}; ~{round2(self.images_needed):,} images would decide it"
 
 
-def _round2(n: int) -> int:
-    """``n`` rounded up to two significant digits (3,871 -> 3,900)."""
+def round2(n: int) -> int:
+    """``n`` rounded up to two significant digits (3,871 -> 3,900): how an images-needed
+    figure is shown (it is an estimate)."""
     step = 10 ** max(0, len(str(n)) - 2)
     return -(-n // step) * step
 
