@@ -15,7 +15,7 @@ interrupted stage resumes where it stopped and decides the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from tqdm import tqdm
@@ -133,14 +133,16 @@ class SequentialDecide:
                             {c.name: self._outcome(c.name) for c in self.candidates})
 
 
-def decide_candidates(model: SwitchableModel, candidates: list[Candidate], limits: dict[str, float],
+def decide_candidates(make_model: Callable[[], SwitchableModel], candidates: list[Candidate], limits: dict[str, float],
                       batches: Iterable[tuple[torch.Tensor, torch.Tensor, list[int]]], max_images: int, *,
                       looks: int = LOOKS, log: MeasurementLog | None = None, total: int | None = None,
                       progress: bool = True) -> DecideResult:
     """Stream ``batches`` (the further images not yet in ``log``, in a fixed order) through
     FP32 and every candidate until the sequence is settled (see the module docstring).
     Batches already in ``log`` are fed first, in image order, so a resumed stage takes the
-    same looks. ``max_images``: the images the looks are spread over (all of them)."""
+    same looks. ``max_images``: the images the looks are spread over (all of them).
+    ``make_model()`` gives what runs them (the QuantModel or a real int8 backend), called
+    only when the log does not settle the sequence (an export is not redone for nothing)."""
     test = SequentialDecide(candidates, limits, max_images, looks)
     logged = sorted(log.done.values(), key=lambda r: r["first"]) if log is not None else []
     for record in logged:
@@ -151,6 +153,7 @@ def decide_candidates(model: SwitchableModel, candidates: list[Candidate], limit
     if log is not None:
         log.resuming(resumed, max_images, "further images already measured by the decide stage")
     if not test.finished():
+        model = make_model()
         states = {FP32: model.prepare(None), **{c.name: model.prepare(c.config) for c in candidates}}
         bar = tqdm(batches, total=total, desc="plan: deciding the budget", unit="batch", disable=not progress)
         try:

@@ -71,7 +71,7 @@ def test_the_stage_stops_at_the_first_look_that_decides_and_writes_a_row_per_loo
     # O'Brien-Fleming, 10 looks: z_2 = 4.23, z_3 = 3.40; 4.23 x sqrt(3/400 (1 - 3/400) / 400) = 1.82 pp > 1 pp,
     # 3.40 x sqrt(3/600 (1 - 3/600) / 600) = 0.98 pp <= 1 pp
     assert n_stop == 600
-    result = decide_candidates(model, candidates("plan"), {"top1_drop": 1.0}, batches(2000), 2000, looks=10,
+    result = decide_candidates(lambda: model, candidates("plan"), {"top1_drop": 1.0}, batches(2000), 2000, looks=10,
                                progress=False)
     assert result.images == n_stop and result.images < 2000  # stopped early: 12 of 40 batches run
     assert model.calls == 2 * n_stop // 50  # FP32 and the plan on each batch streamed, no more
@@ -88,13 +88,13 @@ def test_the_fixed_sequence_stops_at_the_first_candidate_not_met(tmp_path):
     # the plan never errs; neighbour_1 errs on every 10th image (drop 10 pp > 1 pp: not met);
     # neighbour_2 never errs, but comes after neighbour_1 and so is never called met
     model = Scripted({"neighbour_1": lambda i: i % 10 == 0})
-    result = decide_candidates(model, candidates("plan", "neighbour_1", "neighbour_2"), {"top1_drop": 1.0},
+    result = decide_candidates(lambda: model, candidates("plan", "neighbour_1", "neighbour_2"), {"top1_drop": 1.0},
                                batches(2000), 2000, looks=10, progress=False)
     assert result.outcomes["plan"] == "met" and result.outcomes["neighbour_1"] == "not met"
     assert result.chosen == 0  # the plan: the last of the met prefix
     # stopped once the plan was met (600 images) and neighbour_1 shown not met (earlier)
     assert result.images == 600
-    cheap = decide_candidates(Scripted({}), candidates("plan", "neighbour_1"), {"top1_drop": 1.0},
+    cheap = decide_candidates(lambda: Scripted({}), candidates("plan", "neighbour_1"), {"top1_drop": 1.0},
                               batches(2000), 2000, looks=10, progress=False)
     assert cheap.chosen == 1  # both met: the cheaper neighbour is the plan now
 
@@ -102,7 +102,7 @@ def test_the_fixed_sequence_stops_at_the_first_candidate_not_met(tmp_path):
 def test_the_stage_runs_out_of_images_undecided_with_the_images_needed():
     # the plan errs on every 50th image: drop 2 pp against a 2.5 pp budget, too close for 500 images
     model = Scripted({"plan": lambda i: i % 50 == 0})
-    result = decide_candidates(model, candidates("plan"), {"top1_drop": 2.5}, batches(500), 500, looks=5,
+    result = decide_candidates(lambda: model, candidates("plan"), {"top1_drop": 2.5}, batches(500), 500, looks=5,
                                progress=False)
     (d,) = result.decisions["plan"]
     assert result.images == 500 and d.outcome == "undecided" and result.chosen is None
@@ -116,13 +116,13 @@ def test_the_stage_runs_out_of_images_undecided_with_the_images_needed():
 def test_a_resumed_stage_takes_the_same_looks_from_its_log(tmp_path):
     settings = {"test": 1}
     log = MeasurementLog(tmp_path / "decide.jsonl", settings)
-    whole = decide_candidates(Scripted({}), candidates("plan"), {"top1_drop": 1.0}, batches(2000), 2000,
+    whole = decide_candidates(lambda: Scripted({}), candidates("plan"), {"top1_drop": 1.0}, batches(2000), 2000,
                               log=log, progress=False)
     again = MeasurementLog(tmp_path / "decide.jsonl", settings)
-    model = Scripted({})
-    resumed = decide_candidates(model, candidates("plan"), {"top1_drop": 1.0}, batches(0), 2000, log=again,
-                                progress=False)
-    assert model.calls == 0 and again.measured_now == 0 and resumed.resumed == 600
+    made = []  # the model (an ONNX export, say) is not even built: the log settles the sequence
+    resumed = decide_candidates(lambda: made.append(Scripted({})) or made[-1], candidates("plan"), {"top1_drop": 1.0},
+                                batches(2000), 2000, log=again, progress=False)
+    assert made == [] and again.measured_now == 0 and resumed.resumed == 600
     assert resumed.rows == whole.rows and resumed.chosen == 0
 
 
@@ -130,7 +130,7 @@ def test_sequential_rows_match_one_sequential_budget_fed_whole():
     """Splitting batches at the looks changes nothing: the last row is the decision a
     SequentialBudget reaches on the same values in one batch."""
     model = Scripted({"plan": lambda i: i % 25 == 0})  # drop 4 pp
-    result = decide_candidates(model, candidates("plan"), {"top1_drop": 1.0}, batches(1000, 64), 1000, looks=8,
+    result = decide_candidates(lambda: model, candidates("plan"), {"top1_drop": 1.0}, batches(1000, 64), 1000, looks=8,
                                progress=False)
     values = np.array([1.0 if i % 25 == 0 else 0.0 for i in range(1000)])
     alone = SequentialBudget("top1_drop", 1.0, 1000, looks=8).update(values)

@@ -29,6 +29,7 @@ Fault cases (USER_ERROR_CASES, ids in brackets):
             [config-unknown-observer] [config-bits-1] [config-bits-17] [config-file-missing]
   numerical [numeric-nan-weights] (a NaN fc1 bias: names the site, "non-finite")
   presets   [preset-unknown]
+  plan      [plan-negative-decide-images] (refused before calibration)
 
 Other cases:
 
@@ -419,6 +420,9 @@ USER_ERROR_CASES = [
     # presets
     Case("preset-unknown", lambda w: _eval(w, extra=("--preset", "all,int4")),
          ("unknown preset 'int4'", "mixed_2")),
+    # plan options
+    Case("plan-negative-decide-images", lambda w: ["plan", *_eval(w)[1:], "--max-drop", "1", "--decide-images", "-3"],
+         ("--decide-images -3", ">= 0")),
 ]
 
 def _params(cases):

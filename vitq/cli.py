@@ -376,6 +376,11 @@ def _budget(args: argparse.Namespace) -> Budget:
 
 
 def _plan_options(args: argparse.Namespace) -> PlanOptions:
+    if args.decide_images is not None and args.decide_images < 0:
+        raise ConfigError(f"--decide-images {args.decide_images}: give a number of images >= 0 (0: no decide stage)")
+    if args.decide_images and (args.max_drop, args.min_agreement, args.max_kl) == (None, None, None):
+        print("vitq: note: --decide-images decides an explicit budget (--max-drop, --min-agreement, --max-kl); "
+              "without one there is no decide stage", file=sys.stderr)
     return PlanOptions(images=args.eval_images, confirm_images=args.confirm_images, objective=args.objective,
                        max_steps=args.max_steps, worst_sites=args.worst_sites, all_but=args.all_but, cost=args.cost,
                        taylor_images=args.taylor_images, decide_images=args.decide_images,
@@ -417,10 +422,11 @@ def print_decide(table) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
+    budget, opts = _budget(args), _plan_options(args)  # option errors before any long work
     session = Session(_options(args))
     start = _start_config(args, session)
     session.calibrate()
-    planner, paths = run_plan(session, start, _budget(args), _plan_options(args))
+    planner, paths = run_plan(session, start, budget, opts)
     print_plan(planner, session.out)
     print("wrote " + ", ".join(str(p) for p in paths))
 
@@ -443,11 +449,12 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_analyze(args: argparse.Namespace) -> None:
     """The whole pipeline: plan (with both sensitivity modes), errors, accuracy table, report."""
     t0 = time.time()
+    budget, opts = _budget(args), _plan_options(args)  # option errors before any long work
     session = Session(_options(args))
     start = _start_config(args, session)
     session.images("val", args.limit)  # fail on bad data before any long work
     session.calibrate()
-    planner, _ = run_plan(session, start, _budget(args), _plan_options(args))
+    planner, _ = run_plan(session, start, budget, opts)
     report, _ = run_errors(session, start, images=args.error_images)
     configs = {n: preset(n, session.sites) for n in REFERENCES}
     configs["plan"] = planner.plan_config

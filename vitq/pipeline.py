@@ -386,9 +386,8 @@ def run_decide(session: Session, planner: Planner, opts: PlanOptions, n_plan: in
     log = MeasurementLog(session.out / f"plan_decide.{settings_key(settings)}.jsonl", settings)
     done = evaluated_images(log)
     todo = images.subset([i for i in range(len(images)) if images.ids[i] not in done])
-    model = decide_model(session, opts.decide_backend) if len(todo) else session.qmodel
     chunk = max(session.opts.batch_size, -(-len(images) // min(LOOKS, len(images))))
-    result = decide_candidates(model, candidates, limits, _chunked_batches(session, todo, chunk), len(images),
+    result = decide_candidates(lambda: decide_model(session, opts.decide_backend), candidates, limits, _chunked_batches(session, todo, chunk), len(images),
                                log=log, total=session.num_batches(todo), progress=session.opts.progress)
     chosen = 0 if result.chosen is None else result.chosen
     planner.settle(points, result.chosen, result.decisions[candidates[chosen].name], result.images)
