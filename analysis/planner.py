@@ -590,6 +590,7 @@ class Planner:
         when the presets were to be beaten and it does not beat them); otherwise the plan
         stays, "undecided" or "not met" as decided there."""
         self.decide_images, self.decided = images, decisions
+        self.search_outcome, self.search_chosen = self.outcome, self.chosen
         point = points[0] if chosen is None else points[chosen]
         outcome = overall(decisions)
         if outcome == "met":
@@ -620,6 +621,11 @@ class Planner:
                "matches best reference": f"no measured point; the plan is the cheapest point whose {self.objective} "
                                          f"equals the most accurate preset's ({self.best_reference}) within the noise",
                "not met": f"no measured point; the plan is the lowest-{self.objective} point"}[self.outcome]
+        if decide_images is not None:  # the outcome is the decide stage's; the search's stays beside it
+            who = ("the plan" + ("" if self.chosen is self.search_chosen else
+                                 f", a cheaper frontier point than the search's choice (attempt "
+                                 f"{self.search_chosen.row['attempt']})")
+                   + f" (on the plan images the search's outcome: {self.search_outcome})")
         text = (f"Budget ({self.budget.describe()}) {how} {where} by {who}"
                 f" (attempt {c['attempt']}, {c['change']}): {c['skipped_sites']} sites kept float beyond the "
                 f"backend-float kinds, {self.describe_cost(c['cost'])}, "

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
+from analysis.budget import decide
 from analysis.cost import config_cost, site_macs
 from analysis.metrics import OutputStats, paired_bootstrap
 from analysis.planner import Budget, Planner, Point, cost_of, pareto, without_float
@@ -210,6 +211,20 @@ def test_with_the_presets_to_beat_an_undecided_budget_keeps_the_plan_that_beats_
     assert planner.feasible(planner.chosen, undecided=True)
     assert planner.chosen.row["cost"] == min(p.row["cost"] for p in beating)
     assert "not shown to violate it that beats every reference preset at no higher cost" in planner.verdict()
+    # the decide stage's answer settles it: the plan first, then cheaper points that qualify alike
+    points = planner.decide_points()
+    assert points[0] is planner.chosen and all(p.row["cost"] < points[0].row["cost"] for p in points[1:])
+    searched = planner.chosen
+    # 5000 further images without a changed answer: 0 + 1.645 x sqrt(3/5000 (1 - 3/5000) / 5000) = 0.06 pp <= 0.3
+    met = decide("top1_drop", np.zeros(5000), 0.3)
+    planner.settle(points, 0, [met], 5000)
+    assert planner.outcome == "met" and planner.met and planner.chosen is searched
+    verdict = planner.verdict()
+    assert "met with 95 % confidence on 5000 further images (sequential test) by the plan" in verdict
+    assert "the search's outcome: undecided" in verdict and met.describe() in verdict
+    not_met = decide("top1_drop", np.r_[np.ones(100), np.zeros(900)], 0.3)  # 10 pp
+    planner.settle(points, None, [not_met], 1000)
+    assert planner.outcome == "not met" and not planner.met and planner.chosen is searched
 
 
 def test_returning_a_site_to_int8_expands_only_the_pattern_that_names_it():
