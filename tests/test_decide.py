@@ -166,3 +166,18 @@ def test_vitq_plan_with_a_0_3_pp_drop_budget_on_the_embedded_default_is_never_me
     assert [r["images"] for r in looks] == [40 * k for k in range(1, len(looks) + 1)]  # 10 looks planned over 400
     assert looks[-1]["outcome"] == final["outcome"] and decide["meta"]["images"] <= 400
     assert all(r["outcome"] != "met" for r in decide["rows"] if r["candidate"] == "plan")
+
+
+def test_decide_images_are_neither_plan_nor_confirm_images():
+    from types import SimpleNamespace
+
+    from vitq.pipeline import val_split
+
+    session = SimpleNamespace(opts=SimpleNamespace(seed=0))
+    plan, confirm, further = val_split(session, 100, 30, 20, None)
+    assert (len(plan), len(confirm), len(further)) == (30, 20, 50)
+    assert sorted(plan + confirm + further) == list(range(100))  # disjoint, and every other image is further
+    assert val_split(session, 100, 30, 20)[:2] == (plan, confirm)  # the plan/confirm draw is unchanged
+    some = val_split(session, 100, 30, 20, 10)[2]
+    assert len(some) == 10 and set(some) <= set(further)
+    assert val_split(session, 100, 60, 40, None)[2] == []  # nothing left

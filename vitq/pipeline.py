@@ -45,7 +45,7 @@ class EvalSet:
     files: list[str]
 
 
-def _val_split(session: Session, total: int, n_plan: int, n_confirm: int,
+def val_split(session: Session, total: int, n_plan: int, n_confirm: int,
                n_decide: int | None = 0) -> tuple[list[int], list[int], list[int]]:
     """Disjoint seeded positions among ``total`` val images: the plan images, then the
     confirm images, then the decide images (``n_decide`` None: all the others)."""
@@ -64,7 +64,7 @@ def eval_set(session: Session, n: int, which: str = "plan", n_confirm: int = 0) 
     key = (n, which, n_confirm if which == "confirm" else 0)
     if key not in cached:
         val = session.images("val", None)  # one listing of the val folder
-        plan, confirm, _ = _val_split(session, len(val), n, n_confirm)
+        plan, confirm, _ = val_split(session, len(val), n, n_confirm)
         images = val.subset(plan if which == "plan" else confirm)
         loaded = list(session.batches(images))
         by_id = dict(zip(images.ids, images.items))
@@ -301,8 +301,8 @@ def run_plan(session: Session, start: QuantConfig, budget: Budget,
     plan = planner.plan(start, only, all_but, worst_sites=opts.worst_sites, max_steps=opts.max_steps)
     decided = None
     if budget.explicit and opts.decide_images != 0:
-        decided = run_decide(session, planner, opts, len(plan_data.labels),
-                             0 if confirm_data is None else len(confirm_data.labels))
+        # the positions eval_set drew (not the images read: an unreadable one keeps its place)
+        decided = run_decide(session, planner, opts, opts.images, max(n_confirm, 0))
         plan = planner.plan_config
     confirm = planner.confirm() if confirm_data is not None else pd.DataFrame()
     plan.save(session.out / artifacts.PLAN_YAML)
@@ -366,7 +366,7 @@ def run_decide(session: Session, planner: Planner, opts: PlanOptions, n_plan: in
     None when there is no further image."""
     t0 = time.time()
     val = session.images("val", None)
-    _, _, positions = _val_split(session, len(val), n_plan, n_confirm, opts.decide_images)
+    _, _, positions = val_split(session, len(val), n_plan, n_confirm, opts.decide_images)
     if not positions:
         print("vitq: note: no val image is left beside the plan and confirm images: the budget is decided on the "
               "plan images only", file=sys.stderr)
