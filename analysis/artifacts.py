@@ -53,8 +53,9 @@ SHARE_COLUMNS = ("int8_sites", "float_sites", "skipped_sites", "int8_macs_share"
 # One sensitivity candidate: a site, or a group of sites (block, kind).
 CANDIDATE_COLUMNS = ("rank", "candidate", "path", "kind", "block", "role", "sites")
 
+# the top-1 drop's paired standard error (pp), beside the drop in eval and accuracy tables
 EVAL = TableSpec(
-    "eval", ("config", *ACCURACY_COLUMNS, *SHARE_COLUMNS),
+    "eval", ("config", *ACCURACY_COLUMNS, "top1_drop_se", *SHARE_COLUMNS),
     (*RUN_CONTEXT, "val_images", "skipped_images", "configs", "backend", "simulation_agreement", "onnx_models"),
     ("calibration_s", "evaluation_s", "resumed_images", "log"), "vitq eval")
 # analyze's final table (eval's stays apart)
@@ -91,15 +92,33 @@ LATENCY = TableSpec(
      "spread_ms", "cost_ms", "free", "cost_per_site"),
     (*RUN_CONTEXT, "config", "batch", "runs", "threads", "backend", "version", "noise_ms"),
     ("calibration_s", "wall_s"), "vitq plan --cost latency")
+# budget_outcome: the explicit budget on that row's images, met / not met / undecided
+# (analysis.budget; "met" without an explicit budget)
 PLAN_COLUMNS = ("attempt", "path", "kind", "change", "config", "kept", "gain", "gain_se", "gain_lo", "gain_hi",
-                *ACCURACY_COLUMNS, "top1_drop_se", *SHARE_COLUMNS, "cost")
+                *ACCURACY_COLUMNS, "top1_drop_se", *SHARE_COLUMNS, "cost", "budget_outcome")
+# decisions / confirm_decisions: the plan's decision of each explicit budget on the plan and
+# the confirm images (analysis.budget.Decision.to_dict: kind, budget, outcome, estimate,
+# lower, upper, bound, z, images, images_needed, text); decide: the decide stage's summary
+# (plan_decide.json's meta without the run context), None when it did not run
 PLAN_META = (*RUN_CONTEXT, "budget", "met", "outcome", "cost", "cost_unit", "cost_noise", "met_at_step", "plan_images",
-             "confirm_images", "plan", "float_sites", "start", "best_reference", "verdict", "noise")
+             "confirm_images", "plan", "float_sites", "start", "best_reference", "verdict", "noise", "decisions",
+             "confirm_decisions", "decide")
 PLAN_RUN = ("calibration_s", "wall_s", "measured_now", "log")
 PLAN_STEPS = TableSpec("plan_steps", (*PLAN_COLUMNS, "on_frontier", "plan"), PLAN_META, PLAN_RUN, "vitq plan")
 PLAN_TRIED = TableSpec("plan_tried", PLAN_COLUMNS, PLAN_META, PLAN_RUN, "vitq plan")
-PLAN_CONFIRM = TableSpec("plan_confirm", ("config", *ACCURACY_COLUMNS, "top1_drop_se", *SHARE_COLUMNS, "cost"),
-                         PLAN_META, PLAN_RUN, "vitq plan")
+PLAN_CONFIRM = TableSpec("plan_confirm", ("config", *ACCURACY_COLUMNS, "top1_drop_se", *SHARE_COLUMNS, "cost",
+                                          "budget_outcome"), PLAN_META, PLAN_RUN, "vitq plan")
+# The decide stage (analysis.decide): one row per look of each candidate's sequential test of
+# each explicit budget: the images so far, the estimate, its one-sided bounds at that look's
+# critical value z, the bound that decides, the outcome and, when undecided, the images needed.
+# Meta: the candidates in test order with their outcomes, the chosen one (None: the plan is
+# not met) and the final decisions of the plan (or the chosen candidate).
+PLAN_DECIDE = TableSpec(
+    "plan_decide", ("candidate", "attempt", "look", "kind", "budget", "images", "z", "estimate", "lower", "upper",
+                    "bound", "outcome", "images_needed"),
+    (*RUN_CONTEXT, "backend", "max_images", "looks", "images", "candidates", "chosen", "decisions"),
+    ("calibration_s", "wall_s", "measured_now", "resumed_images", "log"),
+    "vitq plan --max-drop PP (or --min-agreement, --max-kl)")
 # vitq analyze --bench: CPU speed of FP32 and the presets/plan (vitq.bench)
 SPEED = TableSpec("speed", ("config", "backend", "file_mb", "latency_b1_ms", "latency_b1_spread", "throughput_b8",
                             "throughput_b8_spread", "speedup_b8_vs_fp32_eager"),
@@ -136,7 +155,7 @@ def table_specs() -> list[TableSpec]:
     """Every table artefact an output folder may hold."""
     return [ACCURACY, EVAL, *(sensitivity(m, g) for m in MODES for g in GROUPS),
             *(sensitivity_taylor(g) for g in GROUPS), ERRORS_ACTIVATIONS, ERRORS_WEIGHTS, LATENCY,
-            PLAN_STEPS, PLAN_TRIED, PLAN_CONFIRM, SPEED]
+            PLAN_STEPS, PLAN_TRIED, PLAN_CONFIRM, PLAN_DECIDE, SPEED]
 
 
 def config_file(name: str) -> str:

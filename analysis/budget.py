@@ -47,13 +47,22 @@ z = 6.09 at the first, 1.79 at the last; 1.645 without looks); each claim's boun
 computed on its own (non-binding), so each stays wrong at most 5 % of the time under
 optional stopping.
 
+**Several candidates** (the plan and its cheaper neighbours, measured on the same further
+images): a fixed-sequence procedure keeps the 5 %. The candidates are tested in an order
+set before the images are seen (the plan, then ever cheaper ones), each at the full 5 %,
+and testing stops at the first one not shown met; only the ones before it are called met
+(Maurer, Hothorn and Lehmacher 1995; Westfall and Krishen 2001). A candidate that violates
+the budget is called met only if every test before it and its own went wrong, so the chance
+of calling any violating candidate met stays at most 5 % (:func:`overall` joins the
+budgets of one candidate: all of them must be met).
+
 numpy only, no torch: the planner passes its per-image arrays in.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -194,14 +203,27 @@ class Decision:
     def decided(self) -> bool:
         return self.outcome != "undecided"
 
+    @property
+    def shows_upper(self) -> bool:
+        """Whether :attr:`bound` is the upper one-sided bound."""
+        return KINDS[self.kind].upper != (self.outcome == "not met")
+
+    @property
+    def bound(self) -> float:
+        """The one-sided bound that decides: the one that would show the budget met (upper
+        for an upper budget), unless it was shown not met (then the other one)."""
+        return self.upper if self.shows_upper else self.lower
+
+    def to_dict(self) -> dict:
+        """The decision's fields, its ``bound`` and its one-line ``text`` (artefact meta)."""
+        return {**asdict(self), "bound": self.bound, "text": self.describe()}
+
     def describe(self) -> str:
         """One line, e.g. "top-1 drop 0.42 pp, 95 % upper bound 1.61 pp > 0.30 pp:
         undecided at 256 images; ~3,900 images would decide it"."""
         kind = KINDS[self.kind]
         level = f"{100 * (1 - ALPHA):g} %"
-        # the bound that would show the budget met, unless it was shown not met
-        show_upper = kind.upper != (self.outcome == "not met")
-        bound = self.upper if show_upper else self.lower
+        show_upper, bound = self.shows_upper, self.bound
         inside = bound <= self.budget if kind.upper else bound >= self.budget
         sign = ("<=" if kind.upper else ">=") if inside else (">" if kind.upper else "<")
         line = (f"{kind.label} {kind.format(self.estimate)}, {level} {'upper' if show_upper else 'lower'} bound "
@@ -210,11 +232,12 @@ class Decision:
             return line
         if self.images_needed is None:
             return f"{line}; cannot be decided (the estimate sits on the budget: more than {IMAGE_CAP:,} images)"
-        return f"{line}; ~{_round2(self.images_needed):,} images would decide it"
+        return f"{line}; ~{round2(self.images_needed):,} images would decide it"
 
 
-def _round2(n: int) -> int:
-    """``n`` rounded up to two significant digits (3,871 -> 3,900)."""
+def round2(n: int) -> int:
+    """``n`` rounded up to two significant digits (3,871 -> 3,900): how an images-needed
+    figure is shown (it is an estimate)."""
     step = 10 ** max(0, len(str(n)) - 2)
     return -(-n // step) * step
 
@@ -246,6 +269,13 @@ def judge(kind_name: str, sample: Sample, budget: float, z: float = Z_ONE_SIDED)
     needed = images_needed(_sd(kind, sample), sample.mean, b, z) if outcome == "undecided" else None
     s = kind.scale
     return Decision(kind.name, budget, outcome, s * sample.mean, s * lower, s * upper, z, sample.n, needed)
+
+
+def overall(decisions: list[Decision]) -> str:
+    """One outcome for several budgets that must all hold: "not met" when one is shown not
+    met, else "undecided" when one is undecided, else "met" (also for no budget)."""
+    outcomes = {d.outcome for d in decisions}
+    return "not met" if "not met" in outcomes else "undecided" if "undecided" in outcomes else "met"
 
 
 def decide(kind_name: str, values, budget: float) -> Decision:

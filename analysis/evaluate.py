@@ -29,9 +29,10 @@ FP32 = "fp32"
 def accuracy_row(config: QuantConfig | None, stats: OutputStats, fp32: OutputStats, sites: list[Site],
                  macs: dict[str, float]) -> dict:
     """The columns of one measured config (eval and planner rows alike): OutputStats'
-    summary with the drops against ``fp32`` (the FP32 run on the same images), site
-    counts and the int8 share of matmul MACs (analysis.cost)."""
-    return {**stats.summary(fp32), **config_cost(config, sites, macs)}
+    summary with the drops against ``fp32`` (the FP32 run on the same images) and the top-1
+    drop's paired standard error, site counts and the int8 share of matmul MACs (analysis.cost)."""
+    return {**stats.summary(fp32), "top1_drop_se": stats.standard_errors(fp32)["top1_drop_se"],
+            **config_cost(config, sites, macs)}
 
 
 def evaluated_images(log: MeasurementLog) -> set[int]:

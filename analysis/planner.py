@@ -18,8 +18,13 @@ The search objective is smooth and per image: KL(FP32 || config) by default
 (``logit_mse`` optional); top-1 on a few hundred images moves in one-image steps.
 A move is kept only when it beats the current point by more than its noise: the
 95 % paired-bootstrap interval of the per-image objective difference must lie
-above zero. Budgets (top-1 drop, agreement, KL) are *checked*, never searched on,
-with 1.96 standard errors of the per-image values allowed for (see :meth:`Budget.met`).
+above zero. Budgets (top-1 drop, agreement, KL) are *checked*, never searched on:
+each is met, not met or undecided on the images measured (:mod:`analysis.budget`, one-sided
+95 % bounds of the per-image values; see :meth:`Budget.decisions`). A point whose budget is
+undecided never counts as meeting it: the search goes on, on KL, and when no point meets it
+the plan is the cheapest point not shown to violate it (outcome "undecided"). The plan
+(and its cheaper frontier neighbours) can then be decided on further images
+(:mod:`analysis.decide`).
 By default the plan must also beat every reference preset: KL lower by more than the
 noise, agreement no lower, at no higher cost than the costliest of them. The cost is what
 the deployment pays where it was measured (``--cost latency``: ms per batch in ONNX
@@ -50,6 +55,7 @@ from quant.config import BACKEND_FLOAT_KINDS, QuantConfig
 from quant.presets import preset
 from quant.store import settings_key
 
+from .budget import Decision, decide, overall
 from .cost import MATMUL_KINDS, config_cost
 from .evaluate import accuracy_row
 from .measurement_log import MeasurementLog
@@ -59,8 +65,7 @@ from .runner import BoundaryCache, Runner, scratch
 OBJECTIVES = {"kl": "kl", "logit_mse": "mse"}  # objective -> OutputStats per-image key
 REFERENCES = ("all", "mixed_1", "mixed_2", "nncf")
 SITE_COST = 0.5  # cost of one float non-matmul site (residual add), in % of matmul MACs
-SMOOTH_ALPHAS = (0.15, 0.5)
-CONFIDENCE_Z = 1.96  # a budget counts as met when it holds by this many standard errors (95 %)  # NNCF's alpha for torchvision vit_b_16; SmoothQuant's default
+SMOOTH_ALPHAS = (0.15, 0.5)  # NNCF's alpha for torchvision vit_b_16; SmoothQuant's default
 
 
 @dataclass
@@ -75,18 +80,20 @@ class Budget:
     # no lower, at no higher cost (int8 MAC share and skip-list length) than the presets
     beat_references: bool = True
 
-    def met(self, row: dict, z: float = 0.0) -> bool:
-        """Met by the measured values, with ``z`` standard errors (``*_se`` columns) of
-        margin. Agreement and KL are smooth enough to resolve on a few hundred images:
-        they must hold by ``z`` SE. Top-1 is not (one image is 0.39 pp of 256; with
-        ~10 % of answers flipped its SE is ~1.5 pp): a top-1 drop budget counts as met
-        unless the drop exceeds it by more than ``z`` SE, the rule the confirm images are
-        judged by, and the budget's fidelity is resolved by the KL requirement beside it
-        (beat every preset, on by default)."""
-        return ((self.max_drop is None or row["top1_drop"] - z * row.get("top1_drop_se", 0.0) <= self.max_drop)
-                and (self.min_agreement is None
-                     or row["agreement"] - z * row.get("agreement_se", 0.0) >= self.min_agreement)
-                and (self.max_kl is None or row["kl"] + z * row.get("kl_se", 0.0) <= self.max_kl))
+    def limits(self) -> dict[str, float]:
+        """The explicit budgets by :mod:`analysis.budget` kind, e.g. ``{"top1_drop": 0.3}``."""
+        return {kind: value for kind, value in (("top1_drop", self.max_drop), ("agreement", self.min_agreement),
+                                                ("kl", self.max_kl)) if value is not None}
+
+    @property
+    def explicit(self) -> bool:
+        return bool(self.limits())
+
+    def decisions(self, stats: OutputStats, fp32: OutputStats) -> list[Decision]:
+        """Each explicit budget met, not met or undecided on the images of ``stats``
+        (``fp32``: the FP32 run on the same images), from the per-image values with
+        one-sided 95 % bounds (:func:`analysis.budget.decide`)."""
+        return [decide(kind, per_image_values(kind, stats, fp32), value) for kind, value in self.limits().items()]
 
     def describe(self) -> str:
         parts = [f"top-1 drop <= {self.max_drop:g} pp" if self.max_drop is not None else "",
@@ -94,6 +101,16 @@ class Budget:
                  f"KL <= {self.max_kl:g}" if self.max_kl is not None else "",
                  "beat every reference preset at no higher cost" if self.beat_references else ""]
         return ", ".join(p for p in parts if p) or "none"
+
+
+def per_image_values(kind: str, stats: OutputStats, fp32: OutputStats):
+    """The per-image values a budget of ``kind`` is decided on: FP32 correct minus config
+    correct (top-1 drop, paired), config top-1 == FP32 top-1 (agreement), KL."""
+    if kind == "top1_drop":
+        if len(fp32) != len(stats):
+            raise ValueError(f"a top-1 drop needs the FP32 run on the same images ({len(fp32)} vs {len(stats)})")
+        return fp32.array("top1") - stats.array("top1")
+    return stats.array({"agreement": "agree", "kl": "kl"}[kind])
 
 
 @dataclass
@@ -202,10 +219,11 @@ class Planner:
 
     def row(self, config: QuantConfig | None, stats: OutputStats, fp32: OutputStats | None = None) -> dict:
         """Summary, drops vs FP32 (``fp32``: the FP32 run on the same images, default the
-        plan images), site counts, MAC share and planner cost of one measurement."""
+        plan images), site counts, MAC share, planner cost and the explicit budget's
+        outcome (met / not met / undecided; met when there is none) of one measurement."""
         fp32 = fp32 or self.fp32
         return {**accuracy_row(config, stats, fp32, self.sites, self.macs), **stats.standard_errors(fp32),
-                "cost": self.cost(config)}
+                "cost": self.cost(config), "budget_outcome": overall(self.budget.decisions(stats, fp32))}
 
     def cost(self, config: QuantConfig | None) -> float:
         """The planner's cost of ``config``: float MAC share + residual charge, or the
@@ -263,9 +281,10 @@ class Planner:
                     ref = copy.deepcopy(references[best_ref].config)
                     ref.name = "plan"
                     self._path(best_ref, ref, f"start from {best_ref}", self._floats(ref, estimates), max_steps)
-                seed = self.trim_seed = self._trim_seed()
-                if seed is not None:
-                    keep = self.feasible if self.feasible(seed) else self.quality_ok
+                found = self._trim_seed()
+                self.trim_seed = found[0] if found else None
+                if found is not None:
+                    seed, keep = found
                     self.paths["trim"] = self._trim(seed, self._floats_to_trim(seed, estimates), keep, max_steps)
                 elif self.budget.beat_references:
                     # nothing beats every preset: make the most accurate one cheaper where that
@@ -279,23 +298,36 @@ class Planner:
         points = [p for path in self.paths.values() for p in path] + list(references.values())
         self.frontier = pareto(points, self.objective)
         chosen, self.outcome = self._choose(points)
+        self._set_chosen(chosen)
+        self.decisions = self.budget.decisions(chosen.stats, self.fp32)  # on the plan images
+        self.wall_s = time.time() - t0
+        return self.plan_config
+
+    def _set_chosen(self, chosen: Point) -> None:
         self.met = self.outcome == "met"
         self.chosen = chosen
         plan = copy.deepcopy(chosen.config)
         plan.name = "plan"
         self.plan_config = plan
-        self.wall_s = time.time() - t0
-        return plan
 
     # -- what counts as a plan -----------------------------------------------------------
-    def quality_ok(self, point: Point) -> bool:
-        """The budget holds with 95 % confidence and, when the budget asks for it, the
-        point beats every reference preset in quality: objective lower by more than the
-        paired-bootstrap noise, top-1 agreement no lower."""
-        if not self.budget.met(point.row, CONFIDENCE_Z):
+    def budget_outcome(self, point: Point) -> str:
+        """The explicit budget on the plan images: met, not met or undecided (met when there
+        is none)."""
+        return overall(self.budget.decisions(point.stats, self.fp32))
+
+    def quality_ok(self, point: Point, undecided: bool = False) -> bool:
+        """The explicit budget is met (one-sided 95 % bounds; with ``undecided``, also when
+        undecided: not shown to be violated) and, when the budget asks for it, the point
+        beats every reference preset in quality (:meth:`beats_references`)."""
+        outcome = self.budget_outcome(point)
+        if not (outcome == "met" or (undecided and outcome == "undecided")):
             return False
-        if not self.budget.beat_references:
-            return True
+        return not self.budget.beat_references or self.beats_references(point)
+
+    def beats_references(self, point: Point) -> bool:
+        """Objective lower than every reference preset's by more than the paired-bootstrap
+        noise, top-1 agreement no lower."""
         return all(self.compare(point.stats, ref.stats)["gain_lo"] > 0 and point.row["agreement"] >= ref.row["agreement"]
                    for ref in self.references.values())
 
@@ -313,8 +345,8 @@ class Planner:
         min_share = min(r["int8_macs_share"] for r in refs)
         return (share != share or share >= min_share - 1e-9) and skipped <= max(r["skipped_sites"] for r in refs)
 
-    def feasible(self, point: Point) -> bool:
-        return self.quality_ok(point) and self.cost_ok(point)
+    def feasible(self, point: Point, undecided: bool = False) -> bool:
+        return self.quality_ok(point, undecided) and self.cost_ok(point)
 
     def matches_best(self, point: Point) -> bool:
         """Objective equal to the most accurate reference preset's within the noise (the
@@ -332,32 +364,41 @@ class Planner:
 
     def _choose(self, points: list[Point]) -> tuple[Point, str]:
         """The cheapest feasible point ("met"); else, when the presets were to be beaten
-        too, the cheapest point meeting the explicit budget alone ("budget only"), or
-        without an explicit budget the cheapest point equal to the most accurate preset
-        within the noise ("matches best reference"); else the lowest-objective frontier
-        point ("not met")."""
+        too, the cheapest point meeting the explicit budget alone ("budget only"); else,
+        when the explicit budget is undecided somewhere, the cheapest point not shown to
+        violate it, among those that beat the presets at no higher cost when there are such
+        ("undecided"); without an explicit budget the cheapest point equal to the most
+        accurate preset within the noise ("matches best reference"); else the
+        lowest-objective frontier point ("not met")."""
         feasible = [p for p in points if self.feasible(p)]
         if feasible:
             return self.cheapest(feasible), "met"
-        explicit = (self.budget.max_drop, self.budget.min_agreement, self.budget.max_kl) != (None, None, None)
+        explicit = self.budget.explicit
         if self.budget.beat_references and explicit:
-            meeting = [p for p in points if self.budget.met(p.row, CONFIDENCE_Z)]
+            meeting = [p for p in points if self.budget_outcome(p) == "met"]
             if meeting:
                 return self.cheapest(meeting), "budget only"
+        if explicit:
+            open_ = ([p for p in points if self.feasible(p, undecided=True)]
+                     or [p for p in points if self.budget_outcome(p) == "undecided"])
+            if open_:
+                return self.cheapest(open_), "undecided"
         if self.budget.beat_references and not explicit:
             cap = self.references[self.best_reference].row["cost"] + self.cost_noise
             return self.cheapest([p for p in points if self.matches_best(p) and p.row["cost"] <= cap]), \
                 "matches best reference"
         return min(self.frontier, key=lambda p: (p.row[self.objective], p.row["cost"])), "not met"
 
-    def _trim_seed(self) -> Point | None:
-        """Where trimming starts: the cheapest feasible point, else the cheapest point whose
-        quality is enough (trimming may bring its cost within the presets')."""
+    def _trim_seed(self) -> tuple[Point, Callable[[Point], bool]] | None:
+        """Where trimming starts and what a trimmed point must keep: the cheapest feasible
+        point, else the cheapest point whose quality is enough (trimming may bring its cost
+        within the presets'); then the same with an undecided budget (not shown violated)."""
         points = [p for path in self.paths.values() for p in path]
-        for ok in (self.feasible, self.quality_ok):
+        for ok in (self.feasible, self.quality_ok, lambda p: self.feasible(p, undecided=True),
+                   lambda p: self.quality_ok(p, undecided=True)):
             good = [p for p in points if ok(p)]
             if good:
-                return self.cheapest(good)
+                return self.cheapest(good), ok
         return None
 
     def _floats_to_trim(self, point: Point, estimates: dict[str, float]) -> list[Move]:
@@ -521,26 +562,76 @@ class Planner:
             rows.append({"config": name, **self.row(cfg, stats[name], fp32),
                          **{f"{k}_vs_best_reference": v for k, v in gain.items()}})
         self.confirm_rows = rows
+        self.confirm_decisions = self.budget.decisions(stats["plan"], fp32)
         return pd.DataFrame(rows)
 
+    # -- deciding on further images ------------------------------------------------------
+    def decide_points(self, neighbours: int = 2) -> list[Point]:
+        """What the decide stage tests, in its fixed order: the plan, then up to
+        ``neighbours`` cheaper frontier points, the nearest first, that qualify as the plan
+        did except for the budget's decision (not shown to violate it, and beat the presets
+        at no higher cost when the plan does)."""
+        plan = self.chosen
+        if self.outcome == "not met":
+            return [plan]
+        strict = self.budget.beat_references and self.feasible(plan, undecided=True)
+        ok = (lambda p: self.feasible(p, undecided=True)) if strict else (lambda p: self.budget_outcome(p) != "not met")
+        cheaper = [p for p in reversed(self.frontier) if p.row["cost"] < plan.row["cost"] and p is not plan and ok(p)]
+        return [plan, *cheaper[:neighbours]]
+
+    def settle(self, points: list[Point], chosen: int | None, decisions: list[Decision], images: int) -> None:
+        """The decide stage's result: ``chosen`` (position in ``points``, None when the plan
+        is not met there) and the final ``decisions`` of the plan (or of the chosen point)
+        on ``images`` further images. A met point becomes the plan ("met", or "budget only"
+        when the presets were to be beaten and it does not beat them); otherwise the plan
+        stays, "undecided" or "not met" as decided there."""
+        self.decide_images, self.decided = images, decisions
+        self.search_outcome, self.search_chosen = self.outcome, self.chosen
+        point = points[0] if chosen is None else points[chosen]
+        outcome = overall(decisions)
+        if outcome == "met":
+            beats = not self.budget.beat_references or (self.beats_references(point) and self.cost_ok(point))
+            outcome = "met" if beats else "budget only"
+        self.outcome = outcome
+        self._set_chosen(point)
+
     def verdict(self) -> str:
-        """One sentence: budget met or not, at which point, float sites, and the plan
-        against every reference preset on the confirm images."""
+        """Budget met or not (on the decide images when that stage ran, else on the plan
+        images), at which point, float sites; each explicit budget's estimate, one-sided
+        bound, decision and images needed; the plan against every reference preset on
+        the confirm images."""
         c = self.chosen.row
+        decide_images = getattr(self, "decide_images", None)
+        where = (f"{decide_images} further images (sequential test)" if decide_images is not None
+                 else f"{len(self.runner)} plan images")
         how = {"met": "met with 95 % confidence on",
                "budget only": "NOT met (the explicit budget alone is met) on",
+               "undecided": "UNDECIDED on",
                "matches best reference": "NOT met on",
                "not met": "NOT met on"}[self.outcome]
+        open_ = ("the cheapest point not shown to violate it"
+                 + (" that beats every reference preset at no higher cost"
+                    if self.budget.beat_references and self.feasible(self.chosen, undecided=True) else ""))
         who = {"met": "the plan", "budget only": "the plan, the cheapest point meeting the explicit budget",
+               "undecided": f"the plan, {open_}",
                "matches best reference": f"no measured point; the plan is the cheapest point whose {self.objective} "
                                          f"equals the most accurate preset's ({self.best_reference}) within the noise",
                "not met": f"no measured point; the plan is the lowest-{self.objective} point"}[self.outcome]
-        text = (f"Budget ({self.budget.describe()}) {how} {len(self.runner)} plan images by {who}"
+        if decide_images is not None:  # the outcome is the decide stage's; the search's stays beside it
+            who = ("the plan" + ("" if self.chosen is self.search_chosen else
+                                 f", a cheaper frontier point than the search's choice (attempt "
+                                 f"{self.search_chosen.row['attempt']})")
+                   + f" (on the plan images the search's outcome: {self.search_outcome})")
+        text = (f"Budget ({self.budget.describe()}) {how} {where} by {who}"
                 f" (attempt {c['attempt']}, {c['change']}): {c['skipped_sites']} sites kept float beyond the "
                 f"backend-float kinds, {self.describe_cost(c['cost'])}, "
                 f"int8 share of matmul MACs {c['int8_macs_share']:.1f} %, KL {c['kl']:.4g}, "
                 f"agreement {c['agreement']:.2f} %, top-1 drop {c['top1_drop']:.2f} +- {c['top1_drop_se']:.2f} pp (SE).")
-        if self.outcome != "met" and self.budget.beat_references:
+        if self.budget.explicit:
+            text += f" On the {len(self.runner)} plan images: {_decisions_text(self.budget.decisions(self.chosen.stats, self.fp32))}."
+            if decide_images is not None:
+                text += f" On {decide_images} further images: {_decisions_text(self.decided)}."
+        if self.outcome != "met" and self.budget.beat_references and not self.feasible(self.chosen, undecided=True):
             text += " " + self._why_not()
         rows = {r["config"]: r for r in getattr(self, "confirm_rows", [])}
         if rows:
@@ -553,6 +644,8 @@ class Planner:
                      f"agreement {p['agreement']:.2f} vs {b['agreement']:.2f} %, {p['skipped_sites']} vs "
                      f"{b['skipped_sites']} sites kept float, int8 MAC share {p['int8_macs_share']:.1f} vs "
                      f"{b['int8_macs_share']:.1f} %, cost {p['cost']:.4g} vs {b['cost']:.4g} {self.cost_unit()}.")
+            if self.budget.explicit and getattr(self, "confirm_decisions", None):
+                text += f" Budget on the confirm images: {_decisions_text(self.confirm_decisions)}."
         return text
 
     def cost_unit(self) -> str:
@@ -587,6 +680,10 @@ class Planner:
             parts.append(f"No measured point beats them all in quality ({len(points)} points measured;"
                          f" max worst-case agreement lead {max((p.row['agreement'] - max(r.row['agreement'] for r in refs)) for p in points):.2f} pp).")
         return " ".join(parts)
+
+
+def _decisions_text(decisions: list[Decision]) -> str:
+    return "; ".join(d.describe() for d in decisions)
 
 
 def pareto(points: list[Point], objective: str = "kl") -> list[Point]:

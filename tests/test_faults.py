@@ -30,6 +30,7 @@ Fault cases (USER_ERROR_CASES, ids in brackets):
   numerical [numeric-nan-weights] (a NaN fc1 bias: names the site, "non-finite")
   presets   [preset-unknown]
   scale-out [shard-bad-rank] (RANK/WORLD_SIZE of torchrun that are no shard)
+  plan      [plan-negative-decide-images] (refused before calibration)
 
 Other cases:
 
@@ -45,7 +46,7 @@ Other cases:
             [test_sigint_exits_130_with_a_resume_hint]
             [test_eval_is_byte_identical_across_runs]
 
-46 tests in all (26 fault + 1 debug + 5 skipped + 7 converted + 4 long runs + 3
+47 tests in all (27 fault + 1 debug + 5 skipped + 7 converted + 4 long runs + 3
 housekeeping checks: the good data evaluates, the slow run is slow enough to be killed
 mid-way, an in-process run leaves no state behind). About 30 s on 2 CPU cores (6-7 min
 when every case was a subprocess).
@@ -426,6 +427,9 @@ USER_ERROR_CASES = [
                                       "--no-progress", "--shard", "auto"],
          ("--shard auto: RANK='one', WORLD_SIZE='2'", "0 <= RANK < WORLD_SIZE"),
          env=(("RANK", "one"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0"))),
+    # plan options
+    Case("plan-negative-decide-images", lambda w: ["plan", *_eval(w)[1:], "--max-drop", "1", "--decide-images", "-3"],
+         ("--decide-images -3", ">= 0")),
 ]
 
 def _params(cases):

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
+from analysis.budget import decide
 from analysis.cost import config_cost, site_macs
 from analysis.metrics import OutputStats, paired_bootstrap
 from analysis.planner import Budget, Planner, Point, cost_of, pareto, without_float
@@ -145,21 +146,85 @@ def test_unit_range_remedy_gives_softmax_probs_scale_1_over_255(tmp_path):
         assert torch.isfinite(qm(pixels[0])).all()
 
 
-def test_budgets_allow_for_their_noise():
-    budget = Budget(max_drop=0.3)
-    # top-1 cannot resolve 0.3 pp on 256 images: a drop within 1.96 SE of the budget is met,
-    # one beyond it by more than its noise is not
-    within = {"top1_drop": 2.5, "top1_drop_se": 1.2, "agreement": 89.0, "kl": 0.1}
-    assert not budget.met(within) and budget.met(within, z=1.96)
-    over = {"top1_drop": 3.0, "top1_drop_se": 1.2, "agreement": 89.0, "kl": 0.1}
-    assert not budget.met(over, z=1.96)  # 3.0 - 2.35 > 0.3
-    # agreement and KL resolve: they must hold by 1.96 SE
-    agree = Budget(min_agreement=90.0)
-    assert agree.met({"top1_drop": 0, "agreement": 91.0, "agreement_se": 0.5, "kl": 0}, z=1.96)
-    assert not agree.met({"top1_drop": 0, "agreement": 91.0, "agreement_se": 0.6, "kl": 0}, z=1.96)
-    kl = Budget(max_drop=None, max_kl=0.05)
-    assert kl.met({"top1_drop": 9, "agreement": 0, "kl": 0.04, "kl_se": 0.004}, z=1.96)
-    assert not kl.met({"top1_drop": 0, "agreement": 100, "kl": 0.04, "kl_se": 0.006}, z=1.96)
+def _stats(top1, agree=None, kl=None) -> OutputStats:
+    n = len(top1)
+    return OutputStats({"top1": list(top1), "top5": [1.0] * n, "agree": list(agree if agree is not None else [1.0] * n),
+                        "kl": list(kl if kl is not None else [0.0] * n), "mse": [0.0] * n, "signal": [1.0] * n,
+                        "noise": [0.0] * n})
+
+
+def test_budgets_are_met_not_met_or_undecided_from_the_per_image_values():
+    # 200 images: FP32 right and the config wrong on 8, the other way round on 3: drop 2.5 pp,
+    # discordance 5.5 %, paired SE sqrt(0.055 - 0.025^2) / sqrt(200) = 1.649 pp
+    fp32 = _stats([1.0] * 8 + [0.0] * 3 + [1.0] * 189)
+    config = _stats([0.0] * 8 + [1.0] * 3 + [1.0] * 189, agree=[0.0] * 10 + [1.0] * 190,
+                    kl=[0.01, 0.03, 0.02, 0.04] * 50)
+    se = np.sqrt(0.055 - 0.025 ** 2) / np.sqrt(200)
+    assert config.standard_errors(fp32)["top1_drop_se"] == pytest.approx(100 * se * np.sqrt(200 / 199))  # ddof 1
+    # the old rule (met unless the drop exceeds the budget by 1.96 SE: 2.5 - 3.23 <= 0.3) called this met;
+    # the one-sided 95 % bounds say 2.5 -+ 1.645 x 1.649 = [-0.21, 5.21] pp: it cannot tell
+    (drop,) = Budget(max_drop=0.3).decisions(config, fp32)
+    assert drop.outcome == "undecided" and drop.estimate == pytest.approx(2.5)
+    assert drop.upper == pytest.approx(100 * (0.025 + 1.6449 * se), abs=1e-3)
+    assert drop.images_needed == int(np.ceil(((1.6449 + 0.8416) * np.sqrt(0.055 - 0.025 ** 2) / (0.025 - 0.003)) ** 2))
+    assert Budget(max_drop=6.0).decisions(config, fp32)[0].outcome == "met"  # 5.21 <= 6
+    # agreement 95 % of 200: lower bound 95 - 1.645 x 1.54 = 92.47 %; KL 0.025 +- 0.00184
+    agree, kl = Budget(min_agreement=92.0, max_kl=0.03).decisions(config, fp32)
+    assert (agree.outcome, kl.outcome) == ("met", "met")
+    assert agree.lower == pytest.approx(95.0 - 100 * 1.6449 * np.sqrt(0.95 * 0.05 / 200), abs=1e-3)
+    assert Budget(max_kl=0.02).decisions(config, fp32)[0].outcome == "not met"  # 0.025 - 0.00184 > 0.02
+    assert [d.kind for d in Budget(max_drop=0.3, max_kl=0.03).decisions(config, fp32)] == ["top1_drop", "kl"]
+    assert Budget().decisions(config, fp32) == []  # no explicit budget: nothing to decide
+
+
+def test_an_undecided_budget_is_never_met_and_the_plan_is_the_cheapest_point_not_shown_to_violate_it(tmp_path):
+    qm, pixels, labels = _setup(plant=True)
+    # 16 plan images cannot show a 0.3 pp drop budget met: one image is 6.25 pp, and with no
+    # discordant image the rule of three bounds the drop at 1.645 x sqrt(3/16 (1 - 3/16) / 16) = 16 pp
+    planner = _planner(tmp_path, qm, pixels, labels, Budget(max_drop=0.3, beat_references=False))
+    start = preset("all", qm.sites)
+    planner.plan(start, _only(qm, pixels, labels, tmp_path, start), max_steps=3)
+    tried = planner.tried_table()
+    assert "met" not in set(tried["budget_outcome"])
+    assert planner.outcome == "undecided" and not planner.met
+    # the search went on, on KL, past the start (a met budget would have stopped the path there)
+    assert len(tried.query("path == 'start' and kind in ('remedy', 'float')")) > 0
+    points = [p for path in planner.paths.values() for p in path] + list(planner.references.values())
+    open_ = [p for p in points if planner.budget_outcome(p) == "undecided"]
+    assert planner.chosen.row["cost"] == min(p.row["cost"] for p in open_)
+    assert planner.budget_outcome(planner.chosen) == "undecided"
+    (d,) = planner.decisions
+    assert d.outcome == "undecided" and d.images == 16 and d.images_needed > 16
+    verdict = planner.verdict()
+    assert "UNDECIDED on 16 plan images by the plan, the cheapest point not shown to violate it" in verdict
+    assert d.describe() in verdict and "images would decide it" in verdict and "met with" not in verdict
+
+
+def test_with_the_presets_to_beat_an_undecided_budget_keeps_the_plan_that_beats_them(tmp_path):
+    qm, pixels, labels = _setup(plant=True)
+    planner = _planner(tmp_path, qm, pixels, labels, Budget(max_drop=0.3))
+    start = preset("all", qm.sites)
+    planner.plan(start, _only(qm, pixels, labels, tmp_path, start), max_steps=12)
+    assert planner.outcome == "undecided" and not planner.met
+    beating = [p for path in planner.paths.values() for p in path if planner.feasible(p, undecided=True)]
+    assert beating, "no point beats every preset on these images"
+    assert planner.feasible(planner.chosen, undecided=True)
+    assert planner.chosen.row["cost"] == min(p.row["cost"] for p in beating)
+    assert "not shown to violate it that beats every reference preset at no higher cost" in planner.verdict()
+    # the decide stage's answer settles it: the plan first, then cheaper points that qualify alike
+    points = planner.decide_points()
+    assert points[0] is planner.chosen and all(p.row["cost"] < points[0].row["cost"] for p in points[1:])
+    searched = planner.chosen
+    # 5000 further images without a changed answer: 0 + 1.645 x sqrt(3/5000 (1 - 3/5000) / 5000) = 0.06 pp <= 0.3
+    met = decide("top1_drop", np.zeros(5000), 0.3)
+    planner.settle(points, 0, [met], 5000)
+    assert planner.outcome == "met" and planner.met and planner.chosen is searched
+    verdict = planner.verdict()
+    assert "met with 95 % confidence on 5000 further images (sequential test) by the plan" in verdict
+    assert "the search's outcome: undecided" in verdict and met.describe() in verdict
+    not_met = decide("top1_drop", np.r_[np.ones(100), np.zeros(900)], 0.3)  # 10 pp
+    planner.settle(points, None, [not_met], 1000)
+    assert planner.outcome == "not met" and not planner.met and planner.chosen is searched
 
 
 def test_returning_a_site_to_int8_expands_only_the_pattern_that_names_it():
@@ -194,9 +259,13 @@ def test_a_trim_that_breaks_the_budget_is_not_kept(tmp_path):
     planner.plan(start, _only(qm, pixels, labels, tmp_path, start), max_steps=40)
     trims = planner.tried_table().query("kind == 'trim'")
     assert len(trims) > 0
-    # kept exactly when the trimmed point still meets KL <= 1e-4 by 1.96 standard errors
-    assert (trims["kept"] == (trims["kl"] + 1.96 * trims["kl_se"] <= 1e-4)).all()
-    assert planner.met and planner.chosen.row["kl"] + 1.96 * planner.chosen.row["kl_se"] <= 1e-4
+    # kept exactly when the trimmed point is shown to meet KL <= 1e-4: its one-sided 95 % upper
+    # bound, mean + 1.645 sd / sqrt(n) (sd with divisor n; kl_se has n - 1), is within the budget
+    n = planner.chosen.row["images"]
+    upper = trims["kl"] + 1.6449 * trims["kl_se"] * np.sqrt((n - 1) / n)
+    assert (trims["budget_outcome"] == np.where(upper <= 1e-4, "met", trims["budget_outcome"])).all()
+    assert (trims["kept"] == (upper <= 1e-4)).all()
+    assert planner.met and planner.chosen.row["kl"] + 1.6449 * planner.chosen.row["kl_se"] * np.sqrt((n - 1) / n) <= 1e-4
 
 
 def test_the_default_budget_is_to_beat_every_preset_at_no_higher_cost(tmp_path):

@@ -162,8 +162,9 @@ def test_self_contained_with_every_section(html: str, analyzed: Path):
         assert img.format == "PNG" and img.width > 300 and img.height > 150 and attrs.get("alt")
     assert NOTE not in html  # analyze writes every artefact but all-but sensitivity (announced, not missing)
     found = re.findall(r'<section id="([^"]+)"', html)
-    # analyze's default cost is measured latency (ONNX Runtime is a test dependency): its table has a section
-    assert found == ["accuracy", "planner", "skiplist", "latency", "summary", "sensitivity", "taylor", "depth",
+    # latency: where onnx, onnxruntime and onnxscript are installed (--cost auto measures it)
+    latency = ["latency"] if artifacts.LATENCY.path(analyzed).is_file() else []
+    assert found == ["accuracy", "budgets", "planner", "skiplist", *latency, "summary", "sensitivity", "taylor", "depth",
                      "outliers", "weights"]
 
 
@@ -204,11 +205,28 @@ def test_accuracy_table_from_accuracy_json(html: str, analyzed: Path):
     acc = _table(artifacts.ACCURACY, analyzed)
     sec = section(html, "accuracy")
     head, rows = table(sec, "accuracy-table")
-    for label in ("int8 sites", "float sites", "sites kept float", "int8 MACs (%)", "top-1 drop (pp)", "KL (nats)"):
+    for label in ("int8 sites", "float sites", "sites kept float", "int8 MACs (%)", "top-1 drop ± se (pp)", "KL (nats)"):
         assert label in head
     assert column(sec, "accuracy-table", "config") == list(acc.rows["config"])
+    assert column(sec, "accuracy-table", "top-1 drop ± se (pp)") == [
+        f"{fmt_fixed(2)(r['top1_drop'])} ± {fmt_fixed(2)(r['top1_drop_se'])}" for _, r in acc.rows.iterrows()]
     assert set(column(sec, "accuracy-table", "from")) == {"vitq analyze (accuracy.json)"}
     assert [cls for cls, _ in rows].count("plan-row") == 1
+
+
+def test_budgets_section_shows_the_decisions_the_planner_wrote(html: str, analyzed: Path):
+    meta = _table(artifacts.PLAN_STEPS, analyzed).meta
+    decide = _table(artifacts.PLAN_DECIDE, analyzed)
+    sec = section(html, "budgets")
+    written = [*meta["decisions"], *(meta["confirm_decisions"] or []), *meta["decide"]["decisions"]]
+    assert [d["kind"] for d in written] == ["kl"] * 3  # --max-kl, on the plan, confirm and decide images
+    assert column(sec, "budget-table", "decision") == [d["outcome"] for d in written]
+    assert column(sec, "budget-table", "images used") == [fmt_int(d["images"]) for d in written]
+    assert column(sec, "decide-table", "images") == [fmt_int(v) for v in decide.rows["images"]]
+    assert decide.meta["decisions"] == meta["decide"]["decisions"]
+    last = decide.rows[decide.rows["candidate"] == "plan"].iloc[-1]
+    assert last["outcome"] == meta["decide"]["decisions"][0]["outcome"]  # the last look is the final decision
+    assert meta["decide"]["decisions"][0]["text"] in meta["verdict"]
 
 
 def test_float_site_counts_agree_between_accuracy_and_planner(html: str, analyzed: Path):

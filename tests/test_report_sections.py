@@ -15,6 +15,7 @@ import yaml
 from analysis import artifacts
 from reports import figures, registry, render_report
 from reports.registry import register_section
+from analysis.budget import decide
 from reports.sections.taylor import joined
 from tests.test_report import column, notes, section, table
 
@@ -34,9 +35,9 @@ def speed_rows() -> list[dict]:
 
 
 def accuracy_row(config: str, agreement: float, **extra) -> dict:
-    return dict(config=config, images=200, top1=80.0, top5=95.0, top1_drop=0.0, top5_drop=0.0, agreement=agreement,
-                kl=0.001, logit_mse=0.01, logit_sqnr_db=30.0, int8_sites=10, float_sites=5, skipped_sites=0,
-                int8_macs_share=100.0, **extra)
+    return {**dict(config=config, images=200, top1=80.0, top5=95.0, top1_drop=0.0, top5_drop=0.0, agreement=agreement,
+                   kl=0.001, logit_mse=0.01, logit_sqnr_db=30.0, int8_sites=10, float_sites=5, skipped_sites=0,
+                   int8_macs_share=100.0, top1_drop_se=0.0), **extra}
 
 
 def candidate_row(name: str, rank: int, **extra) -> dict:
@@ -105,7 +106,7 @@ def test_a_file_without_a_declared_column_is_a_warning_not_a_section(tmp_path: P
 
 def test_every_table_spec_declares_columns_and_a_json_file():
     specs = artifacts.table_specs()
-    assert len({s.stem for s in specs}) == len(specs) == 18
+    assert len({s.stem for s in specs}) == len(specs) == 19  # plan_decide: the 19th
     for s in specs:
         assert s.columns and len(set(s.columns)) == len(s.columns) and s.file == f"{s.stem}.json", s.stem
         assert set(artifacts.RUN_CONTEXT) <= set(s.meta), s.stem  # the report's summary reads it from every table
@@ -156,7 +157,7 @@ def test_latency_section_and_the_plans_free_float_sites(tmp_path: Path):
     ], backend="onnxruntime", batch=8, runs=7, threads=2, noise_ms=0.25)
     floats = ["blocks.1.residual_mlp", "blocks.0.attn.matmul_av", "blocks.2.attn.o"]
     (tmp_path / artifacts.PLAN_SKIPLIST).write_text(yaml.safe_dump({"float_kinds": [], "float_sites": floats}))
-    plant(tmp_path, artifacts.PLAN_CONFIRM, [accuracy_row("plan", 99.0, top1_drop_se=0.1, cost=1.0)],
+    plant(tmp_path, artifacts.PLAN_CONFIRM, [accuracy_row("plan", 99.0, top1_drop_se=0.1, cost=1.0, budget_outcome="met")],
           float_sites=floats[:2], cost="latency")
     text = render_report(tmp_path).read_text()
     assert ("Latency (latency_sites.json): 1 of the plan's 2 float site(s) have no measurable cost"
@@ -216,3 +217,49 @@ def test_frontier_x_label_follows_the_cost_unit():
     default = figures.frontier(steps)
     assert figures.frontier(steps, cost_unit="ms per batch of 8 in ONNX Runtime") != default
     assert figures.frontier(steps, cost_unit=None) == default
+
+
+# -- accuracy budgets ------------------------------------------------------------------------------
+def plan_step(**extra) -> dict:
+    return {**accuracy_row("plan", 99.0), **dict(attempt=0, path="start", kind="start", change="start from all", kept=True,
+                                                 gain=None, gain_se=None, gain_lo=None, gain_hi=None, cost=1.0,
+                                                 budget_outcome="undecided", on_frontier=True, plan=True), **extra}
+
+
+def test_budgets_section_shows_each_decision_with_its_bound_and_the_images_needed(tmp_path: Path):
+    # 100 images, FP32 right and the plan wrong on 10, the other way round on 2: drop 8 pp,
+    # upper bound 8 + 1.645 x 3.37 = 13.54 pp > 5 pp; 80 % power at 8 pp: 781 images, shown as ~790
+    on_plan = decide("top1_drop", [1] * 10 + [-1] * 2 + [0] * 88, 5.0).to_dict()
+    on_confirm = decide("top1_drop", [1] * 10 + [-1] * 2 + [0] * 88, 2.0).to_dict()  # 8 - 5.54 = 2.46 > 2: not met
+    final = dict(on_plan, outcome="met", images=500, estimate=0.5, upper=0.9, bound=0.9, z=2.0, images_needed=None)
+    decide_meta = dict(backend="onnxruntime", max_images=1000, looks=4, images=500,
+                       candidates=[{"name": "plan", "attempt": 7, "outcome": "met"}], chosen="plan", decisions=[final])
+    plant(tmp_path, artifacts.PLAN_STEPS, [plan_step()], budget={"max_drop": 5.0}, met=True, outcome="met",
+          plan_images=100, confirm_images=100, decisions=[on_plan], confirm_decisions=[on_confirm], decide=decide_meta)
+    looks = [dict(candidate="plan", attempt=7, look=k, kind="top1_drop", budget=5.0, images=250 * k, z=z,
+                  estimate=0.5, lower=0.1, upper=up, bound=up, outcome=out, images_needed=need)
+             for k, z, up, out, need in ((1, 3.0, 5.5, "undecided", 320), (2, 2.0, 0.9, "met", None))]
+    plant(tmp_path, artifacts.PLAN_DECIDE, looks, **{k: v for k, v in decide_meta.items()})
+    text = section(render_report(tmp_path).read_text(), "budgets")
+    head, rows = table(text, "budget-table")
+    assert [cells for _, cells in rows] == [
+        ["100 plan images (search)", "top-1 drop ≤ 5.00 pp", "8.00 pp", "upper 13.54 pp", "undecided", "100", "~790"],
+        ["100 confirm images", "top-1 drop ≤ 2.00 pp", "8.00 pp", "lower 2.46 pp", "not met", "100", ""],
+        ["further images (sequential test, onnxruntime)", "top-1 drop ≤ 5.00 pp", "0.50 pp", "upper 0.90 pp", "met",
+         "500", ""]]
+    assert column(text, "decide-table", "decision") == ["undecided", "met"]
+    assert column(text, "decide-table", "bound") == ["upper 5.50 pp", "upper 0.90 pp"]
+    assert column(text, "decide-table", "images needed") == ["~320", ""]
+    assert "500 of 1000 further images measured, 4 looks planned" in text and "Chosen: plan." in text
+
+
+def test_no_budgets_section_without_an_explicit_budget_and_the_accuracy_drop_has_its_se(tmp_path: Path):
+    plant(tmp_path, artifacts.PLAN_STEPS, [plan_step(budget_outcome="met", top1_drop=0.8, top1_drop_se=0.4)],
+          budget={"beat_references": True},
+          met=True, outcome="met", decisions=[])
+    plant(tmp_path, artifacts.EVAL, [accuracy_row("fp32", 100.0), accuracy_row("all", 98.0, top1_drop=1.5,
+                                                                               top1_drop_se=0.61)], val_images=200)
+    text = render_report(tmp_path).read_text()
+    assert 'id="budgets"' not in text
+    assert column(section(text, "accuracy"), "accuracy-table", "top-1 drop ± se (pp)") == [
+        "0.00 ± 0.00", "1.50 ± 0.61", "0.80 ± 0.40"]  # the last: the planner's chosen point, from plan_steps

@@ -176,6 +176,13 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
                    help=f"plan images the taylor estimate orders candidates on (the first ones; default {TAYLOR_IMAGES})")
     p.add_argument("--all-but", action="store_true",
                    help="also measure all-but sensitivity for the gain estimates (one full pass per site: slow)")
+    p.add_argument("--decide-images", type=int,
+                   help="with an explicit budget: further val images (neither plan nor confirm images) the plan and its "
+                        "cheaper frontier neighbours are measured on, in batches, until every budget is decided "
+                        "(sequential test; default: every such image; 0: no decide stage)")
+    p.add_argument("--decide-backend", choices=("torch", "onnxruntime", "torch-int8"), default="torch",
+                   help="what runs the decide stage: torch (the fake-quant simulation, default), onnxruntime (the int8 "
+                        "Q/DQ ONNX export) or torch-int8 (PT2E, conv/linear sites only)")
 
 
 def _options(args: argparse.Namespace) -> Options:
@@ -370,29 +377,58 @@ def _budget(args: argparse.Namespace) -> Budget:
 
 
 def _plan_options(args: argparse.Namespace) -> PlanOptions:
+    if args.decide_images is not None and args.decide_images < 0:
+        raise ConfigError(f"--decide-images {args.decide_images}: give a number of images >= 0 (0: no decide stage)")
+    if args.decide_images and (args.max_drop, args.min_agreement, args.max_kl) == (None, None, None):
+        print("vitq: note: --decide-images decides an explicit budget (--max-drop, --min-agreement, --max-kl); "
+              "without one there is no decide stage", file=sys.stderr)
     return PlanOptions(images=args.eval_images, confirm_images=args.confirm_images, objective=args.objective,
                        max_steps=args.max_steps, worst_sites=args.worst_sites, all_but=args.all_but, cost=args.cost,
-                       taylor_images=args.taylor_images, **({} if args.measure_top is None else {"measure_top": args.measure_top}))
+                       taylor_images=args.taylor_images, decide_images=args.decide_images,
+                       decide_backend=args.decide_backend,
+                       **({} if args.measure_top is None else {"measure_top": args.measure_top}))
 
 
-def print_plan(planner) -> None:
+def print_plan(planner, out: Path | None = None) -> None:
     steps = planner.steps_table()
     cols = ["attempt", "path", "kind", "change", "kl", "agreement", "top1_drop", "float_sites", "int8_macs_share"]
+    if planner.budget.explicit:
+        cols.append("budget_outcome")
     print(steps[cols].to_string(index=False, float_format=_fmt))
     tried = planner.tried_table()
     print(f"\n{len(tried)} configurations measured, {int(tried['kept'].sum())} kept (reference rows included)")
+    decide = None if out is None else artifacts.read(out, artifacts.PLAN_DECIDE)
+    if decide is not None and getattr(planner, "decide_images", None) is not None:
+        print_decide(decide)
     print("\nfloat skip-list (copy into a QuantConfig):")
     print(yaml.safe_dump({"float_kinds": planner.plan_config.float_kinds,
                           "float_sites": planner.plan_config.float_sites}, sort_keys=False))
     print(planner.verdict())
 
 
+def print_decide(table) -> None:
+    """The decide stage's looks and its final decision."""
+    m = table.meta
+    print(f"\ndecide stage ({m['backend']}): {m['images']} of {m['max_images']} further images measured, "
+          f"{m['looks']} looks planned")
+    if len(table.rows):
+        cols = ["candidate", "attempt", "kind", "look", "images", "estimate", "bound", "outcome", "images_needed"]
+        view = table.rows[cols].astype({"images_needed": "Int64"})
+        print(view.to_string(index=False, float_format=_fmt))
+    for c in m["candidates"]:
+        print(f"  {c['name']} (attempt {c['attempt']}): {c['outcome']}")
+    chosen = m["chosen"]
+    print(f"final: {'; '.join(d['text'] for d in m['decisions'])}"
+          + ("" if chosen in (None, "plan") else f" (the plan is now {chosen}, a cheaper frontier point)"))
+
+
 def cmd_plan(args: argparse.Namespace) -> None:
+    budget, opts = _budget(args), _plan_options(args)  # option errors before any long work
     session = Session(_options(args))
     start = _start_config(args, session)
     session.calibrate()
-    planner, paths = run_plan(session, start, _budget(args), _plan_options(args))
-    print_plan(planner)
+    planner, paths = run_plan(session, start, budget, opts)
+    print_plan(planner, session.out)
     print("wrote " + ", ".join(str(p) for p in paths))
 
 
@@ -414,11 +450,12 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_analyze(args: argparse.Namespace) -> None:
     """The whole pipeline: plan (with both sensitivity modes), errors, accuracy table, report."""
     t0 = time.time()
+    budget, opts = _budget(args), _plan_options(args)  # option errors before any long work
     session = Session(_options(args))
     start = _start_config(args, session)
-    result = analyze_session(session, start, _budget(args), _plan_options(args), error_images=args.error_images,
-                             limit=args.limit, bench=args.bench)
-    print_plan(result.plan.planner)
+    result = analyze_session(session, start, budget, opts, error_images=args.error_images, limit=args.limit,
+                             bench=args.bench)
+    print_plan(result.plan.planner, session.out)
     print_errors(result.errors, 5)
     print("\naccuracy on all val images:")
     print(format_table(result.accuracy))

@@ -5,7 +5,9 @@ left."""
 
 from __future__ import annotations
 
+import copy
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +18,11 @@ import yaml
 
 from analysis import artifacts
 from analysis.cost import float_site_names, site_macs
+from analysis.decide import LOOKS, Candidate, DecideResult, decide_candidates
 from analysis.errors import ErrorReport, analyze_errors
 from analysis.evaluate import evaluate_configs, evaluated_images
 from analysis.measurement_log import MeasurementLog
-from analysis.planner import Budget, Planner
+from analysis.planner import Budget, Planner, Point
 from analysis.runner import Runner
 from analysis.names import MEASURE_TOP, TAYLOR_IMAGES
 from analysis.sensitivity import analyze_sensitivity, make_candidates
@@ -42,11 +45,16 @@ class EvalSet:
     files: list[str]
 
 
-def _val_split(session: Session, total: int, n_plan: int, n_confirm: int) -> tuple[list[int], list[int]]:
-    """Disjoint seeded positions among ``total`` val images: the plan images, then the confirm images."""
+def val_split(session: Session, total: int, n_plan: int, n_confirm: int,
+               n_decide: int | None = 0) -> tuple[list[int], list[int], list[int]]:
+    """Disjoint seeded positions among ``total`` val images: the plan images, then the
+    confirm images, then the decide images (``n_decide`` None: all the others)."""
     order = random.Random(session.opts.seed).sample(range(total), total)
     n_plan = min(n_plan, total)
-    return sorted(order[:n_plan]), sorted(order[n_plan:n_plan + max(n_confirm, 0)])
+    n_confirm = max(n_confirm, 0)
+    rest = order[n_plan + n_confirm:]
+    return (sorted(order[:n_plan]), sorted(order[n_plan:n_plan + n_confirm]),
+            sorted(rest if n_decide is None else rest[:max(n_decide, 0)]))
 
 
 def eval_set(session: Session, n: int, which: str = "plan", n_confirm: int = 0) -> EvalSet:
@@ -56,7 +64,7 @@ def eval_set(session: Session, n: int, which: str = "plan", n_confirm: int = 0) 
     key = (n, which, n_confirm if which == "confirm" else 0)
     if key not in cached:
         val = session.images("val", None)  # one listing of the val folder
-        plan, confirm = _val_split(session, len(val), n, n_confirm)
+        plan, confirm, _ = val_split(session, len(val), n, n_confirm)
         images = val.subset(plan if which == "plan" else confirm)
         loaded = list(session.batches(images))
         by_id = dict(zip(images.ids, images.items))
@@ -212,6 +220,11 @@ class PlanOptions:
     measure_top: int | None = MEASURE_TOP  # only-candidates measured, in taylor order (None/0: all)
     probes: int = 8  # Fisher probes of the taylor estimate
     taylor_images: int = TAYLOR_IMAGES  # plan images the estimate uses (the first ones)
+    # further val images the decide stage may stream (None: every val image that is neither a
+    # plan nor a confirm image; 0: no decide stage); it runs only with an explicit budget
+    decide_images: int | None = None
+    decide_backend: str = "torch"  # torch (the simulation), onnxruntime or torch-int8
+    decide_neighbours: int = 2  # cheaper frontier points decided after the plan
 
 
 LATENCY_VERSION = 2  # 2: paired per-round differences with their interval, free groups, ms costs
@@ -286,6 +299,11 @@ def run_plan(session: Session, start: QuantConfig, budget: Budget,
                       session.out, macs(session), budget, settings, objective=opts.objective,
                       seed=session.opts.seed, progress=session.opts.progress, **latency)
     plan = planner.plan(start, only, all_but, worst_sites=opts.worst_sites, max_steps=opts.max_steps)
+    decided = None
+    if budget.explicit and opts.decide_images != 0:
+        # the positions eval_set drew (not the images read: an unreadable one keeps its place)
+        decided = run_decide(session, planner, opts, opts.images, max(n_confirm, 0))
+        plan = planner.plan_config
     confirm = planner.confirm() if confirm_data is not None else pd.DataFrame()
     plan.save(session.out / artifacts.PLAN_YAML)
     floats = [n for n in float_site_names(plan, session.sites)
@@ -301,11 +319,88 @@ def run_plan(session: Session, start: QuantConfig, budget: Budget,
             "plan": plan.to_dict(), "float_sites": floats, "start": start.name,
             "best_reference": planner.best_reference, "verdict": planner.verdict(),
             "noise": {"objective": planner.objective, "test": "paired bootstrap over images", "level": planner.level,
-                      "resamples": planner.n_boot}}
+                      "resamples": planner.n_boot},
+            "decisions": [d.to_dict() for d in budget.decisions(planner.chosen.stats, planner.fp32)],
+            "confirm_decisions": [d.to_dict() for d in getattr(planner, "confirm_decisions", [])] if len(confirm) else None,
+            "decide": None if decided is None else _decide_summary(decided[0], opts)}
     run = _run_info(session, wall_s=round(planner.wall_s, 1), measured_now=planner.measured_now,
                     log=str(planner.log.path))
     paths = [*artifacts.write(session.out, artifacts.PLAN_STEPS, planner.steps_table(), meta, run),
              *artifacts.write(session.out, artifacts.PLAN_TRIED, planner.tried_table(), meta, run)]
     if len(confirm):
         paths += artifacts.write(session.out, artifacts.PLAN_CONFIRM, confirm, meta, run)
+    if decided is not None:
+        result, decide_run = decided
+        paths += artifacts.write(session.out, artifacts.PLAN_DECIDE, pd.DataFrame(result.rows),
+                                 {**session.describe(), **_decide_summary(result, opts)},
+                                 {**_run_info(session), **decide_run})
     return planner, [*paths, session.out / artifacts.PLAN_YAML, session.out / artifacts.PLAN_SKIPLIST]
+
+
+# -- the decide stage ------------------------------------------------------------------------
+def decide_model(session: Session, backend: str):
+    """What the decide stage runs: the simulation (``torch``), or a real int8 backend
+    served through the same interface (FP32 stays the torch reference)."""
+    if backend == "torch":
+        return session.qmodel
+    from .backends import BackendEval, calibration_pixels, example_pixels, make_backend
+
+    calib = calibration_pixels(session) if backend == "torch-int8" else None
+    return BackendEval(session.qmodel, make_backend(backend, session.qmodel, session.out / "onnx",
+                                                    example_pixels(session), torch.get_num_threads(), calib),
+                       compare_simulation=False)
+
+
+def _chunked_batches(session: Session, images, chunk: int):
+    """``images`` batch by batch, decoded ``chunk`` images at a time: a stage that stops
+    early decodes no more than it measured (plus one chunk)."""
+    for start in range(0, len(images), chunk):
+        yield from session.batches(images.subset(list(range(start, min(start + chunk, len(images))))))
+
+
+def run_decide(session: Session, planner: Planner, opts: PlanOptions, n_plan: int,
+               n_confirm: int) -> tuple[DecideResult, dict] | None:
+    """The plan (and its cheaper frontier neighbours) on further val images, neither plan
+    nor confirm images, streamed until every explicit budget is decided
+    (:mod:`analysis.decide`); the planner takes the result (:meth:`Planner.settle`).
+    None when there is no further image."""
+    t0 = time.time()
+    val = session.images("val", None)
+    _, _, positions = val_split(session, len(val), n_plan, n_confirm, opts.decide_images)
+    if not positions:
+        print("vitq: note: no val image is left beside the plan and confirm images: the budget is decided on the "
+              "plan images only", file=sys.stderr)
+        return None
+    points: list[Point] = planner.decide_points(opts.decide_neighbours)
+    candidates = []
+    for i, point in enumerate(points):
+        name = "plan" if i == 0 else f"neighbour_{i}"
+        config = copy.deepcopy(point.config)
+        config.name = name
+        candidates.append(Candidate(name, int(point.row["attempt"]), config))
+    images = val.subset(positions)
+    limits = planner.budget.limits()
+    settings = {**session.describe(), "val_files": [str(p) for p, _ in images.items], "log_version": LOG_VERSION,
+                "candidates": {c.name: c.config.to_dict() for c in candidates}, "limits": limits,
+                "backend": opts.decide_backend, "looks": LOOKS}
+    log = MeasurementLog(session.out / f"plan_decide.{settings_key(settings)}.jsonl", settings)
+    done = evaluated_images(log)
+    todo = images.subset([i for i in range(len(images)) if images.ids[i] not in done])
+    chunk = max(session.opts.batch_size, -(-len(images) // min(LOOKS, len(images))))
+    result = decide_candidates(lambda: decide_model(session, opts.decide_backend), candidates, limits, _chunked_batches(session, todo, chunk), len(images),
+                               log=log, total=session.num_batches(todo), progress=session.opts.progress)
+    chosen = 0 if result.chosen is None else result.chosen
+    planner.settle(points, result.chosen, result.decisions[candidates[chosen].name], result.images)
+    return result, {"wall_s": round(time.time() - t0, 1), "measured_now": log.measured_now,
+                    "resumed_images": result.resumed, "log": str(log.path)}
+
+
+def _decide_summary(result: DecideResult, opts: PlanOptions) -> dict:
+    """The decide stage's meta (plan_decide.json, and ``decide`` in plan_steps.json)."""
+    chosen = None if result.chosen is None else result.candidates[result.chosen].name
+    final = result.candidates[result.chosen or 0].name
+    return {"backend": opts.decide_backend, "max_images": result.max_images, "looks": result.looks,
+            "images": result.images,
+            "candidates": [{"name": c.name, "attempt": c.attempt, "outcome": result.outcomes[c.name]}
+                           for c in result.candidates],
+            "chosen": chosen, "decisions": [d.to_dict() for d in result.decisions[final]]}

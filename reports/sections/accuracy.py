@@ -7,7 +7,7 @@ from typing import Any
 from analysis import artifacts
 
 from ..format import (DB2, MAC_SHARE, PCT, PP, SITES_KEPT_FLOAT, SORTABLE_MIN_ROWS, Column, esc, fmt_int, fmt_small,
-                      make_table, records, text_column)
+                      make_table, plus_minus, records, text_column)
 from ..reader import Artefacts
 from ..registry import Section, command, missing_note, register_section
 
@@ -16,7 +16,9 @@ COLUMNS = [
     Column("images", "images", fmt_int, title="validation images"),
     Column("top1", "top-1 (%)", PCT),
     Column("top5", "top-5 (%)", PCT),
-    Column("top1_drop", "top-1 drop (pp)", PP, title="FP32 top-1 minus this config's, percentage points"),
+    Column("top1_drop", "top-1 drop ± se (pp)", text=plus_minus("top1_drop", "top1_drop_se", PP),
+           title="FP32 top-1 minus this config's, percentage points, ± its paired standard error (per-image"
+                 " correctness differences on the same images)"),
     Column("top5_drop", "top-5 drop (pp)", PP),
     Column("agreement", "agreement (%)", PCT, title="images whose top-1 class equals FP32's"),
     Column("kl", "KL (nats)", fmt_small, title="mean KL(FP32 ‖ config) of the class distributions"),

@@ -32,6 +32,18 @@ def _budget_text(budget: Any) -> str:
     return ", ".join(p for p in parts if p) or "none"
 
 
+def _outcome_text(m: dict[str, Any]) -> str:
+    """met, or the outcome in bold (undecided, not met, ...; see the budgets section)."""
+    if is_true(m["met"]):
+        return "met"
+    outcome = m.get("outcome")
+    return f"<b>{esc(str(outcome) if not is_missing(outcome) and outcome != 'met' else 'not met')}</b>"
+
+
+def _explicit(budget: Any) -> bool:
+    return isinstance(budget, dict) and any(not is_missing(budget.get(k)) for k in ("max_drop", "min_agreement", "max_kl"))
+
+
 def _interval(r: dict[str, Any]) -> str:
     lo, hi = r.get("gain_lo"), r.get("gain_hi")
     return "–" if is_missing(lo) or is_missing(hi) else f"[{fmt_small(lo)}, {fmt_small(hi)}]"
@@ -51,7 +63,7 @@ def _gain_columns(objective: str) -> list[Column]:
                    title="paired bootstrap over images; a move is kept when the interval lies above 0")]
 
 
-def _plan_columns(objective: str, kind: str, cost_unit: str) -> list[Column]:
+def _plan_columns(objective: str, kind: str, cost_unit: str, explicit: bool = False) -> list[Column]:
     cols = [Column("attempt", "attempt", fmt_int), text_column("path", "path"), text_column("change", "change", wrap=True),
             *([text_column("kept", "kept", fmt=fmt_yes)] if kind == "tried" else []),
             *_gain_columns(objective), _objective_column(objective)]
@@ -59,6 +71,9 @@ def _plan_columns(objective: str, kind: str, cost_unit: str) -> list[Column]:
         cols.append(Column("kl", "KL (nats)", fmt_small))
     cols += [Column("agreement", "agreement (%)", PCT), Column("top1_drop", "top-1 drop (pp)", PP),
              Column("float_sites", "float sites", fmt_int), SITES_KEPT_FLOAT, MAC_SHARE]
+    if explicit:
+        cols.append(text_column("budget_outcome", "budget", title="the explicit budget on the plan images: met, not"
+                                                                  " met or undecided (one-sided 95 % bounds)"))
     if kind == "steps":
         cols += [Column("cost", "cost", fmt_fixed(1), title=f"the planner's cost: {cost_unit}"),
                  text_column("on_frontier", "frontier", fmt=fmt_yes), text_column("plan", "plan", fmt=fmt_yes)]
@@ -103,7 +118,7 @@ def planner(a: Artefacts, sec: Section) -> None:
     objective_name = esc(OBJECTIVE_NAMES.get(objective, objective))
     level = num(noise.get("level"))
     sec.add("p", (
-        f"Budget: {esc(_budget_text(m['budget']))}; {'met' if is_true(m['met']) else '<b>not met</b>'}"
+        f"Budget: {esc(_budget_text(m['budget']))}; {_outcome_text(m)}"
         + (f" at attempt {fmt_int(m['met_at_step'])}" if not is_missing(m["met_at_step"]) else "")
         + f". Search objective: {objective_name} on {fmt_int(m['plan_images'])} plan images, starting from"
         f" <code>{esc(fmt_text(m['start']))}</code> and from the best reference preset"
@@ -140,13 +155,13 @@ def planner(a: Artefacts, sec: Section) -> None:
         sec.add_table(make_table(
             "plan-table", "Kept points: the reference rows, then every move of each search path that beat the noise,"
                           " in order. Accuracy and agreement in %, drop in pp, KL in nats.",
-            _plan_columns(objective, "steps", cost_unit), records(steps),
+            _plan_columns(objective, "steps", cost_unit, _explicit(m["budget"])), records(steps),
             row_class=lambda r: "plan-row" if is_true(r.get("plan")) else ""))
     if tried_t is not None:
         sec.add_table(make_table(
             "tried-table", f"Every measured attempt, kept or not ({len(tried_t.rows)}). <i>gain</i> is the"
                            " objective gained over the path's previous kept point.",
-            _plan_columns(objective, "tried", cost_unit), records(tried_t.rows),
+            _plan_columns(objective, "tried", cost_unit, _explicit(m["budget"])), records(tried_t.rows),
             row_class=lambda r: "" if is_true(r.get("kept")) else "dropped-row"))
     if confirm_t is not None:
         sec.add_table(make_table(
