@@ -29,8 +29,19 @@ correction change the model's parameters (LayerNorm affine, consumer weights,
 Linear biases), which the export writes as they are: smoothed LayerNorm weights and
 biases and corrected biases as float initializers, smoothed weights as int8.
 
-Only standard ``ai.onnx`` ops are produced (opset >= 18, the dynamo exporter's).
-Only 8-bit specs can be exported: Q/DQ below opset 21 is 8-bit only.
+Formats beyond int8 (``QuantConfig.formats``: int16 activations, int4 weights per channel
+or group-wise, FP8 E4M3) take another route, because torch's Q/DQ ops and torchlib know
+8-bit integers only: during export such a slot runs ``vitq_export::placeholder(x, slot)``,
+an identity op the exporter writes as a ``vitq.export.Placeholder`` node naming the slot,
+and :func:`expand_placeholders` replaces each by opset-21 ``QuantizeLinear`` +
+``DequantizeLinear`` with the slot's parameters (uint16/int16 zero points, FLOAT8E4M3FN
+zero points) or, for a weight, by an int4/int8/int16/FP8 initializer holding the codes the
+simulation rounds to, and a ``DequantizeLinear`` (``axis``, and ``block_size`` for
+group-wise weights: ONNX's blocked quantization). The model is then written at opset 21.
+
+Only standard ``ai.onnx`` ops are produced (opset >= 18, the dynamo exporter's; 21 when a
+tensor is not an 8-bit integer). Integer tensors of 4, 8 or 16 bits and FP8 E4M3 can be
+exported; other widths are refused.
 """
 
 from __future__ import annotations
@@ -51,12 +62,17 @@ from torch import nn
 from .config import ConfigError
 from .model import QuantModel, TensorQuantizer
 from .modes import OBSERVE, QUANT
-from .quantizer import QParams, quantize_to_int
+from .quantizer import E4M3_MAX, QParams, expanded_qparams, quantize_to_int
 from .store import atomic_write
 
 Q_OP, DQ_OP = "QuantizeLinear", "DequantizeLinear"
 STANDARD_DOMAINS = ("", "ai.onnx")
 INT8_RANGES = {(0, 255): "uint8", (-128, 127): "int8"}
+# integer grids opset 21 Q/DQ holds beside the 8-bit ones, by (qmin, qmax)
+WIDE_RANGES = {(0, 65535): "uint16", (-32768, 32767): "int16", (0, 15): "uint4", (-8, 7): "int4"}
+E4M3 = "float8e4m3fn"
+PLACEHOLDER_DOMAIN, PLACEHOLDER_OP = "vitq.export", "Placeholder"
+WIDE_OPSET = 21  # the first opset with int4/int16 Q/DQ and blocked quantization
 OPTIMIZE = False
 
 
@@ -86,6 +102,19 @@ class Int8Tensor:
     per_channel: bool
 
 
+def onnx_dtype(qp: QParams) -> str:
+    """The ONNX element type of ``qp``'s codes (uint8, int8, int16, int4, float8e4m3fn, ...)."""
+    if qp.encoding == "e4m3":
+        return E4M3
+    return {**INT8_RANGES, **WIDE_RANGES}[(qp.qmin, qp.qmax)]
+
+
+def is_standard_int8(qp: QParams) -> bool:
+    """What torch's Q/DQ ops export as they are (opset 18): 8-bit integers per tensor or
+    per channel; everything else goes through a placeholder (module docstring)."""
+    return qp.encoding == "int" and qp.group_size is None and (qp.qmin, qp.qmax) in INT8_RANGES
+
+
 def _qkey(qp: QParams) -> tuple:
     return (qp.qmin, qp.qmax, qp.ch_axis, tuple(qp.scale.tolist()), tuple(qp.zero_point.tolist()))
 
@@ -94,9 +123,14 @@ def _check_exportable(qmodel: QuantModel) -> None:
     for tq in qmodel.tensor_quantizers():
         if tq.mode == OBSERVE:
             raise ExportError(f"{tq.name} is observing (calibration in progress); apply a config first")
-        if tq.mode == QUANT and (tq.qparams.qmin, tq.qparams.qmax) not in INT8_RANGES:
+        if tq.mode != QUANT:
+            continue
+        qp = tq.qparams
+        if qp.encoding == "int" and (qp.qmin, qp.qmax) not in {**INT8_RANGES, **WIDE_RANGES}:
             raise ExportError(f"{tq.name}: {tq.spec.bits}-bit quantization cannot be exported; "
-                              f"ONNX opset <= 20 Q/DQ is 8-bit only")
+                              f"ONNX Q/DQ holds 4-, 8- and 16-bit integers and FP8 E4M3")
+        if qp.group_size is not None and not tq.is_weight:  # pragma: no cover - QuantConfig refuses it
+            raise ExportError(f"{tq.name}: group-wise quantization of an activation cannot be exported")
 
 
 def int8_tensors(qmodel: QuantModel, example_pixels: torch.Tensor) -> list[Int8Tensor]:
@@ -114,8 +148,7 @@ def int8_tensors(qmodel: QuantModel, example_pixels: torch.Tensor) -> list[Int8T
         if key in seen:
             seen[key].slots.append(tq.name)
         else:
-            seen[key] = Int8Tensor([tq.name], tq.is_weight, INT8_RANGES[(tq.qparams.qmin, tq.qparams.qmax)],
-                                   tq.qparams.per_channel)
+            seen[key] = Int8Tensor([tq.name], tq.is_weight, onnx_dtype(tq.qparams), tq.qparams.per_channel)
 
     tqs = [tq for tq in qmodel.tensor_quantizers() if tq.mode == QUANT]
     for tq in tqs:
@@ -138,8 +171,47 @@ class _ExportQuantizer(TensorQuantizer):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == QUANT:
+            if not is_standard_int8(self.qparams):
+                return _placeholder_op()(x, self.name)
             return export_qdq(x, self.qparams, self._scalar_qparams)
         return x
+
+
+_PLACEHOLDER: list = []  # the registered torch op, once
+
+
+def _placeholder_op():
+    """``torch.ops.vitq_export.placeholder(x, slot)``: an identity op ``torch.export``
+    keeps as it is (a custom op), written to ONNX as ``vitq.export.Placeholder``."""
+    if not _PLACEHOLDER:
+        @torch.library.custom_op("vitq_export::placeholder", mutates_args=())
+        def placeholder(x: torch.Tensor, slot: str) -> torch.Tensor:
+            return x.clone()
+
+        @placeholder.register_fake
+        def _(x, slot):
+            return torch.empty_like(x)
+        _PLACEHOLDER.append(torch.ops.vitq_export.placeholder.default)
+    return _PLACEHOLDER[0]
+
+
+def _placeholder_translation() -> dict:
+    """The exporter's translation of the placeholder op: a ``vitq.export.Placeholder``
+    node with the slot's name (its ONNX schema registered once)."""
+    import onnx
+    import onnxscript
+    from onnx.defs import OpSchema
+
+    if not onnx.defs.has(PLACEHOLDER_OP, PLACEHOLDER_DOMAIN):
+        onnx.defs.register_schema(OpSchema(
+            PLACEHOLDER_OP, PLACEHOLDER_DOMAIN, 1, inputs=[OpSchema.FormalParameter("x", "T")],
+            outputs=[OpSchema.FormalParameter("y", "T")], type_constraints=[("T", ["tensor(float)"], "")],
+            attributes=[OpSchema.Attribute("slot", OpSchema.AttrType.STRING, "quantizer slot name")]))
+    node = getattr(onnxscript.values.Opset(PLACEHOLDER_DOMAIN, 1), PLACEHOLDER_OP)
+
+    def translate(x, slot: str):
+        return node(x, slot=slot)
+    return {_placeholder_op(): translate}
 
 
 def _decomposed_ops():
@@ -254,9 +326,11 @@ def _drop_noop_clips(graph) -> int:
 
 
 def export_graph(module: nn.Module, example: torch.Tensor, opset: int = 18, dynamic_batch: bool = True,
-                 input_name: str = "pixel_values", output_name: str = "logits"):
+                 input_name: str = "pixel_values", output_name: str = "logits",
+                 placeholders: dict[str, QParams] | None = None):
     """``module(example)`` through the dynamo ONNX exporter, post-processed into a
-    standard Q/DQ graph (constants as initializers, duplicate pairs merged, no-op clips
+    standard Q/DQ graph (constants as initializers, placeholders expanded with
+    ``placeholders`` (slot name -> its parameters), duplicate pairs merged, no-op clips
     dropped, weights folded to int8 initializers); returns the ModelProto. Call inside
     :func:`export_mode`."""
     onnx = _require_onnx()
@@ -267,19 +341,23 @@ def export_graph(module: nn.Module, example: torch.Tensor, opset: int = 18, dyna
                           "pip install 'vitq[onnx]'") from None
     if opset < 18:
         raise ExportError(f"opset {opset}: the dynamo ONNX exporter writes opset >= 18")
+    if placeholders and opset < WIDE_OPSET:
+        opset = WIDE_OPSET
     shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
     with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(module, (example,), dynamo=True, opset_version=opset,
                                         input_names=[input_name], output_names=[output_name],
-                                        dynamic_shapes=shapes, verbose=False, optimize=OPTIMIZE)
+                                        dynamic_shapes=shapes, verbose=False, optimize=OPTIMIZE,
+                                        custom_translation_table=_placeholder_translation() if placeholders else None)
         except Exception as e:  # torch.export / onnxscript raise many types
             raise ExportError(f"the dynamo ONNX exporter failed: {str(e).strip().splitlines()[0][:300]}") from e
     model = program.model_proto
     graph = model.graph
     _fold_param_casts(graph)
     _constants_to_initializers(graph)
+    expand_placeholders(model, placeholders or {})
     _drop_noop_clips(graph)
     _prune(graph)
     _dedupe_qdq(graph)
@@ -424,6 +502,103 @@ def _dedupe_qdq(graph) -> int:
     return _drop_and_rename(graph, graph.node, drop, rename)
 
 
+def weight_codes(w: torch.Tensor, qp: QParams) -> np.ndarray:
+    """The codes the simulation rounds weight ``w`` to: integers (int32), or E4M3 values
+    as float32 (``w / scale`` saturated at +-448, through ``torch.float8_e4m3fn``)."""
+    if qp.encoding == "e4m3":
+        scale, _ = expanded_qparams(qp, w)
+        return (w / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float().numpy()
+    return quantize_to_int(w, qp).numpy()
+
+
+def _typed_tensor(name: str, values: np.ndarray, dtype: str):
+    """An initializer of ONNX element type ``dtype`` (int4/uint4 packed, FP8 from the
+    E4M3 values' bits) holding ``values``."""
+    from onnx import TensorProto, helper
+
+    values = np.ascontiguousarray(values)
+    if dtype == E4M3:
+        bits = torch.from_numpy(values.astype(np.float32)).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+        return helper.make_tensor(name, TensorProto.FLOAT8E4M3FN, values.shape, bits.tobytes(), raw=True)
+    if dtype in ("int4", "uint4"):
+        kind = TensorProto.INT4 if dtype == "int4" else TensorProto.UINT4
+        return helper.make_tensor(name, kind, values.shape, values.astype(np.int32).reshape(-1).tolist())
+    from onnx import numpy_helper
+    return numpy_helper.from_array(values.astype(np.dtype(dtype)), name)
+
+
+def expand_placeholders(model, placeholders: dict[str, QParams]) -> int:
+    """Replace every ``vitq.export.Placeholder`` node by the Q/DQ of its slot (see the
+    module docstring): an activation by QuantizeLinear + DequantizeLinear with per-tensor
+    scalars, a weight (an initializer) by its codes and a DequantizeLinear, a following
+    2-D Transpose folded into them (codes ``[in, out]``, the axis swapped). Returns how
+    many were replaced."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    arrays = _initializer_arrays(graph)
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    nodes, replaced = [], 0
+    dropped: set[int] = set()
+    for n in list(graph.node):
+        if id(n) in dropped:
+            continue
+        if n.domain != PLACEHOLDER_DOMAIN:
+            nodes.append(n)
+            continue
+        slot = _attr(n, "slot").decode() if isinstance(_attr(n, "slot"), bytes) else _attr(n, "slot")
+        if slot not in placeholders:
+            raise ExportError(f"placeholder for {slot}: no quantization parameters given")
+        qp, dtype, x, out = placeholders[slot], onnx_dtype(placeholders[slot]), n.input[0], n.output[0]
+        prefix = f"{slot.replace(':', '.')}_{dtype}"
+        if x not in arrays:  # an activation: per-tensor scalars
+            scale, zp = float(qp.scale.reshape(-1)[0]), int(qp.zero_point.reshape(-1)[0])
+            graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), f"{prefix}_scale"),
+                                      _typed_tensor(f"{prefix}_zero_point", np.array(zp), dtype)])
+            params = [f"{prefix}_scale", f"{prefix}_zero_point"]
+            nodes.append(helper.make_node(Q_OP, [x, *params], [f"{prefix}_q"], name=f"{prefix}_Q"))
+            nodes.append(helper.make_node(DQ_OP, [f"{prefix}_q", *params], [out], name=f"{prefix}_DQ"))
+            replaced += 1
+            continue
+        w = torch.from_numpy(arrays[x].copy()).float()
+        codes = weight_codes(w, qp)
+        axis, block = (1, qp.group_size) if qp.group_size is not None else (qp.ch_axis, None)
+        shape = (w.shape[0], -1, *w.shape[2:]) if block is not None else (-1,)
+        scale = qp.scale.float().reshape(shape).numpy()
+        zp = qp.zero_point.reshape(shape).numpy()
+        after = consumers.get(out, [])
+        if (len(after) == 1 and after[0].op_type == "Transpose" and codes.ndim == 2
+                and list(_attr(after[0], "perm", [1, 0])) == [1, 0]):
+            codes = codes.T
+            if block is not None:
+                scale, zp = scale.T, zp.T
+            if axis is not None:
+                axis = 1 - axis
+            dropped.add(id(after[0]))
+            out = after[0].output[0]
+        if axis is None:
+            scale, zp = scale.reshape(()), zp.reshape(())
+        graph.initializer.extend([_typed_tensor(f"{prefix}_quantized", codes, dtype),
+                                  numpy_helper.from_array(np.ascontiguousarray(scale, np.float32), f"{prefix}_scale"),
+                                  _typed_tensor(f"{prefix}_zero_point", zp, dtype)])
+        attrs = {} if axis is None else {"axis": int(axis)}
+        if block is not None:
+            attrs["block_size"] = int(block)
+        nodes.append(helper.make_node(DQ_OP, [f"{prefix}_quantized", f"{prefix}_scale", f"{prefix}_zero_point"],
+                                      [out], name=f"{prefix}_DQ", **attrs))
+        replaced += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    kept = [o for o in model.opset_import if o.domain != PLACEHOLDER_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+    _prune(graph)
+    return replaced
+
+
 def fold_weights(graph) -> int:
     """Replace ``Q(constant float W) -> DQ`` by ``int8 initializer -> DQ`` (and fold
     a following 2-D Transpose into the initializer); returns the weights folded."""
@@ -493,7 +668,7 @@ class ExportResult:
     path: Path
     quantize_nodes: int
     dequantize_nodes: int
-    int8_weights: int  # int8 initializers feeding a DequantizeLinear
+    int8_weights: int  # quantized weight initializers (int8, or int4/int16/FP8 of other formats) feeding a DQ
     activation_qdq: int  # QuantizeLinear nodes (activations quantized at run time)
     file_bytes: int
     ops: dict[str, int] = field(default_factory=dict)
@@ -512,8 +687,9 @@ def summarize(model, path: str | os.PathLike | None = None) -> ExportResult:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
     arrays_dtype = {i.name: i.data_type for i in graph.initializer}
     from onnx import TensorProto
-    int8 = {TensorProto.INT8, TensorProto.UINT8}
-    weights = sum(1 for n in graph.node if n.op_type == DQ_OP and arrays_dtype.get(n.input[0]) in int8)
+    coded = {TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16, TensorProto.INT4,
+             TensorProto.UINT4, TensorProto.FLOAT8E4M3FN}
+    weights = sum(1 for n in graph.node if n.op_type == DQ_OP and arrays_dtype.get(n.input[0]) in coded)
     p = Path(path) if path is not None else None
     return ExportResult(p, ops.get(Q_OP, 0), ops.get(DQ_OP, 0), weights, ops.get(Q_OP, 0),
                         p.stat().st_size if p is not None and p.exists() else model.ByteSize(), ops)
@@ -540,8 +716,10 @@ def export_onnx(qmodel: QuantModel, path: str | os.PathLike, example_pixels: tor
     if len(example) == 1:  # trace at batch 2: nothing can mistake the batch size for a constant
         example = example.expand(2, *example.shape[1:]).contiguous()
     expected = int8_tensors(qmodel, example)
+    placeholders = {tq.name: tq.qparams for tq in qmodel.tensor_quantizers()
+                    if tq.mode == QUANT and not is_standard_int8(tq.qparams)}
     with export_mode(qmodel):
-        model = export_graph(_Forward(qmodel), example, opset, dynamic_batch)
+        model = export_graph(_Forward(qmodel), example, opset, dynamic_batch, placeholders=placeholders)
     graph = model.graph
     bad = nonstandard_ops(model)
     if bad:

@@ -144,7 +144,7 @@ def fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
     if qp.encoding == "e4m3":
         return fake_quantize_e4m3(x, qp)
     if qp.group_size is not None:
-        scale, zp = _expanded(qp, x)
+        scale, zp = expanded_qparams(qp, x)
         q = torch.clamp(torch.round(x * (1.0 / scale)) + zp, qp.qmin, qp.qmax)
         return _straight_through(x, (q - zp) * scale)
     if qp.per_channel:
@@ -168,7 +168,7 @@ def _fake_quantize_composed(x: torch.Tensor, qp: QParams) -> torch.Tensor:
     y.round_()
     y.clamp_(lo, hi)
     return y.mul_(scale)
-def _expanded(qp: QParams, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def expanded_qparams(qp: QParams, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero point) broadcastable to ``x``: per tensor, per channel (along
     ``ch_axis``) or group-wise (each group's value repeated over its input channels)."""
     scale, zp = qp.scale.to(x.device), qp.zero_point.to(x.device)
@@ -194,7 +194,7 @@ def _straight_through(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def fake_quantize_e4m3(x: torch.Tensor, qp: QParams) -> torch.Tensor:
     """``x / scale`` saturated at +-448, rounded to E4M3 (nearest, half to even, through
     ``torch.float8_e4m3fn``), times ``scale`` (ONNX's FP8 QuantizeLinear/DequantizeLinear)."""
-    scale, _ = _expanded(qp, x)
+    scale, _ = expanded_qparams(qp, x)
     q = (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).to(x.dtype)
     return _straight_through(x, q * scale)
 
@@ -203,6 +203,6 @@ def quantize_to_int(x: torch.Tensor, qp: QParams) -> torch.Tensor:
     """Integer codes of ``x`` (int32), for export and for checking the maths."""
     if qp.encoding != "int":
         raise ValueError(f"quantize_to_int: {qp.encoding} codes are not integers")
-    scale, zp = _expanded(qp, x)
+    scale, zp = expanded_qparams(qp, x)
     return torch.clamp(torch.round(x * (1.0 / scale)) + zp, qp.qmin, qp.qmax).to(torch.int32)
 
