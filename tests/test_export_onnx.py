@@ -321,3 +321,23 @@ def test_int16_activation_and_int4_weight_codes_in_the_graph_are_the_simulations
     act = qmodel.quantizers["blocks.0.residual_attn"]["output"].qparams
     assert inits["blocks.0.residual_attn.output_uint16_zero_point"] == act.zero_point.item()
     assert inits["blocks.0.residual_attn.output_uint16_scale"] == np.float32(act.scale.item())
+
+
+@needs_ort
+def test_cli_eval_onnxruntime_runs_a_config_with_formats(model_and_data, tmp_path, capsys):
+    from vitq.cli import main
+
+    model_dir, data_dir = model_and_data
+    cfg = tmp_path / "multi.yaml"
+    cfg.write_text("name: multi\nformats:\n  '*.residual_*': a16w8\n  '*.mlp.fc2': w4a8\n  blocks.0.mlp.fc1: fp8\n"
+                   "overrides:\n  '*.mlp.fc2': {weight: {group_size: 32}}\n")
+    out = tmp_path / "out"
+    assert main(["eval", "--backend", "onnxruntime", "--preset", "fp32", "--config", str(cfg), "--model",
+                 str(model_dir), "--data", str(data_dir), "--calib", "8", "--out", str(out), "--no-progress"]) == 0
+    assert "onnxruntime vs fake-quant top-1 agreement: multi" in capsys.readouterr().out
+    df = pd.read_csv(out / "eval.csv").set_index("config")
+    assert df.loc["multi", "sim_agreement"] >= 99
+    model = onnx.load(str(out / "onnx" / "model_multi.onnx"))
+    assert {o.version for o in model.opset_import if o.domain == ""} == {21}
+    types = {i.data_type for i in model.graph.initializer}
+    assert {TensorProto.UINT16, TensorProto.INT4, TensorProto.FLOAT8E4M3FN, TensorProto.INT8} <= types
