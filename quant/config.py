@@ -168,6 +168,12 @@ class QuantConfig:
                 close = _close(pattern, sites)
                 hint = f"; close matches: {', '.join(close)}" if close else "; `vitq sites` lists the names"
                 raise ConfigError(f"pattern {pattern!r} matches no site of this model{hint}")
+        for pattern, fmt in self.formats.items():
+            named = [s for s in sites if pattern == s.kind or matches(s, pattern)]
+            if not FORMATS[fmt].is_float and named and all(s.kind in self.float_kinds for s in named):
+                kinds = sorted({s.kind for s in named})
+                raise ConfigError(f"formats {pattern!r}: every site it names is of a float kind ({', '.join(kinds)}); "
+                                  f"remove {', '.join(kinds)} from float_kinds to give it format {fmt}")
         for what, patterns, kind in (("smooth", self.smooth, "layernorm"),
                                      ("bias_correction", self.bias_correction, "linear")):
             for pattern in patterns:

@@ -92,7 +92,8 @@ def _require_onnx():
 # -- what the graph must contain -------------------------------------------------
 @dataclass
 class Int8Tensor:
-    """One distinct int8 tensor: the quantizer slots that quantize the same tensor
+    """One distinct quantized tensor (``dtype``: its ONNX element type, int8 or another
+    format's): the quantizer slots that quantize the same tensor
     with identical parameters (q/k/v projections read one LayerNorm output) share
     one Q/DQ pair in the graph."""
 
@@ -134,8 +135,9 @@ def _check_exportable(qmodel: QuantModel) -> None:
 
 
 def int8_tensors(qmodel: QuantModel, example_pixels: torch.Tensor) -> list[Int8Tensor]:
-    """The distinct int8 tensors of the current state, found by running the model
-    once with a tap on every quantizing slot (independent of any ONNX graph)."""
+    """The distinct quantized tensors of the current state (int8, and the other formats'
+    int16/int4/FP8), found by running the model once with a tap on every quantizing slot
+    (independent of any ONNX graph)."""
     _check_exportable(qmodel)
     seen: dict[tuple, Int8Tensor] = {}
     keep: list[torch.Tensor] = []  # keep inputs alive so their id() stays unique
@@ -549,7 +551,8 @@ def expand_placeholders(model, placeholders: dict[str, QParams]) -> int:
         if n.domain != PLACEHOLDER_DOMAIN:
             nodes.append(n)
             continue
-        slot = _attr(n, "slot").decode() if isinstance(_attr(n, "slot"), bytes) else _attr(n, "slot")
+        slot = _attr(n, "slot")
+        slot = slot.decode() if isinstance(slot, bytes) else slot
         if slot not in placeholders:
             raise ExportError(f"placeholder for {slot}: no quantization parameters given")
         qp, dtype, x, out = placeholders[slot], onnx_dtype(placeholders[slot]), n.input[0], n.output[0]

@@ -139,6 +139,10 @@ def test_unknown_format_and_unmatched_pattern_are_one_line_errors(qm):
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match=r"pattern 'blocks\.9\.\*' matches no site of this model"):
         QuantConfig(formats={"blocks.9.*": "a16w8"}).validate(qm.sites)
+    with pytest.raises(ConfigError, match=r"formats 'softmax': every site it names is of a float kind \(softmax\); "
+                                          r"remove softmax from float_kinds to give it format a16w8"):
+        QuantConfig(formats={"softmax": "a16w8"}).validate(qm.sites)
+    QuantConfig(formats={"softmax": "a16w8"}, float_kinds=["layernorm", "gelu"]).validate(qm.sites)
     with pytest.raises(ConfigError, match="group_size applies to weights only"):
         QuantConfig.from_dict({"activation": {"group_size": 32}})
     with pytest.raises(ConfigError, match="group_size must be a positive integer"):
