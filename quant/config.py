@@ -115,10 +115,10 @@ class QuantConfig:
 
     # -- decisions per site ----------------------------------------------
     def is_float(self, site: Site) -> bool:
-        """Every tensor of ``site`` stays float: a float kind, a skip-list entry or the
-        ``float`` format."""
+        """Every tensor of ``site`` stays float: a float kind, a skip-list entry, the
+        ``float`` format, or a weight-only format at a site without weights."""
         return (site.kind in self.float_kinds or any(matches(site, p) for p in self.float_sites)
-                or self.format_of(site).is_float)
+                or self.format_of(site).keeps_float(site))
 
     def format_of(self, site: Site) -> Format:
         """The format the ``formats`` mapping gives ``site`` (the last matching entry; a

@@ -129,6 +129,11 @@ def test_formats_by_name_glob_and_kind_later_wins_float_sites_win(qm):
     assert cfg.is_float(_site(qm, "blocks.1.norm1"))  # so do the float kinds
     assert not cfg.is_float(_site(qm, "blocks.1.attn.k"))
     assert QuantConfig(formats={"head": "float"}).is_float(_site(qm, "head"))
+    # weight-only at a site without weights quantizes nothing: float, and counted so
+    weight_only = QuantConfig(formats={"blocks.0.*": "w8"})
+    assert weight_only.is_float(_site(qm, "blocks.0.attn.matmul_qk"))
+    assert weight_only.is_float(_site(qm, "blocks.0.residual_mlp"))
+    assert not weight_only.is_float(_site(qm, "blocks.0.attn.q"))
 
 
 def test_unknown_format_and_unmatched_pattern_are_one_line_errors(qm):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable, ClassVar, TypeVar
 
 from ..quantizer import QuantSpec
+from ..sites import Site
 
 FLOAT_BITS = 32  # what a float tensor counts in bit-based costs (AIMET's BitOps convention)
 
@@ -28,8 +29,13 @@ class Format:
 
     @property
     def is_float(self) -> bool:
-        """Every tensor of the site stays float."""
+        """Every tensor of any site stays float."""
         return self.weight_bits == FLOAT_BITS and self.activation_bits == FLOAT_BITS
+
+    def keeps_float(self, site: Site) -> bool:
+        """Every tensor of ``site`` stays float in this format (a weight-only format at a
+        site without weights: a matmul, a residual add)."""
+        return self.activation_bits == FLOAT_BITS and (self.weight_bits == FLOAT_BITS or not site.has_weight())
 
     def __repr__(self) -> str:
         return f"<format {self.name}>"
