@@ -199,6 +199,17 @@ def test_weight_only_format_leaves_the_activation_float_in_the_model(qm, pixels)
     qm.apply(None)
 
 
+def test_error_analysis_measures_weights_in_their_format(qm):
+    from analysis.errors import weight_errors
+
+    int8 = weight_errors(qm, QuantConfig()).set_index("site")
+    w4 = weight_errors(qm, QuantConfig(formats={"head": "w4", "blocks.0.mlp.fc1": "fp8"})).set_index("site")
+    # 4 bits fewer: ~6 dB a bit lower SQNR at the w4 site, the same elsewhere
+    assert int8.loc["head", "per_channel_sqnr_db"] - w4.loc["head", "per_channel_sqnr_db"] > 18
+    assert w4.loc["blocks.0.mlp.fc2", "per_channel_sqnr_db"] == int8.loc["blocks.0.mlp.fc2", "per_channel_sqnr_db"]
+    assert w4.loc["blocks.0.mlp.fc1", "per_channel_sqnr_db"] != int8.loc["blocks.0.mlp.fc1", "per_channel_sqnr_db"]
+
+
 # -- cost ------------------------------------------------------------------------------------
 def test_bitops_of_a_mixed_format_config_by_hand(qm, pixels):
     macs = site_macs(qm, pixels)
