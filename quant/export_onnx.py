@@ -1,53 +1,44 @@
-"""Export a QuantModel to ONNX with QuantizeLinear/DequantizeLinear at its int8 tensors.
+"""Export a QuantModel to ONNX with QuantizeLinear/DequantizeLinear at its quantized tensors.
 
 The graph is the instrumented model itself, captured by ``torch.export`` and
 translated by torch's dynamo ONNX exporter (``torch.onnx.export(..., dynamo=True)``,
-which needs ``onnxscript``). During export (:func:`export_mode`) every quantizing
-slot runs ``quantized_decomposed.quantize_per_{tensor,channel}`` followed by the
-matching ``dequantize_*`` op (torch's PT2E Q/DQ ops, which ``torch.export`` keeps as
-they are and onnxscript's torchlib writes as QuantizeLinear + DequantizeLinear). So
-the Q/DQ placement is by construction the one the fake-quant simulation runs: an int8
-activation gets a Q/DQ pair with its calibrated scale and zero point (uint8 when
-asymmetric, int8 when symmetric), a float site gets nothing. (The simulation's own
-op, ``torch.fake_quantize_per_tensor_affine`` with tensor qparams, cannot be captured:
+which needs ``onnxscript``). During export (:func:`export_mode`) every quantizing slot
+runs ``vitq_export::placeholder(x, slot)``, an identity custom op that ``torch.export``
+keeps and the exporter writes as a ``vitq.export.Placeholder`` node naming the slot;
+:func:`expand_placeholders` then replaces each by the slot's Q/DQ, built here with its
+calibrated parameters. So the Q/DQ placement is by construction the one the fake-quant
+simulation runs, and a float site gets nothing. (The simulation's own op,
+``torch.fake_quantize_per_tensor_affine`` with tensor qparams, cannot be captured:
 ``torch.export`` decomposes it into ``_fake_quantize_per_tensor_affine_cachemask_tensor_qparams``,
-which has no fake-tensor kernel in torch 2.13/2.14. The TorchScript exporter, which
-torch deprecates, is no longer used.)
+which has no fake-tensor kernel in torch 2.13/2.14; torch's PT2E Q/DQ ops, which torchlib
+translates, know 8-bit integers only.)
 
-Weights: in QUANT mode a weight quantizer returns its cached fake-quantized weight,
-which a trace would freeze into a float constant. During export weight quantizers
-run Q -> DQ on the float weight instead; the post-processing (:func:`fold_weights`)
-then replaces each ``Q(constant W)`` by an int8 initializer holding the integer codes,
-bit-exact with the simulation's weights. A Linear's ``DQ -> Transpose`` (``x @ W.T``)
-is folded too: the int8 initializer is stored transposed (``[in, out]``) and a
-per-channel DQ uses ``axis=1`` (the output channel), the layout ONNX Runtime's QDQ
-fusions expect. A ``Clip`` to the full int8/uint8 range between a Q and its DQ (how
-torchlib writes a per-channel quantize's clamp) is a no-op and is dropped.
+- An activation gets ``QuantizeLinear -> DequantizeLinear`` with per-tensor scalars: a
+  uint8/int8 zero point (int8 format), uint16/int16 (``a16w8``) or FLOAT8E4M3FN (``fp8``).
+- A weight (the float initializer the placeholder reads) becomes an initializer holding
+  the codes the simulation rounds to (int8, int4, int16, or E4M3 values), bit-exact with
+  the simulation's weights, and a ``DequantizeLinear`` with ``axis`` when per channel and
+  ``block_size`` when group-wise (ONNX's blocked quantization). A Linear's
+  ``DQ -> Transpose`` (``x @ W.T``) is folded: the codes are stored transposed
+  (``[in, out]``) and the axis swapped (1: the output channel), the layout ONNX Runtime's
+  QDQ fusions expect.
+- Q/DQ pairs quantizing one tensor with equal parameters (q/k/v read one LayerNorm
+  output) are merged into one.
 
 Remedies need nothing here: a config's smoothing (``QuantConfig.smooth``) and bias
 correction change the model's parameters (LayerNorm affine, consumer weights,
 Linear biases), which the export writes as they are: smoothed LayerNorm weights and
 biases and corrected biases as float initializers, smoothed weights as int8.
 
-Formats beyond int8 (``QuantConfig.formats``: int16 activations, int4 weights per channel
-or group-wise, FP8 E4M3) take another route, because torch's Q/DQ ops and torchlib know
-8-bit integers only: during export such a slot runs ``vitq_export::placeholder(x, slot)``,
-an identity op the exporter writes as a ``vitq.export.Placeholder`` node naming the slot,
-and :func:`expand_placeholders` replaces each by opset-21 ``QuantizeLinear`` +
-``DequantizeLinear`` with the slot's parameters (uint16/int16 zero points, FLOAT8E4M3FN
-zero points) or, for a weight, by an int4/int8/int16/FP8 initializer holding the codes the
-simulation rounds to, and a ``DequantizeLinear`` (``axis``, and ``block_size`` for
-group-wise weights: ONNX's blocked quantization). The model is then written at opset 21.
-
-Only standard ``ai.onnx`` ops are produced (opset >= 18, the dynamo exporter's; 21 when a
-tensor is not an 8-bit integer). Integer tensors of 4, 8 or 16 bits and FP8 E4M3 can be
-exported; other widths are refused.
+Only standard ``ai.onnx`` ops are produced: opset 18 (the dynamo exporter's) when every
+quantized tensor is an 8-bit integer, 21 (int4/int16 Q/DQ, blocked quantization, FP8)
+otherwise. Integer tensors of 4, 8 or 16 bits and FP8 E4M3 can be exported; other widths
+are refused.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import io
 import os
 import warnings
@@ -111,8 +102,8 @@ def onnx_dtype(qp: QParams) -> str:
 
 
 def is_standard_int8(qp: QParams) -> bool:
-    """What torch's Q/DQ ops export as they are (opset 18): 8-bit integers per tensor or
-    per channel; everything else goes through a placeholder (module docstring)."""
+    """8-bit integers per tensor or per channel: what opset 18 Q/DQ holds (anything else
+    needs opset 21)."""
     return qp.encoding == "int" and qp.group_size is None and (qp.qmin, qp.qmax) in INT8_RANGES
 
 
@@ -165,18 +156,18 @@ def int8_tensors(qmodel: QuantModel, example_pixels: torch.Tensor) -> list[Int8T
 
 # -- tracing -----------------------------------------------------------------------
 class _ExportQuantizer(TensorQuantizer):
-    """A TensorQuantizer as seen by the exporter: weights are fake-quantized from the
-    float weight (traceable as Q -> DQ) rather than returned from the cache; taps
-    are not run."""
-
-    _scalar_qparams: tuple[float, int] | None = None  # per-tensor (scale, zero point), read before tracing
+    """A TensorQuantizer as seen by the exporter: a quantizing slot is a placeholder
+    naming it (its float input passes through: a weight stays the float initializer
+    until :func:`expand_placeholders`); taps are not run."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == QUANT:
-            if not is_standard_int8(self.qparams):
-                return _placeholder_op()(x, self.name)
-            return export_qdq(x, self.qparams, self._scalar_qparams)
+            return _placeholder_op()(x, self.name)
         return x
+
+
+# slot name -> parameters of every quantizing slot, while export_mode is active
+_ACTIVE: dict[str, QParams] = {}
 
 
 _PLACEHOLDER: list = []  # the registered torch op, once
@@ -216,125 +207,31 @@ def _placeholder_translation() -> dict:
     return {_placeholder_op(): translate}
 
 
-def _decomposed_ops():
-    """torch's ``quantized_decomposed`` op library (registered on import)."""
-    if not hasattr(torch.ops.quantized_decomposed, "quantize_per_tensor"):
-        importlib.import_module("torch.ao.quantization.fx._decomposed")  # registers the ops
-    return torch.ops.quantized_decomposed
-
-
-def export_qdq(x: torch.Tensor, qp: QParams, scalars: tuple[float, int] | None = None) -> torch.Tensor:
-    """Quantize -> dequantize ``x`` with ``qp`` through the PT2E Q/DQ ops (what
-    ``torch.export`` keeps and the ONNX exporter writes as QuantizeLinear/DequantizeLinear).
-    Numerically the simulation's fake-quant (round(x * (1/scale)) + zp, clamped)."""
-    ops = _decomposed_ops()
-    dtype = torch.uint8 if qp.qmin == 0 else torch.int8
-    if qp.per_channel:
-        scale, zp = qp.scale.float(), qp.zero_point.to(torch.int64)
-        q = ops.quantize_per_channel(x, scale, zp, qp.ch_axis, qp.qmin, qp.qmax, dtype)
-        return ops.dequantize_per_channel(q, scale, zp, qp.ch_axis, qp.qmin, qp.qmax, dtype)
-    # python numbers, read outside the trace (a tensor read inside it is data-dependent)
-    scale, zp = scalars or (float(qp.scale.reshape(-1)[0]), int(qp.zero_point.reshape(-1)[0]))
-    q = ops.quantize_per_tensor(x, scale, zp, qp.qmin, qp.qmax, dtype)
-    return ops.dequantize_per_tensor(q, scale, zp, qp.qmin, qp.qmax, dtype)
-
-
 @contextlib.contextmanager
 def export_mode(qmodel: QuantModel) -> Iterator[None]:
-    """Within the block, every quantizer of ``qmodel`` behaves as :class:`_ExportQuantizer`."""
+    """Within the block, every quantizer of ``qmodel`` behaves as :class:`_ExportQuantizer`
+    and :func:`export_graph` knows the parameters of every quantizing slot."""
     _check_exportable(qmodel)
     classes = [(tq, type(tq)) for tq in qmodel.tensor_quantizers()]
+    _ACTIVE.clear()
     for tq, _ in classes:
         tq.__class__ = _ExportQuantizer
-        if tq.mode == QUANT and not tq.qparams.per_channel:
-            tq._scalar_qparams = (float(tq.qparams.scale.reshape(-1)[0]), int(tq.qparams.zero_point.reshape(-1)[0]))
+        if tq.mode == QUANT:
+            _ACTIVE[tq.name] = tq.qparams.to("cpu")
     try:
         yield
     finally:
+        _ACTIVE.clear()
         for tq, cls in classes:
             tq.__class__ = cls
-            tq.__dict__.pop("_scalar_qparams", None)
-
-
-def _fold_param_casts(graph) -> int:
-    """Fold ``Cast``/``CastLike`` of constants (how torchlib writes per-channel scales and
-    zero points) into initializers, so that every Q/DQ parameter is an initializer;
-    returns how many were folded. (The exporter's own optimizer is off: it would fold
-    ``QuantizeLinear(constant weight)`` with ONNX's division by the scale, not bit-exact
-    with the simulation's multiplication by its inverse; :func:`fold_weights` does it.)"""
-    from onnx import helper, numpy_helper
-
-    arrays = _initializer_arrays(graph)
-    for n in graph.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            arrays.setdefault(n.output[0], numpy_helper.to_array(n.attribute[0].t))
-    folded, drop = 0, set()
-    nodes = list(graph.node)  # hold the wrappers: id() of a dropped one must not be reused
-    for n in nodes:
-        if n.op_type not in ("Cast", "CastLike") or not all(i in arrays for i in n.input):
-            continue
-        x = arrays[n.input[0]]
-        if n.op_type == "Cast":
-            dtype = helper.tensor_dtype_to_np_dtype(_attr(n, "to"))
-        else:
-            dtype = arrays[n.input[1]].dtype
-        if x.size > 1 << 16:  # parameters only, never a weight
-            continue
-        out = np.asarray(x).astype(dtype)
-        arrays[n.output[0]] = out
-        graph.initializer.append(numpy_helper.from_array(out, n.output[0]))
-        drop.add(id(n))
-        folded += 1
-    if drop:
-        kept = [n for n in nodes if id(n) not in drop]
-        del graph.node[:]
-        graph.node.extend(kept)
-    return folded
-
-
-def _drop_noop_clips(graph) -> int:
-    """Remove ``Q -> Clip(lo, hi) -> DQ`` clips whose bounds are the int8/uint8 range
-    of the Q's output (no-ops: QuantizeLinear saturates to that range itself)."""
-    arrays = _initializer_arrays(graph)
-    consts = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
-
-    def value(name):
-        if name in arrays:
-            return arrays[name]
-        if name in consts:
-            from onnx import numpy_helper
-            return numpy_helper.to_array(consts[name].attribute[0].t)
-        return None
-
-    producers = {o: n for n in graph.node for o in n.output}
-    rename, drop = {}, set()
-    all_nodes = list(graph.node)  # hold the wrappers (see _fold_param_casts)
-    for n in all_nodes:
-        if n.op_type != "Clip" or len(n.input) < 3:
-            continue
-        q = producers.get(n.input[0])
-        if q is None or q.op_type != Q_OP or len(q.input) < 3:
-            continue
-        zp, lo, hi = value(q.input[2]), value(n.input[1]), value(n.input[2])
-        if zp is None or lo is None or hi is None:
-            continue
-        info = np.iinfo(zp.dtype)
-        if int(lo) != info.min or int(hi) != info.max:
-            raise ExportError(f"{n.name}: Clip({int(lo)}, {int(hi)}) after a QuantizeLinear narrows the "
-                              f"{zp.dtype} range; not a standard Q/DQ pair")
-        rename[n.output[0]] = n.input[0]
-        drop.add(id(n))
-    return _drop_and_rename(graph, all_nodes, drop, rename)
 
 
 def export_graph(module: nn.Module, example: torch.Tensor, opset: int = 18, dynamic_batch: bool = True,
-                 input_name: str = "pixel_values", output_name: str = "logits",
-                 placeholders: dict[str, QParams] | None = None):
+                 input_name: str = "pixel_values", output_name: str = "logits"):
     """``module(example)`` through the dynamo ONNX exporter, post-processed into a
-    standard Q/DQ graph (constants as initializers, placeholders expanded with
-    ``placeholders`` (slot name -> its parameters), duplicate pairs merged, no-op clips
-    dropped, weights folded to int8 initializers); returns the ModelProto. Call inside
-    :func:`export_mode`."""
+    standard Q/DQ graph (placeholders expanded into Q/DQ pairs and quantized weight
+    initializers, duplicate pairs merged); returns the ModelProto. Call inside
+    :func:`export_mode`; the opset is raised to 21 when a tensor is not an 8-bit integer."""
     onnx = _require_onnx()
     try:
         import onnxscript  # noqa: F401
@@ -343,7 +240,8 @@ def export_graph(module: nn.Module, example: torch.Tensor, opset: int = 18, dyna
                           "pip install 'vitq[onnx]'") from None
     if opset < 18:
         raise ExportError(f"opset {opset}: the dynamo ONNX exporter writes opset >= 18")
-    if placeholders and opset < WIDE_OPSET:
+    placeholders = dict(_ACTIVE)
+    if any(not is_standard_int8(qp) for qp in placeholders.values()) and opset < WIDE_OPSET:
         opset = WIDE_OPSET
     shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
     with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -357,22 +255,12 @@ def export_graph(module: nn.Module, example: torch.Tensor, opset: int = 18, dyna
             raise ExportError(f"the dynamo ONNX exporter failed: {str(e).strip().splitlines()[0][:300]}") from e
     model = program.model_proto
     graph = model.graph
-    _fold_param_casts(graph)
-    _constants_to_initializers(graph)
-    expand_placeholders(model, placeholders or {})
-    _drop_noop_clips(graph)
-    _prune(graph)
+    expand_placeholders(model, placeholders)
     _dedupe_qdq(graph)
-    fold_weights(graph)
     del graph.value_info[:]  # the exporter's shapes of folded (transposed) weights are stale
-    scalars = {i.name for i in graph.initializer if len(i.dims) == 0}
     for n in graph.node:  # the exporter's per-node stack traces and FX names: ~1.5 kB a node
         n.doc_string = ""
         del n.metadata_props[:]
-        if n.op_type in (Q_OP, DQ_OP) and n.input[1] in scalars:  # per-tensor: an axis means nothing
-            keep = [a for a in n.attribute if a.name != "axis"]
-            del n.attribute[:]
-            n.attribute.extend(keep)
     return model
 
 
@@ -391,44 +279,6 @@ class _Forward(nn.Module):
 
 
 # -- post-processing -------------------------------------------------------------
-def _constants_to_initializers(graph) -> None:
-    """Constant nodes feeding Q/DQ parameters become initializers; per-tensor
-    scales/zero points become scalars (what the ONNX spec calls per-tensor)."""
-    from onnx import numpy_helper
-
-    consts = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
-    inits = {i.name: i for i in graph.initializer}
-    users: dict[str, int] = {}
-    for n in graph.node:
-        for name in n.input:
-            users[name] = users.get(name, 0) + 1
-    for n in graph.node:
-        if n.op_type not in (Q_OP, DQ_OP):
-            continue
-        per_axis = False
-        for pos in (1, 2):
-            name = n.input[pos] if len(n.input) > pos else ""
-            if name in consts:
-                attr = consts[name].attribute[0]
-                if attr.name != "value":
-                    continue
-                arr = numpy_helper.to_array(attr.t)
-            elif name in inits:
-                arr = numpy_helper.to_array(inits[name])
-            else:
-                continue
-            if pos == 1:
-                per_axis = any(a.name == "axis" for a in n.attribute) and arr.size > 1
-            if not per_axis and arr.size == 1:
-                arr = arr.reshape(())
-            new = f"{name}__vitq"
-            if new not in inits:
-                inits[new] = numpy_helper.from_array(arr, new)
-                graph.initializer.append(inits[new])
-            n.input[pos] = new
-    _prune(graph)
-
-
 def _prune(graph) -> None:
     """Drop nodes and initializers nothing uses any more (one backward sweep)."""
     needed = {o.name for o in graph.output}
@@ -518,7 +368,7 @@ def _typed_tensor(name: str, values: np.ndarray, dtype: str):
     E4M3 values' bits) holding ``values``."""
     from onnx import TensorProto, helper
 
-    values = np.ascontiguousarray(values)
+    values = np.array(values)  # C order, 0-d kept (np.ascontiguousarray makes it 1-d)
     if dtype == E4M3:
         bits = torch.from_numpy(values.astype(np.float32)).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
         return helper.make_tensor(name, TensorProto.FLOAT8E4M3FN, values.shape, bits.tobytes(), raw=True)
@@ -584,14 +434,18 @@ def expand_placeholders(model, placeholders: dict[str, QParams]) -> int:
             out = after[0].output[0]
         if axis is None:
             scale, zp = scale.reshape(()), zp.reshape(())
-        graph.initializer.extend([_typed_tensor(f"{prefix}_quantized", codes, dtype),
-                                  numpy_helper.from_array(np.ascontiguousarray(scale, np.float32), f"{prefix}_scale"),
-                                  _typed_tensor(f"{prefix}_zero_point", zp, dtype)])
+        name, k = f"{x}_quantized", 1
+        while name in arrays:  # a weight quantized twice (tied weights)
+            name, k = f"{x}_quantized_{k}", k + 1
+        arrays[name] = codes
+        graph.initializer.extend([_typed_tensor(name, codes, dtype),
+                                  numpy_helper.from_array(np.array(scale, np.float32), f"{name}_scale"),
+                                  _typed_tensor(f"{name}_zero_point", zp, dtype)])
         attrs = {} if axis is None else {"axis": int(axis)}
         if block is not None:
             attrs["block_size"] = int(block)
-        nodes.append(helper.make_node(DQ_OP, [f"{prefix}_quantized", f"{prefix}_scale", f"{prefix}_zero_point"],
-                                      [out], name=f"{prefix}_DQ", **attrs))
+        nodes.append(helper.make_node(DQ_OP, [name, f"{name}_scale", f"{name}_zero_point"], [out],
+                                      name=f"{prefix}_DQ", **attrs))
         replaced += 1
     del graph.node[:]
     graph.node.extend(nodes)
@@ -600,69 +454,6 @@ def expand_placeholders(model, placeholders: dict[str, QParams]) -> int:
     model.opset_import.extend(kept)
     _prune(graph)
     return replaced
-
-
-def fold_weights(graph) -> int:
-    """Replace ``Q(constant float W) -> DQ`` by ``int8 initializer -> DQ`` (and fold
-    a following 2-D Transpose into the initializer); returns the weights folded."""
-    from onnx import numpy_helper
-
-    arrays = _initializer_arrays(graph)
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    outputs = {o.name for o in graph.output}
-    folded, drop, rename = 0, set(), {}
-    for q in [n for n in graph.node if n.op_type == Q_OP]:
-        w_name, s_name, z_name = q.input[0], q.input[1], q.input[2]
-        if w_name not in arrays or s_name not in arrays or z_name not in arrays:
-            continue  # an activation
-        dqs = consumers.get(q.output[0], [])
-        if len(dqs) != 1 or dqs[0].op_type != DQ_OP:
-            raise ExportError(f"weight {w_name}: QuantizeLinear not followed by a single DequantizeLinear")
-        dq = dqs[0]
-        w = torch.from_numpy(arrays[w_name].copy())
-        scale = torch.from_numpy(arrays[s_name].astype(np.float32).reshape(-1))
-        zp = torch.from_numpy(arrays[z_name].astype(np.int32).reshape(-1))
-        axis = _attr(q, "axis", 1) if scale.numel() > 1 else None
-        if axis is not None and axis < 0:
-            axis += w.dim()
-        qmin, qmax = (0, 255) if arrays[z_name].dtype == np.uint8 else (-128, 127)
-        # the simulation's own rounding (round(w * (1/scale)) half-to-even, + zp, clamp)
-        codes = quantize_to_int(w, QParams(scale, zp, qmin, qmax, axis)).numpy().astype(arrays[z_name].dtype)
-        after = consumers.get(dq.output[0], [])
-        if (len(after) == 1 and after[0].op_type == "Transpose" and codes.ndim == 2
-                and list(_attr(after[0], "perm", [1, 0])) == [1, 0] and dq.output[0] not in outputs):
-            codes = codes.T.copy()
-            if axis is not None:
-                axis = 1 - axis
-            rename[after[0].output[0]] = dq.output[0]
-            drop.add(id(after[0]))
-        name, k = f"{w_name}_quantized", 1
-        while name in arrays:  # a weight quantized twice (tied weights)
-            name, k = f"{w_name}_quantized_{k}", k + 1
-        arrays[name] = codes
-        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(codes), name))
-        dq.input[0] = name
-        del dq.attribute[:]
-        if axis is not None:
-            from onnx import helper
-            dq.attribute.append(helper.make_attribute("axis", int(axis)))
-        drop.add(id(q))
-        folded += 1
-    nodes = [n for n in graph.node if id(n) not in drop]
-    for n in nodes:
-        for pos, name in enumerate(n.input):
-            if name in rename:
-                n.input[pos] = rename[name]
-    for o in graph.output:
-        if o.name in rename:  # pragma: no cover - a bare weight is never a model output
-            raise ExportError(f"graph output {o.name} is a transposed weight")
-    del graph.node[:]
-    graph.node.extend(nodes)
-    _prune(graph)
-    return folded
 
 
 # -- the whole export -------------------------------------------------------------
@@ -719,10 +510,8 @@ def export_onnx(qmodel: QuantModel, path: str | os.PathLike, example_pixels: tor
     if len(example) == 1:  # trace at batch 2: nothing can mistake the batch size for a constant
         example = example.expand(2, *example.shape[1:]).contiguous()
     expected = int8_tensors(qmodel, example)
-    placeholders = {tq.name: tq.qparams for tq in qmodel.tensor_quantizers()
-                    if tq.mode == QUANT and not is_standard_int8(tq.qparams)}
     with export_mode(qmodel):
-        model = export_graph(_Forward(qmodel), example, opset, dynamic_batch, placeholders=placeholders)
+        model = export_graph(_Forward(qmodel), example, opset, dynamic_batch)
     graph = model.graph
     bad = nonstandard_ops(model)
     if bad:

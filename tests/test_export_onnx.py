@@ -313,11 +313,12 @@ def test_int16_activation_and_int4_weight_codes_in_the_graph_are_the_simulations
     model = onnx.load(str(export_onnx(qmodel, tmp_path / "m.onnx", _images(2, 5)).path))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     tq = qmodel.quantizers["blocks.0.mlp.fc2"]["weight"]
-    codes = np.asarray(inits["blocks.0.mlp.fc2.weight_int4_quantized"]).astype(np.int32)
+    weight_name = f"model.{qmodel.site_by_name['blocks.0.mlp.fc2'].path}.weight_quantized"
+    codes = np.asarray(inits[weight_name]).astype(np.int32)
     from quant.quantizer import quantize_to_int
     weight = qmodel.family.weight(qmodel.model, qmodel.site_by_name["blocks.0.mlp.fc2"])
     assert np.array_equal(codes, quantize_to_int(weight.detach(), tq.qparams).numpy().T)  # stored [in, out]
-    assert inits["blocks.0.mlp.fc2.weight_int4_scale"].shape == (2, 32)  # 2 groups of 32 inputs x 32 outputs
+    assert inits[f"{weight_name}_scale"].shape == (2, 32)  # 2 groups of 32 inputs x 32 outputs
     act = qmodel.quantizers["blocks.0.residual_attn"]["output"].qparams
     assert inits["blocks.0.residual_attn.output_uint16_zero_point"] == act.zero_point.item()
     assert inits["blocks.0.residual_attn.output_uint16_scale"] == np.float32(act.scale.item())
