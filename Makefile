@@ -41,6 +41,9 @@ install:
 	$(BIN)/python -m pip install -q --upgrade pip
 	scripts/install_torch.sh $(BIN)/python "$(TORCH_BUILD)" "$(TORCH)" "$(TORCH_CPU_INDEX)" "$(TORCH_CPU_FALLBACK)"
 	$(BIN)/python -m pip install -q -e ".[test]"
+	@# timm needs torchvision: installed only beside a torch that has one (never replaces the CPU fallback's torch)
+	if $(BIN)/python -c "import torchvision" 2>/dev/null; then $(BIN)/python -m pip install -q "timm>=1.0"; \
+	else echo "timm not installed: this torch has no torchvision (timm tests will skip)"; fi
 	$(BIN)/python -c "import torch; print('installed torch', torch.__version__, f'(CUDA {torch.version.cuda})' if torch.version.cuda else '(CPU)')"
 
 test:

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import socket
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol
 
@@ -155,16 +158,28 @@ SCRATCH_PREFIX = "vitq-sens-"
 
 @contextlib.contextmanager
 def scratch(out_dir: Path) -> Iterator[Path]:
-    """A scratch folder for boundary caches inside ``out_dir``, removed on exit; those
-    left by killed runs (their process is gone) are removed first."""
+    """A scratch folder for boundary caches inside ``out_dir``, removed on exit, named
+    ``vitq-sens-<host>-<pid>-<random>``. Those left by killed runs of this host (their
+    process is gone) are removed first; another host's are left alone, since several
+    hosts may share one output folder and a PID says nothing about another host."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    host = _host()
     for folder in out_dir.glob(f"{SCRATCH_PREFIX}*"):
-        pid = folder.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
-        if not (pid.isdigit() and _alive(int(pid))):
+        parts = folder.name[len(SCRATCH_PREFIX):].rsplit("-", 2)  # the random tail has no "-"
+        if len(parts) < 3:
+            warnings.warn(f"scratch folder {folder} does not name its host (an older vitq made it): left in "
+                          "place; remove it when no run uses it", stacklevel=3)
+        elif parts[0] == host and not (parts[1].isdigit() and _alive(int(parts[1]))):
             shutil.rmtree(folder, ignore_errors=True)
-    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=out_dir) as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{host}-{os.getpid()}-", dir=out_dir) as tmp:
         yield Path(tmp)
+
+
+def _host() -> str:
+    """This host's name as it appears in scratch folder names (characters other than
+    letters, digits, ``.``, ``_`` and ``-`` become ``_``)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())
 
 
 def _alive(pid: int) -> bool:

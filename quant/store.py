@@ -116,18 +116,21 @@ def read_log(path: str | Path, settings: dict | None = None) -> dict[str, dict]:
 class ResultLog:
     """Append-only JSONL of finished work items (``row["candidate"]`` is the key).
 
-    The first line holds the settings. A torn last line (a killed run) is ignored,
-    so a rerun with the same settings resumes where the last one died.
+    The first line holds the settings (written whole: write-then-rename). A torn last
+    line (a run killed while appending) is ended with a newline when the log is opened,
+    so the next row starts a line of its own: a partial row stays an undecodable line
+    that readers skip, a row that lacked only its newline is kept, and a rerun with the
+    same settings resumes where the last one died.
     """
 
     def __init__(self, path: Path, settings: dict) -> None:
         self.path = Path(path)
         if self.path.is_file():
+            _end_torn_line(self.path)
             self.done: dict[str, dict] = read_log(self.path)
         else:
             self.done = {}
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps({"settings": clean_json(settings)}, default=str) + "\n")
+            atomic_write_text(self.path, json.dumps({"settings": clean_json(settings)}, default=str) + "\n")
 
     def append(self, row: dict) -> None:
         with self.path.open("a") as f:
@@ -147,3 +150,17 @@ class ResultLog:
                 os.fsync(f.fileno())
             self.done.update((row["candidate"], row) for row in new)
         return len(new)
+
+
+def _end_torn_line(path: Path) -> None:
+    """Append a newline when the file's last line has none (an append cut short)."""
+    with path.open("rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+    if last != b"\n":
+        with path.open("ab") as f:
+            f.write(b"\n")
+            f.flush()
+            os.fsync(f.fileno())

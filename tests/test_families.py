@@ -31,7 +31,7 @@ from tests.conftest import TINY, tiny_model
 # every registered family, each with its tiny model: a new family file is tested here as is
 FAMILIES = sorted(REGISTRY)
 # the helper modules of the package: every other module must register a family
-HELPERS = {"base", "prenorm", "hf_common", "hf_loading"}
+HELPERS = {"base", "prenorm", "hf_common", "hf_loading", "timm_common"}
 MODELS = {
     **{name: (lambda name=name: tiny_model(name)) for name in FAMILIES},
     "deit_plain": lambda: tiny_model("deit", teacher=False),
@@ -68,7 +68,8 @@ def test_sites_per_family(key, family, count, first, last_three):
 def test_tiny_model_is_handled_by_its_family(key):
     model = MODELS[key]()
     assert family_of(model).name == key.split("_plain")[0]
-    assert type(model).__name__ in SUPPORTED
+    cls = type(model)
+    assert cls.__name__ in SUPPORTED or f"{cls.__module__}.{cls.__qualname__}" in SUPPORTED
 
 
 @pytest.mark.parametrize("key", list(MODELS))
@@ -183,7 +184,8 @@ def test_dinov2_swiglu_is_refused():
 
 def test_every_module_of_the_package_is_imported_and_registers_a_family():
     modules = {m.name for m in pkgutil.iter_modules(quant.families.__path__)}
-    assert {"hf_vit", "deit", "dinov2", "swin", "torchvision_vit"} <= modules and HELPERS <= modules
+    assert {"hf_vit", "deit", "dinov2", "swin", "torchvision_vit", "timm_vit", "timm_swin"} <= modules
+    assert HELPERS <= modules
     assert all(f"quant.families.{m}" in sys.modules for m in modules)
     assert {a.__module__ for a in REGISTRY.values()} == {f"quant.families.{m}" for m in modules - HELPERS}
     assert {"vit", "deit", "dinov2", "swin", "torchvision_vit"} <= set(REGISTRY)

@@ -29,6 +29,7 @@ Fault cases (USER_ERROR_CASES, ids in brackets):
             [config-unknown-observer] [config-bits-1] [config-bits-17] [config-file-missing]
   numerical [numeric-nan-weights] (a NaN fc1 bias: names the site, "non-finite")
   presets   [preset-unknown]
+  scale-out [shard-bad-rank] (RANK/WORLD_SIZE of torchrun that are no shard)
 
 Other cases:
 
@@ -44,7 +45,7 @@ Other cases:
             [test_sigint_exits_130_with_a_resume_hint]
             [test_eval_is_byte_identical_across_runs]
 
-45 tests in all (25 fault + 1 debug + 5 skipped + 7 converted + 4 long runs + 3
+46 tests in all (26 fault + 1 debug + 5 skipped + 7 converted + 4 long runs + 3
 housekeeping checks: the good data evaluates, the slow run is slow enough to be killed
 mid-way, an in-process run leaves no state behind). About 30 s on 2 CPU cores (6-7 min
 when every case was a subprocess).
@@ -369,6 +370,7 @@ class Case:
     phrases: tuple[str, ...]
     max_s: float | None = None  # the run must fail within this many seconds
     in_subprocess: bool = False  # run as `python -m vitq` (else in this process)
+    env: tuple[tuple[str, str], ...] = ()  # environment variables set during an in-process run
 
 
 BAD_NAMES = {"corrupt-jpeg": "corrupt.JPEG", "truncated-jpeg": "truncated.JPEG", "zero-bytes": "empty.JPEG",
@@ -422,6 +424,11 @@ USER_ERROR_CASES = [
     # presets
     Case("preset-unknown", lambda w: _eval(w, extra=("--preset", "all,int4")),
          ("unknown preset 'int4'", "mixed_2")),
+    # scale-out: torchrun's environment, read by --shard auto
+    Case("shard-bad-rank", lambda w: ["sensitivity", "--model", w["model"], "--data", w["data"], "--calib", "8",
+                                      "--no-progress", "--shard", "auto"],
+         ("--shard auto: RANK='one', WORLD_SIZE='2'", "0 <= RANK < WORLD_SIZE"),
+         env=(("RANK", "one"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0"))),
 ]
 
 def _params(cases):
@@ -431,7 +438,9 @@ def _params(cases):
 @pytest.mark.parametrize("case", _params(USER_ERROR_CASES))
 def test_user_error_is_one_actionable_line(case: Case, world, tmp_path):
     out = tmp_path / "out"
-    proc = (vitq_subprocess if case.in_subprocess else vitq)(*case.argv(world), "--out", out)
+    assert not (case.env and case.in_subprocess), "env is set in this process only"
+    with mock.patch.dict(os.environ, dict(case.env)):
+        proc = (vitq_subprocess if case.in_subprocess else vitq)(*case.argv(world), "--out", out)
     assert proc.returncode == 2, proc.stderr
     lines = stderr_lines(proc)
     assert "Traceback" not in proc.stderr

@@ -138,3 +138,25 @@ def test_sensitivity_shard_logs_are_read_and_adopted_only_with_the_same_settings
     assert [json.loads(x)["candidate"] for x in main.read_text().splitlines()[1:]] == ["a", "b"]
     merged.resuming(2, 5, "candidates already done")
     assert capsys.readouterr().out == f"resuming: 2 of 5 candidates already done ({main})\n"
+
+
+@pytest.mark.parametrize("torn, kept", [
+    ('{"candidate": "b", "kl": 0.', ["a", "c"]),  # killed mid-row: the partial row is skipped
+    ('{"candidate": "b", "kl": 0.2}', ["a", "b", "c"]),  # killed before the newline: the row is whole
+])
+def test_a_torn_last_line_does_not_swallow_the_next_row(tmp_path, torn, kept):
+    # a run killed while appending leaves a last line without its newline; the rerun's first
+    # append must start on a line of its own, else both rows are one undecodable line
+    path = write_log(tmp_path / "eval.k.jsonl", SETTINGS, [{"candidate": "a", "kl": 0.1}])
+    with path.open("a") as f:
+        f.write(torn)
+    log = MeasurementLog(path, SETTINGS)
+    log.add({"candidate": "c", "kl": 0.3})
+    assert sorted(MeasurementLog(path, SETTINGS).done) == kept
+    # the same for rows adopted from a shard log (the merge run appends them in one write)
+    main = write_log(tmp_path / "sensitivity.k.jsonl", SETTINGS, [{"candidate": "a", "kl": 0.1}])
+    with main.open("a") as f:
+        f.write(torn)
+    shard = write_log(tmp_path / "sensitivity.k.shard-0-of-2.jsonl", SETTINGS, [{"candidate": "c", "kl": 0.3}])
+    assert MeasurementLog(main, SETTINGS, read_also=[shard], adopt=True).adopted == 1
+    assert sorted(MeasurementLog(main, SETTINGS).done) == kept

@@ -268,4 +268,4 @@ def test_a_weights_file_that_does_not_fit_is_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not fit vit_b_32" in err[0]
     assert main(["sites", "--weights", str(path)]) == 2  # --weights with a HF model
-    assert "--weights is for torchvision models" in capsys.readouterr().err
+    assert "--weights is for torchvision and timm models" in capsys.readouterr().err

@@ -22,6 +22,7 @@ def _import_command_modules() -> None:
     global pd, yaml, ConfigError, QuantConfig, render_report, SiteError, preset, Budget, most_sensitive_fc
     global DataError, run_errors, run_eval, run_plan, run_sensitivity, save_eval, ModelLoadError, Options, Session
     global USER_ERRORS, artifacts, PlanOptions, run_taylor, REFERENCES
+    global analyze_session, eval_configs, evaluate_session, sites_table
 
     import pandas as pd
     import yaml
@@ -38,15 +39,17 @@ def _import_command_modules() -> None:
     from .pipeline import PlanOptions, run_errors, run_eval, run_plan, run_sensitivity, run_taylor, save_eval
     from .models import ModelLoadError
     from .session import DeviceError, Options, Session
+    from .api import analyze_session, eval_configs, evaluate_session, sites_table
 
     USER_ERRORS = (DataError, ModelLoadError, ConfigError, SiteError, DeviceError, ShardError)
 
 
 def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("--model", help="HF model folder or hub id, or torchvision:vit_b_16 (vit_b_32, vit_l_16, ...) "
-                                   "with --weights (default: the embedded tiny ViT)")
-    p.add_argument("--weights", help="torchvision weights file (.pth, as torchvision downloads it) for "
-                                     "--model torchvision:NAME")
+                                   "or timm:ARCH (vit_base_patch16_224, deit_small_patch16_224, "
+                                   "swin_tiny_patch4_window7_224, ...) with --weights (default: the embedded tiny ViT)")
+    p.add_argument("--weights", help="weights file for --model torchvision:NAME (.pth, as torchvision downloads it) "
+                                     "or timm:ARCH (model.safetensors of timm/ARCH on the hub, or a .pth)")
     if data:
         p.add_argument("--data", help="folder with train/ and val/ class folders (default: embedded sample)")
         p.add_argument("--calib", type=int, default=256, help="calibration images from train/ (default 256)")
@@ -183,9 +186,7 @@ def _options(args: argparse.Namespace) -> Options:
 
 def cmd_sites(args: argparse.Namespace) -> None:
     session = Session(_options(args))
-    df = pd.DataFrame([{"name": s.name, "kind": s.kind, "block": s.block, "role": s.role,
-                        "tensors": "+".join(s.slots), "path": s.path} for s in session.sites])
-    df["block"] = df["block"].astype("Int64")
+    df = sites_table(session)
     if args.format == "csv":
         print(df.to_csv(index=False), end="")
     elif args.format == "json":
@@ -214,27 +215,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     mixed_2 = args.mixed_2_float.split(",") if args.mixed_2_float else None
     if args.mixed_2_from:
         mixed_2 = most_sensitive_fc(_read_table(args.mixed_2_from))
-    configs = {n: preset(n, session.sites, mixed_2) for n in names if n != "fp32"}
-    for path in args.config:
-        cfg = QuantConfig.load(path)
-        configs[cfg.name] = cfg
-    for cfg in configs.values():
-        cfg.validate(session.sites)
-    session.images("train", args.calib)  # fail on bad data before any long work
-    session.images("val", args.limit)
-    session.calibrate()
-    model = session.qmodel
-    if args.backend != "torch":
-        from .backends import backend_eval
-        model = backend_eval(session, args.backend)
-    df, meta, run = run_eval(session, configs, limit=args.limit, model=model)
-    if args.backend != "torch":
-        from .backends import add_simulation_columns
-        backend_line = add_simulation_columns(model, df, meta)
-    csv_path, json_path = save_eval(session, df, meta, run, configs)
+    configs = eval_configs(session, names, args.config, mixed_2)
+    result = evaluate_session(session, configs, limit=args.limit, backend=args.backend)
+    df, (csv_path, json_path) = result.table, result.paths
     print(format_table(df))
-    if args.backend != "torch":
-        print(backend_line)
+    if result.backend_line:
+        print(result.backend_line)
     if session.bad:
         print(f"skipped {len(session.bad)} unreadable image(s); see {json_path}")
     print(f"wrote {csv_path} and {json_path}")
@@ -271,12 +257,14 @@ def parse_shard(text: str | None, env: Mapping[str, str] | None = None) -> tuple
     if text.strip().lower() == "auto":
         if "RANK" not in env or "WORLD_SIZE" not in env:
             raise ShardError("--shard auto: RANK and WORLD_SIZE are not set (launch with torchrun, or give I/N)")
-        value, where = f"{env['RANK']}/{env['WORLD_SIZE']}", " (from RANK/WORLD_SIZE)"
-    else:
-        value, where = text, ""
-    problem = ShardError(f"--shard {value}{where}: expected I/N with 0 <= I < N, e.g. 0/4")
+        index, count = _env_integer(env["RANK"]), _env_integer(env["WORLD_SIZE"])
+        if index is None or count is None or not 0 <= index < count:
+            raise ShardError(f"--shard auto: RANK={env['RANK']!r}, WORLD_SIZE={env['WORLD_SIZE']!r} (torchrun's): "
+                             "expected integers with 0 <= RANK < WORLD_SIZE")
+        return index, count
+    problem = ShardError(f"--shard {text}: expected I/N with 0 <= I < N, e.g. 0/4")
     try:
-        index, count = (int(x) for x in value.split("/"))
+        index, count = (int(x) for x in text.split("/"))
     except ValueError:  # not two integers
         raise problem from None
     if not 0 <= index < count:
@@ -284,16 +272,29 @@ def parse_shard(text: str | None, env: Mapping[str, str] | None = None) -> tuple
     return index, count
 
 
+def _env_integer(value: str) -> int | None:
+    """An environment variable's integer, None when it holds none."""
+    try:
+        return int(value)
+    except ValueError:
+        return None
+
+
 def _shard_device(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> None:
     """Under torchrun (``--shard auto``), process LOCAL_RANK takes GPU LOCAL_RANK of its node
-    when --device is auto or cuda and CUDA is there."""
+    when --device is auto or cuda and CUDA is there; a LOCAL_RANK that names no visible GPU
+    is a user error."""
     env = os.environ if env is None else env
     if args.shard and args.shard.strip().lower() == "auto" and "LOCAL_RANK" in env \
             and args.device.strip().lower() in ("auto", "cuda"):
         import torch
 
         if torch.cuda.is_available():
-            args.device = f"cuda:{int(env['LOCAL_RANK'])}"
+            local, count = _env_integer(env["LOCAL_RANK"]), torch.cuda.device_count()
+            if local is None or not 0 <= local < count:
+                raise ShardError(f"--shard auto: LOCAL_RANK={env['LOCAL_RANK']!r} (torchrun's): expected a GPU index "
+                                 f"0..{count - 1} ({count} CUDA device(s) visible: at most {count} processes per node)")
+            args.device = f"cuda:{local}"
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> None:
@@ -415,24 +416,15 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     t0 = time.time()
     session = Session(_options(args))
     start = _start_config(args, session)
-    session.images("val", args.limit)  # fail on bad data before any long work
-    session.calibrate()
-    planner, _ = run_plan(session, start, _budget(args), _plan_options(args))
-    report, _ = run_errors(session, start, images=args.error_images)
-    configs = {n: preset(n, session.sites) for n in REFERENCES}
-    configs["plan"] = planner.plan_config
-    df, meta, run = run_eval(session, configs, limit=args.limit)
-    save_eval(session, df, meta, run, configs, spec=artifacts.ACCURACY)
-    print_plan(planner)
-    print_errors(report, 5)
+    result = analyze_session(session, start, _budget(args), _plan_options(args), error_images=args.error_images,
+                             limit=args.limit, bench=args.bench)
+    print_plan(result.plan.planner)
+    print_errors(result.errors, 5)
     print("\naccuracy on all val images:")
-    print(format_table(df))
-    if args.bench:
-        from .bench import run_bench
-        _, lines = run_bench(session, configs)
-        print("\n" + "\n".join(lines))
-    path = render_report(session.out)
-    print(f"\nreport: {path}  ({time.time() - t0:.0f} s)")
+    print(format_table(result.accuracy))
+    if result.bench_lines:
+        print("\n" + "\n".join(result.bench_lines))
+    print(f"\nreport: {result.report}  ({time.time() - t0:.0f} s)")
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -99,7 +99,7 @@ def run_eval(session: Session, configs: dict[str, QuantConfig], *, limit: int | 
     val = session.images("val", limit)
     t0 = time.time()
     backend = getattr(model, "backend", None)
-    settings = {**session.describe(), "val_files": [str(p) for p, _ in val.items], "log_version": LOG_VERSION,
+    settings = {**session.settings(), "val_files": [str(p) for p, _ in val.items], "log_version": LOG_VERSION,
                 "configs": {k: v.to_dict() for k, v in configs.items()}, "backend": type(model).__name__}
     log = MeasurementLog(session.out / f"eval.{settings_key(settings)}.jsonl", settings)
     done = evaluated_images(log)
@@ -132,7 +132,7 @@ def run_sensitivity(session: Session, config: QuantConfig, *, mode: str = "only"
     only (the path returned): a partial table is no artefact, the next unsharded run
     merges every shard's log and writes the table."""
     data = eval_set(session, images)
-    settings = {**session.describe(), "val_files": data.files, "log_version": LOG_VERSION}
+    settings = {**session.settings(), "val_files": data.files, "log_version": LOG_VERSION}
     df, meta, run = analyze_sensitivity(runner(session, data), config, session.out, mode=mode, group=group,
                                         rank_by=rank_by, settings=settings, only=only,
                                         progress=session.opts.progress, shard=shard)
@@ -182,7 +182,7 @@ def run_errors(session: Session, config: QuantConfig, *, images: int = 64,
                outlier_k: float = 6.0) -> tuple[ErrorReport, list[Path]]:
     t0 = time.time()
     val = session.images("val", images)
-    settings = {**session.describe(), "val_files": [str(p.resolve()) for p, _ in val.items],
+    settings = {**session.settings(), "val_files": [str(p.resolve()) for p, _ in val.items],
                 "config": config.to_dict(), "outlier_k": outlier_k, "batch_size": session.opts.batch_size}
     session.out.mkdir(parents=True, exist_ok=True)
     checkpoint = session.out / f"errors_state.{settings_key(settings)}.pt"
@@ -272,7 +272,7 @@ def run_plan(session: Session, start: QuantConfig, budget: Budget,
     confirm_data = eval_set(session, opts.images, "confirm", n_confirm) if n_confirm > 0 else None
     if confirm_data is not None and not len(confirm_data.labels):
         confirm_data = None
-    settings = {**session.describe(), "val_files": plan_data.files, "start": start.to_dict(),
+    settings = {**session.settings(), "val_files": plan_data.files, "start": start.to_dict(),
                 "log_version": LOG_VERSION}
     cost = resolve_cost(opts.cost)
     latency = {}

@@ -36,7 +36,7 @@ class Options:
     device: str = "auto"  # auto (CUDA when available), cpu, cuda, cuda:N
     tf32: bool = False  # allow TF32 matmuls/convolutions on CUDA (FP32 stays FP32 without it)
     decode_cache: str | None = None  # folder of the decoded-crop stores (default: default_decode_cache(); "none": off)
-    weights: str | None = None  # torchvision weights file (--weights)
+    weights: str | None = None  # torchvision / timm weights file (--weights)
 
 
 def default_decode_cache() -> str:
@@ -76,11 +76,13 @@ def resolve_device(name: str | None, tf32: bool = False) -> torch.device:
 
 
 class Session:
-    def __init__(self, opts: Options) -> None:
+    def __init__(self, opts: Options, loaded: LoadedModel | None = None) -> None:
+        """``loaded``: a model already loaded (the Python API's in-memory model); else
+        ``opts.model`` / ``opts.weights`` are loaded."""
         torch.manual_seed(opts.seed)
         self.opts = opts
         self.device = resolve_device(opts.device, opts.tf32)
-        self.loaded: LoadedModel = load_model(opts.model, opts.weights)
+        self.loaded: LoadedModel = loaded if loaded is not None else load_model(opts.model, opts.weights)
         self.qmodel = QuantModel(self.loaded.model.to(self.device))
         self.data_root = Path(opts.data) if opts.data else DEFAULT_DATA
         self.out = Path(opts.out) if opts.out else Path("out") / self.loaded.name
@@ -125,7 +127,8 @@ class Session:
         images = self.images("train", self.opts.calib)
         files = "\n".join(str(p.relative_to(images.split)) for p, _ in images.items)
         key = {"model": self.describe()["model"], "split": str(images.split.resolve()), "images": len(images),
-               "seed": self.opts.seed, "files": hashlib.sha1(files.encode()).hexdigest(), "version": 3}  # 3: canonical site names
+               "seed": self.opts.seed, "files": hashlib.sha1(files.encode()).hexdigest(), "version": 3,  # 3: canonical site names
+               **self.numerics()}
         cache = self.out / artifacts.CALIBRATION
         if cache.is_file():
             saved = torch.load(cache, weights_only=False)
@@ -150,3 +153,19 @@ class Session:
             "calibration_images": getattr(self, "calibration_images", None),
             "torch": torch.__version__, "transformers": transformers.__version__,
         }
+
+    def settings(self) -> dict:
+        """:meth:`describe` (every table's meta) plus :meth:`numerics`: the settings that name
+        the result logs (``quant.store.settings_key``)."""
+        return {**self.describe(), **self.numerics()}
+
+    def numerics(self) -> dict:
+        """What decides the numbers besides model, data and seed, in every settings key (the
+        result logs' and the calibration cache's): the device type and TF32 when not on the
+        CPU, so a CUDA run never reuses a CPU run's rows nor the reverse. Not the GPU index:
+        the shards of one torchrun (``cuda:LOCAL_RANK``) and the merge run share one log.
+        Empty on the CPU, so the logs and caches written before the device was in the key
+        stay valid there."""
+        if self.device.type == "cpu":
+            return {}
+        return {"device": self.device.type, "tf32": self.opts.tf32}

@@ -44,10 +44,13 @@ class FamilyAdapter(ABC):
     Adapters are stateless: the model is passed to every method, so one instance
     can serve several models. ``name`` (stored in run metadata) is set by
     :func:`register_family`; ``model_classes`` lists the ``type(model).__name__``
-    values the adapter handles.
+    values (or ``module.Class`` names) the adapter handles.
     """
 
     name: ClassVar[str] = ""
+    # ``type(model).__name__`` values, or ``module.Class`` names where the bare name is taken by
+    # another library's class (timm's and torchvision's ``VisionTransformer``): a qualified
+    # name is matched first
     model_classes: ClassVar[tuple[str, ...]] = ()
     # The ``--model SCHEME:ARCH`` sources the family loads (torchvision's ViT: "torchvision");
     # None: Hugging Face model folders and hub ids, which every HF family loads alike
@@ -199,12 +202,14 @@ def loader_for(source: str) -> type[FamilyAdapter]:
 def family_of(model: nn.Module) -> FamilyAdapter:
     """The adapter for ``model``, or :class:`UnsupportedModelError` naming what is supported."""
     cls = type(model).__name__
-    for adapter_cls in REGISTRY.values():
-        if cls in adapter_cls.model_classes:
-            adapter = adapter_cls()
-            adapter.check(model)
-            adapter.restructure(model)
-            return adapter
+    qualified = f"{type(model).__module__}.{type(model).__qualname__}"
+    for name in (qualified, cls):  # a family naming the class with its module first
+        for adapter_cls in REGISTRY.values():
+            if name in adapter_cls.model_classes:
+                adapter = adapter_cls()
+                adapter.check(model)
+                adapter.restructure(model)
+                return adapter
     raise UnsupportedModelError(
         f"unsupported model class {cls}; vitq supports: {', '.join(SUPPORTED)}"
     )

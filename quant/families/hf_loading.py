@@ -82,6 +82,6 @@ class HFLoading:
     @classmethod
     def load(cls, source: str, weights: str | None) -> tuple[nn.Module, object]:
         if weights is not None:
-            raise ModelLoadError("--weights is for torchvision models (--model torchvision:vit_b_16); a Hugging "
-                                 "Face model folder carries its weights")
+            raise ModelLoadError("--weights is for torchvision and timm models (--model torchvision:vit_b_16, "
+                                 "timm:vit_base_patch16_224); a Hugging Face model folder carries its weights")
         return load_hf(source)
