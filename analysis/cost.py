@@ -1,4 +1,5 @@
-"""What a configuration costs: how much of the model's matmul work stays in int8.
+"""What a configuration costs: how much of the model's matmul work stays in int8, its
+BitOps (MACs x operand bits, per format) and its weight bytes.
 
 The cost the planner trades fidelity against, and the site counts every table
 shows, computed in one place so the planner's rows and the evaluation's rows agree.
@@ -6,10 +7,14 @@ shows, computed in one place so the planner's rows and the evaluation's rows agr
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from quant.config import QuantConfig
+from quant.formats.base import FLOAT_BITS
 from quant.model import QuantModel
+from quant.presets import preset
 from quant.sites import Site
 
 MATMUL_KINDS = ("linear", "conv", "matmul_qk", "matmul_av")
@@ -67,3 +72,52 @@ def config_cost(config: QuantConfig | None, sites: list[Site], macs: dict[str, f
     int8_macs = sum(m for name, m in macs.items() if name not in floats)
     return {"int8_sites": len(sites) - len(floats), "float_sites": len(floats), "skipped_sites": skipped,
             "int8_macs_share": 100.0 * int8_macs / total if total else float("nan")}
+
+
+def _bits(spec) -> int:
+    return FLOAT_BITS if spec is None else spec.bits
+
+
+def site_bitops(config: QuantConfig | None, site: Site, macs: float) -> float:
+    """BitOps of one matmul site (AIMET's definition): MACs x bits of its two operands
+    (a Linear/Conv: input x weight; a matmul: its two activations), a float operand
+    counted at 32 bits; the bits are those of the site's specs under its format."""
+    if config is None or config.is_float(site):
+        return macs * FLOAT_BITS * FLOAT_BITS
+    a, b = (_bits(spec) for spec in config.slot_specs(site).values())
+    return macs * a * b
+
+
+def bitops(config: QuantConfig | None, sites: list[Site], macs: dict[str, float]) -> float:
+    """BitOps per image of ``config`` (None: FP32) over the matmul sites of ``macs``."""
+    by_name = {s.name: s for s in sites}
+    return sum(site_bitops(config, by_name[name], m) for name, m in macs.items())
+
+
+def relative_bitops(config: QuantConfig | None, sites: list[Site], macs: dict[str, float]) -> float:
+    """BitOps of ``config`` relative to the ``all`` preset (every matmul W8A8): 1.0 for
+    ``all``, 16.0 for FP32."""
+    return bitops(config, sites, macs) / bitops(preset("all", sites), sites, macs)
+
+
+def weight_bytes(config: QuantConfig | None, qmodel: QuantModel) -> float:
+    """Bytes of the Linear/Conv weights under ``config``: each element at its format's
+    bits (float: 4 bytes), plus a float32 scale per output channel, per group
+    (group-wise) or per tensor. Other parameters (biases, norms, embeddings) are not
+    counted: they stay float in every config."""
+    total = 0.0
+    for site in qmodel.sites:
+        if not site.has_weight():
+            continue
+        w = qmodel.family.weight(qmodel.model, site)
+        spec = None if config is None or config.is_float(site) else config.slot_specs(site)["weight"]
+        total += w.numel() * _bits(spec) / 8
+        if spec is not None:
+            total += 4 * _scale_count(w, spec)
+    return total
+
+
+def _scale_count(w: torch.Tensor, spec) -> int:
+    if spec.group_size is not None:
+        return w.shape[0] * -(-w.shape[1] // spec.group_size) * math.prod(w.shape[2:])
+    return w.shape[0] if spec.per_channel else 1

@@ -341,7 +341,10 @@ class _Analyzer:
 def _isolated_qparams(tq: TensorQuantizer, config: QuantConfig) -> QParams:
     if tq.stats.count == 0:
         raise SiteError(f"site {tq.name}: no calibration data; run calibration first")
-    return activation_qparams(tq.stats, config.spec_for(tq.site, "activation", tq.slot))
+    # the slot's spec under its format; a slot its format keeps float (a weight-only
+    # format's input) is measured at the config's own spec, as float sites are
+    spec = config.slot_specs(tq.site)[tq.slot] or config.spec_for(tq.site, "activation", tq.slot)
+    return activation_qparams(tq.stats, spec)
 
 
 def _segments(qmodel: QuantModel) -> list[Segment]:
@@ -371,16 +374,18 @@ def _activation_table(analyzer: _Analyzer, config: QuantConfig,
 
 
 def weight_errors(qmodel: QuantModel, config: QuantConfig) -> pd.DataFrame:
-    """Per-tensor vs per-channel SQNR of every weight under the config's weight spec
-    (observer, bits, signedness kept; only the granularity changes)."""
+    """Per-tensor vs per-channel SQNR of every weight under the config's weight spec, in
+    the site's format (observer, bits, signedness kept; only the granularity changes,
+    group size dropped)."""
     rows = []
     for site in qmodel.sites:
         if not site.has_weight():
             continue
         w = qmodel.model.get_submodule(site.path).weight.detach().float()
-        spec = config.spec_for(site, "weight")
+        spec = config.slot_specs(site)["weight"] or config.spec_for(site, "weight")
         per_tensor, per_channel = (
-            sqnr_db(w, fake_quantize(w, weight_qparams(w, replace(spec, per_channel=pc)))) for pc in (False, True))
+            sqnr_db(w, fake_quantize(w, weight_qparams(w, replace(spec, per_channel=pc, group_size=None))))
+            for pc in (False, True))
         rows.append({**_site_columns(site), "w_min": float(w.min()), "w_max": float(w.max()),
                      "per_tensor_sqnr_db": per_tensor, "per_channel_sqnr_db": per_channel,
                      "per_channel_gain_db": per_channel - per_tensor})

@@ -8,6 +8,10 @@ architecture in every library; what written configs use) and against its module 
 in the installed library (``vit.layers.4.mlp.fc2``), so a path names the canonical
 site it belongs to. Every pattern must match at least one site of the model it is
 applied to, so a typo fails loudly.
+``formats`` maps site names, globs or kinds to a numeric format (:mod:`quant.formats`:
+``int8``, ``a16w8``, ``w4a8``, ``w8``, ``w4``, ``fp8``, ``float``); the last matching entry
+wins, a site no entry names is ``int8``, and ``float_kinds`` / ``float_sites`` keep a site
+float whatever its format (the skip-list stays a skip-list).
 Two remedies are options too: ``smooth`` (LayerNorm -> alpha, SmoothQuant-style
 scale migration, :mod:`quant.smooth`) and ``bias_correction`` (Linear sites whose
 bias absorbs their expected quantization shift, :mod:`quant.bias_correction`).
@@ -24,6 +28,7 @@ from typing import Any, Iterable
 
 import yaml
 
+from .formats import FORMATS, Format
 from .observers import check_observer
 from .quantizer import QuantSpec
 from .sites import KINDS, SLOTS, Site
@@ -31,6 +36,10 @@ from .store import atomic_write_text
 
 BACKEND_FLOAT_KINDS = ("layernorm", "gelu", "softmax")
 ACTIVATION_SLOTS = tuple(sorted({s for slots in SLOTS.values() for s in slots} - {"weight"}))
+DEFAULT_FORMAT = "int8"  # the format of a site no ``formats`` entry names
+# QuantSpec fields added after configs were first written: left out of to_dict at their
+# default, so existing configs keep their serialisation (and the result logs' hashes)
+_SPEC_DEFAULTS = {"group_size": None, "encoding": "int"}
 
 
 class ConfigError(ValueError):
@@ -51,6 +60,10 @@ def _spec(data: dict[str, Any] | None, base: QuantSpec, where: str) -> QuantSpec
     return spec
 
 
+def _spec_dict(spec: QuantSpec) -> dict[str, Any]:
+    return {k: v for k, v in asdict(spec).items() if k not in _SPEC_DEFAULTS or v != _SPEC_DEFAULTS[k]}
+
+
 @dataclass
 class QuantConfig:
     name: str = "custom"
@@ -67,11 +80,21 @@ class QuantConfig:
     # bias correction (quant.bias_correction): Linear site names/globs whose bias absorbs
     # the expected output shift of their weight quantization
     bias_correction: list[str] = field(default_factory=list)
+    # site name / glob / kind -> format name (quant.formats); later entries win
+    formats: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         bad = sorted(set(self.float_kinds) - set(KINDS))
         if bad:
             raise ConfigError(f"unknown site kind(s) {bad} in float_kinds; kinds are {list(KINDS)}")
+        if not isinstance(self.formats, dict):
+            raise ConfigError("formats must map site names/globs/kinds to a format name")
+        for pattern, name in self.formats.items():
+            if name not in FORMATS:
+                raise ConfigError(f"formats {pattern!r}: unknown format {name!r}; formats are "
+                                  f"{', '.join(FORMATS)}")
+        if self.activation.group_size is not None:
+            raise ConfigError("activation: group_size applies to weights only")
         for pattern, spec in self.overrides.items():
             extra = sorted(set(spec) - {"activation", "weight", *ACTIVATION_SLOTS})
             if extra:
@@ -79,7 +102,9 @@ class QuantConfig:
                                   f"activation slot ({', '.join(ACTIVATION_SLOTS)})")
             for part in spec:
                 base = self.weight if part == "weight" else self.activation
-                _spec(spec.get(part), base, f"override {pattern!r} {part}")
+                checked = _spec(spec.get(part), base, f"override {pattern!r} {part}")
+                if part != "weight" and checked.group_size is not None:
+                    raise ConfigError(f"override {pattern!r} {part}: group_size applies to weights only")
         if not isinstance(self.smooth, dict):
             raise ConfigError("smooth must map LayerNorm site names/globs to alpha in (0, 1)")
         for pattern, alpha in self.smooth.items():
@@ -90,10 +115,24 @@ class QuantConfig:
 
     # -- decisions per site ----------------------------------------------
     def is_float(self, site: Site) -> bool:
-        return site.kind in self.float_kinds or any(matches(site, p) for p in self.float_sites)
+        """Every tensor of ``site`` stays float: a float kind, a skip-list entry, the
+        ``float`` format, or a weight-only format at a site without weights."""
+        return (site.kind in self.float_kinds or any(matches(site, p) for p in self.float_sites)
+                or self.format_of(site).keeps_float(site))
+
+    def format_of(self, site: Site) -> Format:
+        """The format the ``formats`` mapping gives ``site`` (the last matching entry; a
+        kind matches its sites), else ``int8``. ``float_kinds``/``float_sites`` decide
+        before it (:meth:`is_float`)."""
+        name = DEFAULT_FORMAT
+        for pattern, fmt in self.formats.items():
+            if pattern == site.kind or matches(site, pattern):
+                name = fmt
+        return FORMATS[name]
 
     def spec_for(self, site: Site, part: str, slot: str | None = None) -> QuantSpec:
-        """The spec of ``part`` ('activation' or 'weight') at ``site``; later overrides win.
+        """The config's spec of ``part`` ('activation' or 'weight') at ``site``, before its
+        format (:meth:`slot_specs` applies it); later overrides win.
         With ``slot``, an override keyed by that slot's name (e.g. ``probs``, the
         softmax input of ``matmul_av``) applies on top of the site's activation spec."""
         spec = getattr(self, part)
@@ -104,21 +143,37 @@ class QuantConfig:
                     spec = _spec(override[key], spec, f"override {pattern!r}")
         return spec
 
-    def slot_specs(self, site: Site) -> dict[str, QuantSpec]:
-        """The spec of every slot (tensor) of ``site``."""
-        return {slot: self.spec_for(site, "weight" if slot == "weight" else "activation", slot)
-                for slot in site.slots}
+    def slot_specs(self, site: Site) -> dict[str, QuantSpec | None]:
+        """The spec of every slot (tensor) of ``site`` under its format (None: that slot
+        stays float, as the activations of a weight-only format)."""
+        fmt = self.format_of(site)
+        specs: dict[str, QuantSpec | None] = {}
+        for slot in site.slots:
+            if slot == "weight":
+                specs[slot] = fmt.weight(self.spec_for(site, "weight"))
+            else:
+                specs[slot] = fmt.activation(self.spec_for(site, "activation", slot))
+        return specs
 
     def int8_sites(self, sites: Iterable[Site]) -> list[Site]:
+        """The sites with at least one quantized tensor (whatever their format)."""
         return [s for s in sites if not self.is_float(s)]
 
     def validate(self, sites: list[Site]) -> None:
-        """Every skip-list entry and override pattern must match a site of this model."""
-        for pattern in [*self.float_sites, *self.overrides]:
+        """Every skip-list entry, override and formats pattern must match a site of this
+        model (a formats key may also be a kind the model has)."""
+        kinds = {s.kind for s in sites}
+        for pattern in [*self.float_sites, *self.overrides, *(p for p in self.formats if p not in kinds)]:
             if not any(matches(s, pattern) for s in sites):
                 close = _close(pattern, sites)
                 hint = f"; close matches: {', '.join(close)}" if close else "; `vitq sites` lists the names"
                 raise ConfigError(f"pattern {pattern!r} matches no site of this model{hint}")
+        for pattern, fmt in self.formats.items():
+            named = [s for s in sites if pattern == s.kind or matches(s, pattern)]
+            if not FORMATS[fmt].is_float and named and all(s.kind in self.float_kinds for s in named):
+                kinds = sorted({s.kind for s in named})
+                raise ConfigError(f"formats {pattern!r}: every site it names is of a float kind ({', '.join(kinds)}); "
+                                  f"remove {', '.join(kinds)} from float_kinds to give it format {fmt}")
         for what, patterns, kind in (("smooth", self.smooth, "layernorm"),
                                      ("bias_correction", self.bias_correction, "linear")):
             for pattern in patterns:
@@ -147,14 +202,15 @@ class QuantConfig:
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "activation": asdict(self.activation),
-            "weight": asdict(self.weight),
+            "activation": _spec_dict(self.activation),
+            "weight": _spec_dict(self.weight),
             "float_kinds": list(self.float_kinds),
             "float_sites": list(self.float_sites),
             "overrides": dict(self.overrides),
             # written only when used, so existing configs keep their keys (and hashes)
             **({"smooth": {k: float(v) for k, v in self.smooth.items()}} if self.smooth else {}),
             **({"bias_correction": list(self.bias_correction)} if self.bias_correction else {}),
+            **({"formats": dict(self.formats)} if self.formats else {}),
         }
 
     @classmethod
@@ -175,6 +231,7 @@ class QuantConfig:
             overrides=dict(data.get("overrides", {}) or {}),
             smooth=_mapping(data.get("smooth", {}), "smooth"),
             bias_correction=_str_list(data.get("bias_correction", []), "bias_correction"),
+            formats=_formats(data.get("formats", {})),
         )
 
     def save(self, path: str | Path) -> None:
@@ -202,6 +259,14 @@ def _mapping(value: Any, key: str) -> dict:
     if not isinstance(value, dict):
         raise ConfigError(f"{key} must be a mapping of site name/glob -> alpha, got {type(value).__name__}")
     return dict(value)
+
+
+def _formats(value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ConfigError(f"formats must map site names/globs/kinds to a format name ({', '.join(FORMATS)})")
+    return {str(k): v for k, v in value.items()}
 
 
 def _str_list(value: Any, key: str) -> list[str]:

@@ -1,42 +1,44 @@
-"""Export a QuantModel to ONNX with QuantizeLinear/DequantizeLinear at its int8 tensors.
+"""Export a QuantModel to ONNX with QuantizeLinear/DequantizeLinear at its quantized tensors.
 
 The graph is the instrumented model itself, captured by ``torch.export`` and
 translated by torch's dynamo ONNX exporter (``torch.onnx.export(..., dynamo=True)``,
-which needs ``onnxscript``). During export (:func:`export_mode`) every quantizing
-slot runs ``quantized_decomposed.quantize_per_{tensor,channel}`` followed by the
-matching ``dequantize_*`` op (torch's PT2E Q/DQ ops, which ``torch.export`` keeps as
-they are and onnxscript's torchlib writes as QuantizeLinear + DequantizeLinear). So
-the Q/DQ placement is by construction the one the fake-quant simulation runs: an int8
-activation gets a Q/DQ pair with its calibrated scale and zero point (uint8 when
-asymmetric, int8 when symmetric), a float site gets nothing. (The simulation's own
-op, ``torch.fake_quantize_per_tensor_affine`` with tensor qparams, cannot be captured:
+which needs ``onnxscript``). During export (:func:`export_mode`) every quantizing slot
+runs ``vitq_export::placeholder(x, slot)``, an identity custom op that ``torch.export``
+keeps and the exporter writes as a ``vitq.export.Placeholder`` node naming the slot;
+:func:`expand_placeholders` then replaces each by the slot's Q/DQ, built here with its
+calibrated parameters. So the Q/DQ placement is by construction the one the fake-quant
+simulation runs, and a float site gets nothing. (The simulation's own op,
+``torch.fake_quantize_per_tensor_affine`` with tensor qparams, cannot be captured:
 ``torch.export`` decomposes it into ``_fake_quantize_per_tensor_affine_cachemask_tensor_qparams``,
-which has no fake-tensor kernel in torch 2.13/2.14. The TorchScript exporter, which
-torch deprecates, is no longer used.)
+which has no fake-tensor kernel in torch 2.13/2.14; torch's PT2E Q/DQ ops, which torchlib
+translates, know 8-bit integers only.)
 
-Weights: in QUANT mode a weight quantizer returns its cached fake-quantized weight,
-which a trace would freeze into a float constant. During export weight quantizers
-run Q -> DQ on the float weight instead; the post-processing (:func:`fold_weights`)
-then replaces each ``Q(constant W)`` by an int8 initializer holding the integer codes,
-bit-exact with the simulation's weights. A Linear's ``DQ -> Transpose`` (``x @ W.T``)
-is folded too: the int8 initializer is stored transposed (``[in, out]``) and a
-per-channel DQ uses ``axis=1`` (the output channel), the layout ONNX Runtime's QDQ
-fusions expect. A ``Clip`` to the full int8/uint8 range between a Q and its DQ (how
-torchlib writes a per-channel quantize's clamp) is a no-op and is dropped.
+- An activation gets ``QuantizeLinear -> DequantizeLinear`` with per-tensor scalars: a
+  uint8/int8 zero point (int8 format), uint16/int16 (``a16w8``) or FLOAT8E4M3FN (``fp8``).
+- A weight (the float initializer the placeholder reads) becomes an initializer holding
+  the codes the simulation rounds to (int8, int4, int16, or E4M3 values), bit-exact with
+  the simulation's weights, and a ``DequantizeLinear`` with ``axis`` when per channel and
+  ``block_size`` when group-wise (ONNX's blocked quantization). A Linear's
+  ``DQ -> Transpose`` (``x @ W.T``) is folded: the codes are stored transposed
+  (``[in, out]``) and the axis swapped (1: the output channel), the layout ONNX Runtime's
+  QDQ fusions expect.
+- Q/DQ pairs quantizing one tensor with equal parameters (q/k/v read one LayerNorm
+  output) are merged into one.
 
 Remedies need nothing here: a config's smoothing (``QuantConfig.smooth``) and bias
 correction change the model's parameters (LayerNorm affine, consumer weights,
 Linear biases), which the export writes as they are: smoothed LayerNorm weights and
 biases and corrected biases as float initializers, smoothed weights as int8.
 
-Only standard ``ai.onnx`` ops are produced (opset >= 18, the dynamo exporter's).
-Only 8-bit specs can be exported: Q/DQ below opset 21 is 8-bit only.
+Only standard ``ai.onnx`` ops are produced: opset 18 (the dynamo exporter's) when every
+quantized tensor is an 8-bit integer, 21 (int4/int16 Q/DQ, blocked quantization, FP8)
+otherwise. Integer tensors of 4, 8 or 16 bits and FP8 E4M3 can be exported; other widths
+are refused.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import io
 import os
 import warnings
@@ -51,12 +53,17 @@ from torch import nn
 from .config import ConfigError
 from .model import QuantModel, TensorQuantizer
 from .modes import OBSERVE, QUANT
-from .quantizer import QParams, quantize_to_int
+from .quantizer import E4M3_MAX, QParams, expanded_qparams, quantize_to_int
 from .store import atomic_write
 
 Q_OP, DQ_OP = "QuantizeLinear", "DequantizeLinear"
 STANDARD_DOMAINS = ("", "ai.onnx")
 INT8_RANGES = {(0, 255): "uint8", (-128, 127): "int8"}
+# integer grids opset 21 Q/DQ holds beside the 8-bit ones, by (qmin, qmax)
+WIDE_RANGES = {(0, 65535): "uint16", (-32768, 32767): "int16", (0, 15): "uint4", (-8, 7): "int4"}
+E4M3 = "float8e4m3fn"
+PLACEHOLDER_DOMAIN, PLACEHOLDER_OP = "vitq.export", "Placeholder"
+WIDE_OPSET = 21  # the first opset with int4/int16 Q/DQ and blocked quantization
 OPTIMIZE = False
 
 
@@ -76,7 +83,8 @@ def _require_onnx():
 # -- what the graph must contain -------------------------------------------------
 @dataclass
 class Int8Tensor:
-    """One distinct int8 tensor: the quantizer slots that quantize the same tensor
+    """One distinct quantized tensor (``dtype``: its ONNX element type, int8 or another
+    format's): the quantizer slots that quantize the same tensor
     with identical parameters (q/k/v projections read one LayerNorm output) share
     one Q/DQ pair in the graph."""
 
@@ -84,6 +92,19 @@ class Int8Tensor:
     is_weight: bool
     dtype: str
     per_channel: bool
+
+
+def onnx_dtype(qp: QParams) -> str:
+    """The ONNX element type of ``qp``'s codes (uint8, int8, int16, int4, float8e4m3fn, ...)."""
+    if qp.encoding == "e4m3":
+        return E4M3
+    return {**INT8_RANGES, **WIDE_RANGES}[(qp.qmin, qp.qmax)]
+
+
+def is_standard_int8(qp: QParams) -> bool:
+    """8-bit integers per tensor or per channel: what opset 18 Q/DQ holds (anything else
+    needs opset 21)."""
+    return qp.encoding == "int" and qp.group_size is None and (qp.qmin, qp.qmax) in INT8_RANGES
 
 
 def _qkey(qp: QParams) -> tuple:
@@ -94,14 +115,20 @@ def _check_exportable(qmodel: QuantModel) -> None:
     for tq in qmodel.tensor_quantizers():
         if tq.mode == OBSERVE:
             raise ExportError(f"{tq.name} is observing (calibration in progress); apply a config first")
-        if tq.mode == QUANT and (tq.qparams.qmin, tq.qparams.qmax) not in INT8_RANGES:
+        if tq.mode != QUANT:
+            continue
+        qp = tq.qparams
+        if qp.encoding == "int" and (qp.qmin, qp.qmax) not in {**INT8_RANGES, **WIDE_RANGES}:
             raise ExportError(f"{tq.name}: {tq.spec.bits}-bit quantization cannot be exported; "
-                              f"ONNX opset <= 20 Q/DQ is 8-bit only")
+                              f"ONNX Q/DQ holds 4-, 8- and 16-bit integers and FP8 E4M3")
+        if qp.group_size is not None and not tq.is_weight:  # pragma: no cover - QuantConfig refuses it
+            raise ExportError(f"{tq.name}: group-wise quantization of an activation cannot be exported")
 
 
 def int8_tensors(qmodel: QuantModel, example_pixels: torch.Tensor) -> list[Int8Tensor]:
-    """The distinct int8 tensors of the current state, found by running the model
-    once with a tap on every quantizing slot (independent of any ONNX graph)."""
+    """The distinct quantized tensors of the current state (int8, and the other formats'
+    int16/int4/FP8), found by running the model once with a tap on every quantizing slot
+    (independent of any ONNX graph)."""
     _check_exportable(qmodel)
     seen: dict[tuple, Int8Tensor] = {}
     keep: list[torch.Tensor] = []  # keep inputs alive so their id() stays unique
@@ -114,8 +141,7 @@ def int8_tensors(qmodel: QuantModel, example_pixels: torch.Tensor) -> list[Int8T
         if key in seen:
             seen[key].slots.append(tq.name)
         else:
-            seen[key] = Int8Tensor([tq.name], tq.is_weight, INT8_RANGES[(tq.qparams.qmin, tq.qparams.qmax)],
-                                   tq.qparams.per_channel)
+            seen[key] = Int8Tensor([tq.name], tq.is_weight, onnx_dtype(tq.qparams), tq.qparams.per_channel)
 
     tqs = [tq for tq in qmodel.tensor_quantizers() if tq.mode == QUANT]
     for tq in tqs:
@@ -130,135 +156,82 @@ def int8_tensors(qmodel: QuantModel, example_pixels: torch.Tensor) -> list[Int8T
 
 # -- tracing -----------------------------------------------------------------------
 class _ExportQuantizer(TensorQuantizer):
-    """A TensorQuantizer as seen by the exporter: weights are fake-quantized from the
-    float weight (traceable as Q -> DQ) rather than returned from the cache; taps
-    are not run."""
-
-    _scalar_qparams: tuple[float, int] | None = None  # per-tensor (scale, zero point), read before tracing
+    """A TensorQuantizer as seen by the exporter: a quantizing slot is a placeholder
+    naming it (its float input passes through: a weight stays the float initializer
+    until :func:`expand_placeholders`); taps are not run."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == QUANT:
-            return export_qdq(x, self.qparams, self._scalar_qparams)
+            return _placeholder_op()(x, self.name)
         return x
 
 
-def _decomposed_ops():
-    """torch's ``quantized_decomposed`` op library (registered on import)."""
-    if not hasattr(torch.ops.quantized_decomposed, "quantize_per_tensor"):
-        importlib.import_module("torch.ao.quantization.fx._decomposed")  # registers the ops
-    return torch.ops.quantized_decomposed
+# slot name -> parameters of every quantizing slot, while export_mode is active
+_ACTIVE: dict[str, QParams] = {}
 
 
-def export_qdq(x: torch.Tensor, qp: QParams, scalars: tuple[float, int] | None = None) -> torch.Tensor:
-    """Quantize -> dequantize ``x`` with ``qp`` through the PT2E Q/DQ ops (what
-    ``torch.export`` keeps and the ONNX exporter writes as QuantizeLinear/DequantizeLinear).
-    Numerically the simulation's fake-quant (round(x * (1/scale)) + zp, clamped)."""
-    ops = _decomposed_ops()
-    dtype = torch.uint8 if qp.qmin == 0 else torch.int8
-    if qp.per_channel:
-        scale, zp = qp.scale.float(), qp.zero_point.to(torch.int64)
-        q = ops.quantize_per_channel(x, scale, zp, qp.ch_axis, qp.qmin, qp.qmax, dtype)
-        return ops.dequantize_per_channel(q, scale, zp, qp.ch_axis, qp.qmin, qp.qmax, dtype)
-    # python numbers, read outside the trace (a tensor read inside it is data-dependent)
-    scale, zp = scalars or (float(qp.scale.reshape(-1)[0]), int(qp.zero_point.reshape(-1)[0]))
-    q = ops.quantize_per_tensor(x, scale, zp, qp.qmin, qp.qmax, dtype)
-    return ops.dequantize_per_tensor(q, scale, zp, qp.qmin, qp.qmax, dtype)
+_PLACEHOLDER: list = []  # the registered torch op, once
+
+
+def _placeholder_op():
+    """``torch.ops.vitq_export.placeholder(x, slot)``: an identity op ``torch.export``
+    keeps as it is (a custom op), written to ONNX as ``vitq.export.Placeholder``."""
+    if not _PLACEHOLDER:
+        @torch.library.custom_op("vitq_export::placeholder", mutates_args=())
+        def placeholder(x: torch.Tensor, slot: str) -> torch.Tensor:
+            return x.clone()
+
+        @placeholder.register_fake
+        def _(x, slot):
+            return torch.empty_like(x)
+        _PLACEHOLDER.append(torch.ops.vitq_export.placeholder.default)
+    return _PLACEHOLDER[0]
+
+
+def _placeholder_translation() -> dict:
+    """The exporter's translation of the placeholder op: a ``vitq.export.Placeholder``
+    node with the slot's name (its ONNX schema registered once)."""
+    import onnx
+    import onnxscript
+    from onnx.defs import OpSchema
+
+    if not onnx.defs.has(PLACEHOLDER_OP, PLACEHOLDER_DOMAIN):
+        onnx.defs.register_schema(OpSchema(
+            PLACEHOLDER_OP, PLACEHOLDER_DOMAIN, 1, inputs=[OpSchema.FormalParameter("x", "T")],
+            outputs=[OpSchema.FormalParameter("y", "T")], type_constraints=[("T", ["tensor(float)"], "")],
+            attributes=[OpSchema.Attribute("slot", OpSchema.AttrType.STRING, "quantizer slot name")]))
+    node = getattr(onnxscript.values.Opset(PLACEHOLDER_DOMAIN, 1), PLACEHOLDER_OP)
+
+    def translate(x, slot: str):
+        return node(x, slot=slot)
+    return {_placeholder_op(): translate}
 
 
 @contextlib.contextmanager
 def export_mode(qmodel: QuantModel) -> Iterator[None]:
-    """Within the block, every quantizer of ``qmodel`` behaves as :class:`_ExportQuantizer`."""
+    """Within the block, every quantizer of ``qmodel`` behaves as :class:`_ExportQuantizer`
+    and :func:`export_graph` knows the parameters of every quantizing slot."""
     _check_exportable(qmodel)
     classes = [(tq, type(tq)) for tq in qmodel.tensor_quantizers()]
+    _ACTIVE.clear()
     for tq, _ in classes:
         tq.__class__ = _ExportQuantizer
-        if tq.mode == QUANT and not tq.qparams.per_channel:
-            tq._scalar_qparams = (float(tq.qparams.scale.reshape(-1)[0]), int(tq.qparams.zero_point.reshape(-1)[0]))
+        if tq.mode == QUANT:
+            _ACTIVE[tq.name] = tq.qparams.to("cpu")
     try:
         yield
     finally:
+        _ACTIVE.clear()
         for tq, cls in classes:
             tq.__class__ = cls
-            tq.__dict__.pop("_scalar_qparams", None)
-
-
-def _fold_param_casts(graph) -> int:
-    """Fold ``Cast``/``CastLike`` of constants (how torchlib writes per-channel scales and
-    zero points) into initializers, so that every Q/DQ parameter is an initializer;
-    returns how many were folded. (The exporter's own optimizer is off: it would fold
-    ``QuantizeLinear(constant weight)`` with ONNX's division by the scale, not bit-exact
-    with the simulation's multiplication by its inverse; :func:`fold_weights` does it.)"""
-    from onnx import helper, numpy_helper
-
-    arrays = _initializer_arrays(graph)
-    for n in graph.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            arrays.setdefault(n.output[0], numpy_helper.to_array(n.attribute[0].t))
-    folded, drop = 0, set()
-    nodes = list(graph.node)  # hold the wrappers: id() of a dropped one must not be reused
-    for n in nodes:
-        if n.op_type not in ("Cast", "CastLike") or not all(i in arrays for i in n.input):
-            continue
-        x = arrays[n.input[0]]
-        if n.op_type == "Cast":
-            dtype = helper.tensor_dtype_to_np_dtype(_attr(n, "to"))
-        else:
-            dtype = arrays[n.input[1]].dtype
-        if x.size > 1 << 16:  # parameters only, never a weight
-            continue
-        out = np.asarray(x).astype(dtype)
-        arrays[n.output[0]] = out
-        graph.initializer.append(numpy_helper.from_array(out, n.output[0]))
-        drop.add(id(n))
-        folded += 1
-    if drop:
-        kept = [n for n in nodes if id(n) not in drop]
-        del graph.node[:]
-        graph.node.extend(kept)
-    return folded
-
-
-def _drop_noop_clips(graph) -> int:
-    """Remove ``Q -> Clip(lo, hi) -> DQ`` clips whose bounds are the int8/uint8 range
-    of the Q's output (no-ops: QuantizeLinear saturates to that range itself)."""
-    arrays = _initializer_arrays(graph)
-    consts = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
-
-    def value(name):
-        if name in arrays:
-            return arrays[name]
-        if name in consts:
-            from onnx import numpy_helper
-            return numpy_helper.to_array(consts[name].attribute[0].t)
-        return None
-
-    producers = {o: n for n in graph.node for o in n.output}
-    rename, drop = {}, set()
-    all_nodes = list(graph.node)  # hold the wrappers (see _fold_param_casts)
-    for n in all_nodes:
-        if n.op_type != "Clip" or len(n.input) < 3:
-            continue
-        q = producers.get(n.input[0])
-        if q is None or q.op_type != Q_OP or len(q.input) < 3:
-            continue
-        zp, lo, hi = value(q.input[2]), value(n.input[1]), value(n.input[2])
-        if zp is None or lo is None or hi is None:
-            continue
-        info = np.iinfo(zp.dtype)
-        if int(lo) != info.min or int(hi) != info.max:
-            raise ExportError(f"{n.name}: Clip({int(lo)}, {int(hi)}) after a QuantizeLinear narrows the "
-                              f"{zp.dtype} range; not a standard Q/DQ pair")
-        rename[n.output[0]] = n.input[0]
-        drop.add(id(n))
-    return _drop_and_rename(graph, all_nodes, drop, rename)
 
 
 def export_graph(module: nn.Module, example: torch.Tensor, opset: int = 18, dynamic_batch: bool = True,
                  input_name: str = "pixel_values", output_name: str = "logits"):
     """``module(example)`` through the dynamo ONNX exporter, post-processed into a
-    standard Q/DQ graph (constants as initializers, duplicate pairs merged, no-op clips
-    dropped, weights folded to int8 initializers); returns the ModelProto. Call inside
-    :func:`export_mode`."""
+    standard Q/DQ graph (placeholders expanded into Q/DQ pairs and quantized weight
+    initializers, duplicate pairs merged); returns the ModelProto. Call inside
+    :func:`export_mode`; the opset is raised to 21 when a tensor is not an 8-bit integer."""
     onnx = _require_onnx()
     try:
         import onnxscript  # noqa: F401
@@ -267,32 +240,27 @@ def export_graph(module: nn.Module, example: torch.Tensor, opset: int = 18, dyna
                           "pip install 'vitq[onnx]'") from None
     if opset < 18:
         raise ExportError(f"opset {opset}: the dynamo ONNX exporter writes opset >= 18")
+    placeholders = dict(_ACTIVE)
+    if any(not is_standard_int8(qp) for qp in placeholders.values()) and opset < WIDE_OPSET:
+        opset = WIDE_OPSET
     shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
     with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(module, (example,), dynamo=True, opset_version=opset,
                                         input_names=[input_name], output_names=[output_name],
-                                        dynamic_shapes=shapes, verbose=False, optimize=OPTIMIZE)
+                                        dynamic_shapes=shapes, verbose=False, optimize=OPTIMIZE,
+                                        custom_translation_table=_placeholder_translation() if placeholders else None)
         except Exception as e:  # torch.export / onnxscript raise many types
             raise ExportError(f"the dynamo ONNX exporter failed: {str(e).strip().splitlines()[0][:300]}") from e
     model = program.model_proto
     graph = model.graph
-    _fold_param_casts(graph)
-    _constants_to_initializers(graph)
-    _drop_noop_clips(graph)
-    _prune(graph)
+    expand_placeholders(model, placeholders)
     _dedupe_qdq(graph)
-    fold_weights(graph)
     del graph.value_info[:]  # the exporter's shapes of folded (transposed) weights are stale
-    scalars = {i.name for i in graph.initializer if len(i.dims) == 0}
     for n in graph.node:  # the exporter's per-node stack traces and FX names: ~1.5 kB a node
         n.doc_string = ""
         del n.metadata_props[:]
-        if n.op_type in (Q_OP, DQ_OP) and n.input[1] in scalars:  # per-tensor: an axis means nothing
-            keep = [a for a in n.attribute if a.name != "axis"]
-            del n.attribute[:]
-            n.attribute.extend(keep)
     return model
 
 
@@ -311,44 +279,6 @@ class _Forward(nn.Module):
 
 
 # -- post-processing -------------------------------------------------------------
-def _constants_to_initializers(graph) -> None:
-    """Constant nodes feeding Q/DQ parameters become initializers; per-tensor
-    scales/zero points become scalars (what the ONNX spec calls per-tensor)."""
-    from onnx import numpy_helper
-
-    consts = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
-    inits = {i.name: i for i in graph.initializer}
-    users: dict[str, int] = {}
-    for n in graph.node:
-        for name in n.input:
-            users[name] = users.get(name, 0) + 1
-    for n in graph.node:
-        if n.op_type not in (Q_OP, DQ_OP):
-            continue
-        per_axis = False
-        for pos in (1, 2):
-            name = n.input[pos] if len(n.input) > pos else ""
-            if name in consts:
-                attr = consts[name].attribute[0]
-                if attr.name != "value":
-                    continue
-                arr = numpy_helper.to_array(attr.t)
-            elif name in inits:
-                arr = numpy_helper.to_array(inits[name])
-            else:
-                continue
-            if pos == 1:
-                per_axis = any(a.name == "axis" for a in n.attribute) and arr.size > 1
-            if not per_axis and arr.size == 1:
-                arr = arr.reshape(())
-            new = f"{name}__vitq"
-            if new not in inits:
-                inits[new] = numpy_helper.from_array(arr, new)
-                graph.initializer.append(inits[new])
-            n.input[pos] = new
-    _prune(graph)
-
-
 def _prune(graph) -> None:
     """Drop nodes and initializers nothing uses any more (one backward sweep)."""
     needed = {o.name for o in graph.output}
@@ -424,67 +354,106 @@ def _dedupe_qdq(graph) -> int:
     return _drop_and_rename(graph, graph.node, drop, rename)
 
 
-def fold_weights(graph) -> int:
-    """Replace ``Q(constant float W) -> DQ`` by ``int8 initializer -> DQ`` (and fold
-    a following 2-D Transpose into the initializer); returns the weights folded."""
-    from onnx import numpy_helper
+def weight_codes(w: torch.Tensor, qp: QParams) -> np.ndarray:
+    """The codes the simulation rounds weight ``w`` to: integers (int32), or E4M3 values
+    as float32 (``w / scale`` saturated at +-448, through ``torch.float8_e4m3fn``)."""
+    if qp.encoding == "e4m3":
+        scale, _ = expanded_qparams(qp, w)
+        return (w / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float().numpy()
+    return quantize_to_int(w, qp).numpy()
 
+
+def _typed_tensor(name: str, values: np.ndarray, dtype: str):
+    """An initializer of ONNX element type ``dtype`` (int4/uint4 packed, FP8 from the
+    E4M3 values' bits) holding ``values``."""
+    from onnx import TensorProto, helper
+
+    values = np.array(values)  # C order, 0-d kept (np.ascontiguousarray makes it 1-d)
+    if dtype == E4M3:
+        bits = torch.from_numpy(values.astype(np.float32)).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+        return helper.make_tensor(name, TensorProto.FLOAT8E4M3FN, values.shape, bits.tobytes(), raw=True)
+    if dtype in ("int4", "uint4"):
+        kind = TensorProto.INT4 if dtype == "int4" else TensorProto.UINT4
+        return helper.make_tensor(name, kind, values.shape, values.astype(np.int32).reshape(-1).tolist())
+    from onnx import numpy_helper
+    return numpy_helper.from_array(values.astype(np.dtype(dtype)), name)
+
+
+def expand_placeholders(model, placeholders: dict[str, QParams]) -> int:
+    """Replace every ``vitq.export.Placeholder`` node by the Q/DQ of its slot (see the
+    module docstring): an activation by QuantizeLinear + DequantizeLinear with per-tensor
+    scalars, a weight (an initializer) by its codes and a DequantizeLinear, a following
+    2-D Transpose folded into them (codes ``[in, out]``, the axis swapped). Returns how
+    many were replaced."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
     arrays = _initializer_arrays(graph)
     consumers: dict[str, list] = {}
     for n in graph.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
-    outputs = {o.name for o in graph.output}
-    folded, drop, rename = 0, set(), {}
-    for q in [n for n in graph.node if n.op_type == Q_OP]:
-        w_name, s_name, z_name = q.input[0], q.input[1], q.input[2]
-        if w_name not in arrays or s_name not in arrays or z_name not in arrays:
-            continue  # an activation
-        dqs = consumers.get(q.output[0], [])
-        if len(dqs) != 1 or dqs[0].op_type != DQ_OP:
-            raise ExportError(f"weight {w_name}: QuantizeLinear not followed by a single DequantizeLinear")
-        dq = dqs[0]
-        w = torch.from_numpy(arrays[w_name].copy())
-        scale = torch.from_numpy(arrays[s_name].astype(np.float32).reshape(-1))
-        zp = torch.from_numpy(arrays[z_name].astype(np.int32).reshape(-1))
-        axis = _attr(q, "axis", 1) if scale.numel() > 1 else None
-        if axis is not None and axis < 0:
-            axis += w.dim()
-        qmin, qmax = (0, 255) if arrays[z_name].dtype == np.uint8 else (-128, 127)
-        # the simulation's own rounding (round(w * (1/scale)) half-to-even, + zp, clamp)
-        codes = quantize_to_int(w, QParams(scale, zp, qmin, qmax, axis)).numpy().astype(arrays[z_name].dtype)
-        after = consumers.get(dq.output[0], [])
+    nodes, replaced = [], 0
+    dropped: set[int] = set()
+    for n in list(graph.node):
+        if id(n) in dropped:
+            continue
+        if n.domain != PLACEHOLDER_DOMAIN:
+            nodes.append(n)
+            continue
+        slot = _attr(n, "slot")
+        slot = slot.decode() if isinstance(slot, bytes) else slot
+        if slot not in placeholders:
+            raise ExportError(f"placeholder for {slot}: no quantization parameters given")
+        qp, dtype, x, out = placeholders[slot], onnx_dtype(placeholders[slot]), n.input[0], n.output[0]
+        prefix = f"{slot.replace(':', '.')}_{dtype}"
+        if x not in arrays:  # an activation: per-tensor scalars
+            scale, zp = float(qp.scale.reshape(-1)[0]), int(qp.zero_point.reshape(-1)[0])
+            graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), f"{prefix}_scale"),
+                                      _typed_tensor(f"{prefix}_zero_point", np.array(zp), dtype)])
+            params = [f"{prefix}_scale", f"{prefix}_zero_point"]
+            nodes.append(helper.make_node(Q_OP, [x, *params], [f"{prefix}_q"], name=f"{prefix}_Q"))
+            nodes.append(helper.make_node(DQ_OP, [f"{prefix}_q", *params], [out], name=f"{prefix}_DQ"))
+            replaced += 1
+            continue
+        w = torch.from_numpy(arrays[x].copy()).float()
+        codes = weight_codes(w, qp)
+        axis, block = (1, qp.group_size) if qp.group_size is not None else (qp.ch_axis, None)
+        shape = (w.shape[0], -1, *w.shape[2:]) if block is not None else (-1,)
+        scale = qp.scale.float().reshape(shape).numpy()
+        zp = qp.zero_point.reshape(shape).numpy()
+        after = consumers.get(out, [])
         if (len(after) == 1 and after[0].op_type == "Transpose" and codes.ndim == 2
-                and list(_attr(after[0], "perm", [1, 0])) == [1, 0] and dq.output[0] not in outputs):
-            codes = codes.T.copy()
+                and list(_attr(after[0], "perm", [1, 0])) == [1, 0]):
+            codes = codes.T
+            if block is not None:
+                scale, zp = scale.T, zp.T
             if axis is not None:
                 axis = 1 - axis
-            rename[after[0].output[0]] = dq.output[0]
-            drop.add(id(after[0]))
-        name, k = f"{w_name}_quantized", 1
+            dropped.add(id(after[0]))
+            out = after[0].output[0]
+        if axis is None:
+            scale, zp = scale.reshape(()), zp.reshape(())
+        name, k = f"{x}_quantized", 1
         while name in arrays:  # a weight quantized twice (tied weights)
-            name, k = f"{w_name}_quantized_{k}", k + 1
+            name, k = f"{x}_quantized_{k}", k + 1
         arrays[name] = codes
-        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(codes), name))
-        dq.input[0] = name
-        del dq.attribute[:]
-        if axis is not None:
-            from onnx import helper
-            dq.attribute.append(helper.make_attribute("axis", int(axis)))
-        drop.add(id(q))
-        folded += 1
-    nodes = [n for n in graph.node if id(n) not in drop]
-    for n in nodes:
-        for pos, name in enumerate(n.input):
-            if name in rename:
-                n.input[pos] = rename[name]
-    for o in graph.output:
-        if o.name in rename:  # pragma: no cover - a bare weight is never a model output
-            raise ExportError(f"graph output {o.name} is a transposed weight")
+        graph.initializer.extend([_typed_tensor(name, codes, dtype),
+                                  numpy_helper.from_array(np.array(scale, np.float32), f"{name}_scale"),
+                                  _typed_tensor(f"{name}_zero_point", zp, dtype)])
+        attrs = {} if axis is None else {"axis": int(axis)}
+        if block is not None:
+            attrs["block_size"] = int(block)
+        nodes.append(helper.make_node(DQ_OP, [name, f"{name}_scale", f"{name}_zero_point"], [out],
+                                      name=f"{prefix}_DQ", **attrs))
+        replaced += 1
     del graph.node[:]
     graph.node.extend(nodes)
+    kept = [o for o in model.opset_import if o.domain != PLACEHOLDER_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
     _prune(graph)
-    return folded
+    return replaced
 
 
 # -- the whole export -------------------------------------------------------------
@@ -493,7 +462,7 @@ class ExportResult:
     path: Path
     quantize_nodes: int
     dequantize_nodes: int
-    int8_weights: int  # int8 initializers feeding a DequantizeLinear
+    int8_weights: int  # quantized weight initializers (int8, or int4/int16/FP8 of other formats) feeding a DQ
     activation_qdq: int  # QuantizeLinear nodes (activations quantized at run time)
     file_bytes: int
     ops: dict[str, int] = field(default_factory=dict)
@@ -512,8 +481,9 @@ def summarize(model, path: str | os.PathLike | None = None) -> ExportResult:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
     arrays_dtype = {i.name: i.data_type for i in graph.initializer}
     from onnx import TensorProto
-    int8 = {TensorProto.INT8, TensorProto.UINT8}
-    weights = sum(1 for n in graph.node if n.op_type == DQ_OP and arrays_dtype.get(n.input[0]) in int8)
+    coded = {TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16, TensorProto.INT4,
+             TensorProto.UINT4, TensorProto.FLOAT8E4M3FN}
+    weights = sum(1 for n in graph.node if n.op_type == DQ_OP and arrays_dtype.get(n.input[0]) in coded)
     p = Path(path) if path is not None else None
     return ExportResult(p, ops.get(Q_OP, 0), ops.get(DQ_OP, 0), weights, ops.get(Q_OP, 0),
                         p.stat().st_size if p is not None and p.exists() else model.ByteSize(), ops)

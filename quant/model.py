@@ -106,6 +106,13 @@ class TensorQuantizer:
         histogram observers (percentile, mse, entropy) saw X, not X / s, so they
         fall back to that exact (minmax) range; fixed-range observers keep theirs."""
         self.spec = spec
+        try:
+            self._quantize(spec, weight, device)
+        except ValueError as e:  # a spec this tensor cannot take (group_size on a 1-D weight, ...)
+            raise SiteError(f"site {self.name}: {e}") from None
+        self.mode = QUANT
+
+    def _quantize(self, spec: QuantSpec, weight: torch.Tensor | None, device: torch.device | None) -> None:
         if self.is_weight:
             self.qparams = weight_qparams(weight, spec)
             self._weight_cache = fake_quantize(weight.detach(), self.qparams)
@@ -124,7 +131,6 @@ class TensorQuantizer:
                 self.qparams = self._range_cache[key]
             if device is not None:  # once per config, not once per forward
                 self.qparams = self.qparams.to(device)
-        self.mode = QUANT
 
     def to_float(self) -> None:
         self.mode, self.spec, self.qparams, self._weight_cache = FLOAT, None, None, None
@@ -243,10 +249,14 @@ class QuantModel:
             if mode == OBSERVE and not tq.is_weight:
                 tq.mode = OBSERVE
 
-    def quantize_site(self, name: str, specs: dict[str, QuantSpec]) -> None:
-        """Fake-quantize every slot of site ``name`` with its spec (QuantConfig.slot_specs)."""
+    def quantize_site(self, name: str, specs: dict[str, QuantSpec | None]) -> None:
+        """Fake-quantize every slot of site ``name`` with its spec (QuantConfig.slot_specs);
+        a slot whose spec is None stays float (a weight-only format's activations)."""
         for slot, tq in self.quantizers[name].items():
-            tq.quantize(specs[slot], self._weights.get(name), self.device)
+            if specs[slot] is None:
+                tq.to_float()
+            else:
+                tq.quantize(specs[slot], self._weights.get(name), self.device)
 
     def float_site(self, name: str) -> None:
         for tq in self.quantizers[name].values():

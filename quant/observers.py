@@ -238,6 +238,11 @@ _ACTIVATION_RANGES: dict[str, Callable[[StreamingHistogram, QuantSpec], tuple[fl
 def activation_qparams(h: StreamingHistogram, spec: QuantSpec) -> QParams:
     """Per-tensor quantization parameters of an activation from its calibration stats."""
     check_observer(spec.observer)
+    if spec.group_size is not None:
+        raise ValueError("group_size applies to weights only")
+    if spec.encoding == "e4m3" and spec.observer in ("mse", "entropy"):
+        raise ValueError(f"the {spec.observer} observer models an integer grid; use minmax, percentile or unit "
+                         f"for e4m3 activations")
     if h.count == 0:
         raise RuntimeError("no calibration data reached this tensor")
     if spec.observer in FIXED_RANGES:
@@ -252,11 +257,39 @@ def weight_qparams(weight: torch.Tensor, spec: QuantSpec) -> QParams:
 
     Weights are static, so ranges come from the exact tensor: minmax, a percentile,
     or an MSE search over clipping factors measured with the real fake-quant.
+    Group-wise (``spec.group_size`` g): one range per output channel, per group of g
+    consecutive input channels (axis 1; the last group may be shorter) and per position
+    of any further axes (a Conv's kernel), as ONNX's blocked quantization along axis 1.
     """
     check_observer(spec.observer)
     w = weight.detach().float()
     check_finite(w)
+    if spec.group_size is not None:
+        return _group_qparams(w, spec)
     rows = w.reshape(w.shape[0], -1) if spec.per_channel else w.reshape(1, -1)
+    lo, hi = _row_ranges(rows, spec)
+    return qparams_from_range(lo, hi, spec, ch_axis=0 if spec.per_channel else None)
+
+
+def _group_qparams(w: torch.Tensor, spec: QuantSpec) -> QParams:
+    if w.dim() < 2:
+        raise ValueError(f"group_size needs a weight of 2 or more axes, got shape {tuple(w.shape)}")
+    g, (out, n_in), rest = spec.group_size, w.shape[:2], w.shape[2:]
+    groups = -(-n_in // g)
+    # (out, groups * g, *rest) padded with copies of the last input channel (changes no range),
+    # then one row per (out, group, *rest) holding its g values
+    pad = groups * g - n_in
+    if pad:
+        w = torch.cat([w, w[:, -1:].expand(out, pad, *rest)], 1)
+    rows = w.reshape(out, groups, g, *rest).movedim(2, -1).reshape(-1, g)
+    lo, hi = _row_ranges(rows, spec)
+    qp = qparams_from_range(lo, hi, spec, ch_axis=0)
+    qp.group_size = g
+    return qp
+
+
+def _row_ranges(rows: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """[lo, hi] of each row of ``rows`` by the weight observer of ``spec``."""
     if spec.observer == "minmax":
         lo, hi = rows.amin(1), rows.amax(1)
     elif spec.observer == "percentile":
@@ -267,7 +300,7 @@ def weight_qparams(weight: torch.Tensor, spec: QuantSpec) -> QParams:
     else:
         raise ValueError(f"the {spec.observer} observer calibrates activations; use minmax, percentile or mse "
                          f"for weights")
-    return qparams_from_range(lo, hi, spec, ch_axis=0 if spec.per_channel else None)
+    return lo, hi
 
 
 def _row_quantile(rows: torch.Tensor, q: float) -> torch.Tensor:

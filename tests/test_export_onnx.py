@@ -133,10 +133,11 @@ def test_export_keeps_the_model_state_and_refuses_non_8_bit(qmodel, tmp_path):
     export_onnx(qmodel, tmp_path / "m.onnx", x)
     assert torch.equal(qmodel(x), before)
     assert all(type(tq) is TensorQuantizer for tq in qmodel.tensor_quantizers())
-    qmodel.apply(QuantConfig(name="w4", weight=QuantSpec(bits=4, symmetric=True)))
-    with pytest.raises(ExportError, match="4-bit quantization cannot be exported"):
-        export_onnx(qmodel, tmp_path / "w4.onnx", x)
-    assert not (tmp_path / "w4.onnx").exists()
+    qmodel.apply(QuantConfig(name="w6", weight=QuantSpec(bits=6, symmetric=True)))
+    with pytest.raises(ExportError, match="6-bit quantization cannot be exported; ONNX Q/DQ holds 4-, 8- and "
+                                          "16-bit integers and FP8 E4M3"):
+        export_onnx(qmodel, tmp_path / "w6.onnx", x)
+    assert not (tmp_path / "w6.onnx").exists()
 
 
 @needs_ort
@@ -254,3 +255,90 @@ def test_cli_eval_with_onnxruntime_backend(model_and_data, tmp_path, capsys):
     meta = json.loads((out / "eval.json").read_text())["meta"]
     assert meta["backend"] == "onnxruntime" and set(meta["simulation_agreement"]) == {"all", "mixed_1"}
     assert (out / "onnx" / "model_all.onnx").is_file()
+
+
+# -- formats beyond int8 (quant/formats/): opset 21 Q/DQ, one site at a time -----------------
+# (format, site, weight group size, ONNX type of the site's zero points / weight codes)
+FORMAT_SITES = [
+    ("a16w8", "blocks.1.residual_mlp", None, {TensorProto.UINT16}),
+    ("a16w8", "blocks.0.attn.matmul_av", None, {TensorProto.UINT16}),
+    ("a16w8", "blocks.0.mlp.fc2", None, {TensorProto.UINT16, TensorProto.INT8}),
+    ("w4a8", "blocks.0.mlp.fc2", 32, {TensorProto.UINT8, TensorProto.INT4}),  # 64 inputs: 2 groups
+    ("w4a8", "patch_embed", None, {TensorProto.UINT8, TensorProto.INT4}),
+    ("w8", "head", None, {TensorProto.INT8}),
+    ("w4", "blocks.1.mlp.fc2", 32, {TensorProto.INT4}),
+    ("fp8", "blocks.0.mlp.fc1", None, {TensorProto.FLOAT8E4M3FN}),
+    ("fp8", "blocks.1.attn.matmul_qk", None, {TensorProto.FLOAT8E4M3FN}),
+]
+
+
+@needs_ort
+@pytest.mark.parametrize("fmt,name,group,types", FORMAT_SITES, ids=[f"{f}-{n}" for f, n, _, _ in FORMAT_SITES])
+def test_each_format_one_site_at_a_time_ort_matches_the_simulation(qmodel, fmt, name, group, types, tmp_path):
+    """Criterion (a) of tests/test_ort_agreement.py per format: the site alone in its format,
+    ONNX Runtime (optimized and as written) within 2 % of the site's quantization error."""
+    from vitq.backends import OrtRunner
+
+    overrides = {name: {"weight": {"group_size": group}}} if group else {}
+    config = QuantConfig(formats={name: fmt}, overrides=overrides)
+    site = qmodel.site_by_name[name]
+    x = _images(16, 7)
+    qmodel.apply(None)
+    fp32 = qmodel(x)
+    qmodel.apply(EVERYTHING_FLOAT)
+    qmodel.quantize_site(name, config.slot_specs(site))
+    sim = qmodel(x)
+    result = export_onnx(qmodel, tmp_path / "one.onnx", x[:2])
+    model = onnx.load(str(result.path))
+    # opset 21 where a tensor is not an 8-bit integer; w8 is int8 Q/DQ as today (opset 18)
+    assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {18 if fmt == "w8" else 21}
+    assert not nonstandard_ops(model)
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert {inits[n.input[2]] for n in dq} == types  # zero points: the codes' type
+    blocks = [a.i for n in dq for a in n.attribute if a.name == "block_size"]
+    assert blocks == ([group] if group else [])
+    quant_error = (sim - fp32).pow(2).mean().sqrt().item()
+    assert quant_error > 0
+    for optimize in (True, False):
+        ort_out = OrtRunner(result.path, threads=1, optimize=optimize)(x)
+        assert (ort_out - sim).pow(2).mean().sqrt().item() <= 0.02 * quant_error, (fmt, name, optimize)
+
+
+@needs_ort
+def test_int16_activation_and_int4_weight_codes_in_the_graph_are_the_simulations(qmodel, tmp_path):
+    config = QuantConfig(formats={"blocks.0.mlp.fc2": "w4a8", "blocks.0.residual_attn": "a16w8"},
+                         overrides={"blocks.0.mlp.fc2": {"weight": {"group_size": 32}}})
+    qmodel.apply(config)
+    model = onnx.load(str(export_onnx(qmodel, tmp_path / "m.onnx", _images(2, 5)).path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    tq = qmodel.quantizers["blocks.0.mlp.fc2"]["weight"]
+    weight_name = f"model.{qmodel.site_by_name['blocks.0.mlp.fc2'].path}.weight_quantized"
+    codes = np.asarray(inits[weight_name]).astype(np.int32)
+    from quant.quantizer import quantize_to_int
+    weight = qmodel.family.weight(qmodel.model, qmodel.site_by_name["blocks.0.mlp.fc2"])
+    assert np.array_equal(codes, quantize_to_int(weight.detach(), tq.qparams).numpy().T)  # stored [in, out]
+    assert inits[f"{weight_name}_scale"].shape == (2, 32)  # 2 groups of 32 inputs x 32 outputs
+    act = qmodel.quantizers["blocks.0.residual_attn"]["output"].qparams
+    assert inits["blocks.0.residual_attn.output_uint16_zero_point"] == act.zero_point.item()
+    assert inits["blocks.0.residual_attn.output_uint16_scale"] == np.float32(act.scale.item())
+
+
+@needs_ort
+def test_cli_eval_onnxruntime_runs_a_config_with_formats(model_and_data, tmp_path, capsys):
+    from vitq.cli import main
+
+    model_dir, data_dir = model_and_data
+    cfg = tmp_path / "multi.yaml"
+    cfg.write_text("name: multi\nformats:\n  '*.residual_*': a16w8\n  '*.mlp.fc2': w4a8\n  blocks.0.mlp.fc1: fp8\n"
+                   "overrides:\n  '*.mlp.fc2': {weight: {group_size: 32}}\n")
+    out = tmp_path / "out"
+    assert main(["eval", "--backend", "onnxruntime", "--preset", "fp32", "--config", str(cfg), "--model",
+                 str(model_dir), "--data", str(data_dir), "--calib", "8", "--out", str(out), "--no-progress"]) == 0
+    assert "onnxruntime vs fake-quant top-1 agreement: multi" in capsys.readouterr().out
+    df = pd.read_csv(out / "eval.csv").set_index("config")
+    assert df.loc["multi", "sim_agreement"] >= 99
+    model = onnx.load(str(out / "onnx" / "model_multi.onnx"))
+    assert {o.version for o in model.opset_import if o.domain == ""} == {21}
+    types = {i.data_type for i in model.graph.initializer}
+    assert {TensorProto.UINT16, TensorProto.INT4, TensorProto.FLOAT8E4M3FN, TensorProto.INT8} <= types

@@ -348,6 +348,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
         "unknown_observer": "name: obs\nactivation: {observer: median}\n",
         "bits_1": "name: one\nweight: {bits: 1}\n",
         "bits_17": "name: seventeen\nactivation: {bits: 17}\n",
+        "unknown_format": "name: fmt\nformats: {'*.mlp.fc1': int3}\n",
     }
     for key, text in texts.items():
         (cfg / f"{key}.yaml").write_text(text)
@@ -415,6 +416,8 @@ USER_ERROR_CASES = [
     _config_case("config-unknown-observer", "unknown_observer", "unknown observer 'median'", "minmax"),
     _config_case("config-bits-1", "bits_1", "bits must be an integer in 2..16", "got 1"),
     _config_case("config-bits-17", "bits_17", "bits must be an integer in 2..16", "got 17"),
+    _config_case("config-unknown-format", "unknown_format", "formats '*.mlp.fc1': unknown format 'int3'",
+                 "a16w8", "w4a8", "fp8"),
     _config_case("config-file-missing", "missing", "config file not found"),
     # numerical
     Case("numeric-nan-weights", lambda w: _eval(w, model="model_nan"),

@@ -71,3 +71,15 @@ def test_compiled_int8_agrees_with_the_simulation(calibrated):
     out = TorchInt8(qm, calib, x[:1], compile=True).build(cfg.name, cfg)(x)
     assert (out.argmax(1) == sim.argmax(1)).float().mean() >= 0.97
     assert (out - sim).abs().max() <= 0.05 * sim.abs().max()
+
+
+def test_formats_other_than_int8_are_refused_as_simulated_only(calibrated):
+    from dataclasses import replace
+
+    qm, _ = calibrated
+    cfg = replace(torch_int8_config(preset("mixed_2", qm.sites)),
+                  formats={"*.mlp.fc1": "w4a8", "blocks.1.attn.q": "a16w8", "head": "int8"})
+    with pytest.raises(TorchInt8Error, match=r"format\(s\) w4a8: blocks.0.mlp.fc1, blocks.1.mlp.fc1; a16w8: "
+                                             r"blocks.1.attn.q are simulated only on this backend"):
+        check_config(cfg, qm.sites)
+    assert check_config(replace(cfg, formats={"head": "int8"}), qm.sites)  # int8 is this backend's own

@@ -98,6 +98,10 @@ class OrtRunner:
             opts.inter_op_num_threads = 1
         level = ort.GraphOptimizationLevel
         opts.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
+        # weight-only int4/int8 (DequantizeLinear -> MatMul) becomes MatMulNBits, which by
+        # default quantizes its float input to int8 (accuracy level 4): not the format's
+        # float activations. Level 1: float32 compute, as the simulation
+        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
         self.path, self.export = Path(path), export
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

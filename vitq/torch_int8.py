@@ -63,6 +63,16 @@ def check_config(config: QuantConfig, sites) -> list:
             f"config {config.name}: --backend torch-int8 runs only {', '.join(INT8_KINDS)} sites in int8; "
             f"{len(bad)} int8 site(s) of kind {', '.join(kinds)} ({names}) cannot run there. Keep them float "
             f"(add {kinds} to float_kinds) or use --backend onnxruntime")
+    other = {}
+    for s in int8:
+        fmt = config.format_of(s).name
+        if fmt != "int8":
+            other.setdefault(fmt, []).append(s.name)
+    if other:
+        listed = "; ".join(f"{fmt}: {', '.join(names[:3])}" + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+                           for fmt, names in other.items())
+        raise TorchInt8Error(f"config {config.name}: --backend torch-int8 runs int8 only; format(s) {listed} are "
+                             f"simulated only on this backend: use --backend onnxruntime (it runs every format)")
     if config.smooth or config.bias_correction:
         raise TorchInt8Error(f"config {config.name}: smoothing / bias correction are not mapped to "
                              f"--backend torch-int8; use --backend onnxruntime")
