@@ -21,7 +21,7 @@ are cached in ``--out/<set>/`` (a rerun computes only what is missing); every ru
 ``factors.md``/``factors.csv``/``factors.json`` from all cached sets.
 
     OMP_NUM_THREADS=1 python scripts/factor_gap.py --set choose
-    OMP_NUM_THREADS=1 python scripts/factor_gap.py --set confirm --levels base,obs_mean_minmax,sq_0.5
+    OMP_NUM_THREADS=1 python scripts/factor_gap.py --set confirm --levels base,sq_0.95,sq_0.5,obs_mean_minmax
 """
 
 from __future__ import annotations
