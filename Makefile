@@ -34,7 +34,7 @@ TF32   ?=
 ARGS    = $(if $(MODEL),--model $(MODEL)) $(if $(DATA),--data $(DATA)) $(if $(OUT),--out $(OUT)) --calib $(CALIB) \
           $(if $(DEVICE),--device $(DEVICE)) $(if $(TF32),--tf32)
 
-.PHONY: install test test-slow test-transformers4 eval sites sensitivity errors plan analyze bench clean
+.PHONY: install install-peers test test-slow test-transformers4 eval sites sensitivity errors plan analyze bench clean
 
 install:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -85,7 +85,8 @@ analyze:
 
 # Benchmarks are scripts, not timed tests (they need ../shared and minutes of CPU).
 # Each figure in one run: --help time, fake-quant vs FP32 forward, taylor vs measured `only`
-# ranking on both shared probes (measured here on the same 64 images), prefix-cache speed-up.
+# ranking on both shared probes (measured here on the same 64 images), prefix-cache speed-up,
+# NNCF's PTQ (OpenVINO) against vitq's presets and plan (ONNX Runtime) on both probes (docs/peers.md).
 bench:
 	$(BIN)/python scripts/bench_help.py
 	$(BIN)/python scripts/bench_fakequant.py $(if $(DEVICE),--device $(DEVICE))
@@ -96,6 +97,12 @@ bench:
 	$(BIN)/python scripts/bench_int8.py
 	$(BIN)/python scripts/bench_families.py
 	$(BIN)/python scripts/bench_analyze.py
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/bench_peers.py --probe fmnist --threads 1
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/bench_peers.py --probe in1k --threads 1
+
+# the `peers` extra (nncf, openvino) that scripts/bench_peers.py needs; without it the benchmark skips
+install-peers:
+	$(BIN)/python -m pip install -q -e ".[peers]"
 
 sites:
 	$(BIN)/vitq sites $(if $(MODEL),--model $(MODEL)) $(if $(DEVICE),--device $(DEVICE))

@@ -345,14 +345,17 @@ class QuantModel:
                 for tq in self.tensor_quantizers() if not tq.is_weight}
 
     def load_calibration_state(self, state: dict[str, dict]) -> None:
-        """Load :meth:`calibration_state`; a state saved before per-channel statistics
-        existed is refused (calibrate again)."""
+        """Load :meth:`calibration_state`; a state saved before per-channel or per-sample
+        statistics existed is refused (calibrate again)."""
         for tq in self.tensor_quantizers():
             if tq.is_weight:
                 continue
             if tq.name not in state:
                 raise ValueError(f"calibration state has no statistics for {tq.name}: it was saved for another "
                                  f"model; calibrate again")
+            if "samples" not in state[tq.name]:
+                raise ValueError(f"calibration state of {tq.name} has no per-sample statistics (saved by an older "
+                                 f"vitq); calibrate again")
             if tq.channels is not None and "channel_min" not in state[tq.name]:
                 raise ValueError(f"calibration state of {tq.name} has no per-channel statistics (saved by an older "
                                  f"vitq); calibrate again")

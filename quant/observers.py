@@ -21,7 +21,9 @@ from .quantizer import QParams, QuantSpec, fake_quantize, qparams_from_range
 # "unit": the fixed range [0, 1], for tensors whose range is known whatever the data
 # (softmax probabilities, the input of matmul_av): unsigned 8-bit gives scale 1/255,
 # zero point 0, as int8 attention kernels quantize them.
-OBSERVERS = ("minmax", "percentile", "mse", "entropy", "unit")
+# "mean_minmax": the mean over calibration samples of each sample's min and max (NNCF's
+# default activation range, MEAN_MINMAX): a range no single extreme image sets.
+OBSERVERS = ("minmax", "mean_minmax", "percentile", "mse", "entropy", "unit")
 FIXED_RANGES = {"unit": (0.0, 1.0)}
 
 
@@ -41,7 +43,10 @@ def check_observer(name: str) -> None:
 
 
 class StreamingHistogram:
-    """Exact min/max and a histogram over [-R, R] that widens (re-binning) on demand.
+    """Exact min/max and a histogram over [-R, R] that widens (re-binning) on demand,
+    plus the sums of the per-sample minima and maxima (a sample: one index of the first
+    axis of the tensor the site sees; an image in ViT, DeiT, DINOv2; a window in Swin's
+    window attention).
 
     Bins are symmetric around zero so one histogram serves signed ranges and |x|
     (entropy calibration folds it). 2048 bins per side is TensorRT's resolution.
@@ -54,6 +59,9 @@ class StreamingHistogram:
         self.min = math.inf
         self.max = -math.inf
         self.count = 0
+        self.samples = 0
+        self.sample_min_sum = 0.0  # float64 sums of each sample's min and max
+        self.sample_max_sum = 0.0
 
     @property
     def bin_width(self) -> float:
@@ -63,11 +71,17 @@ class StreamingHistogram:
         return (torch.arange(2 * self.bins_per_side, dtype=torch.float64) + 0.5) * self.bin_width - self.radius
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1).float()
+        x = x.detach().float()
         if x.numel() == 0:
             return
+        per_sample = x.reshape(x.shape[0] if x.dim() > 1 else 1, -1)
+        x = x.reshape(-1)
         check_finite(x)
         lo, hi = torch.aminmax(x)
+        sample_lo, sample_hi = per_sample.aminmax(dim=1)
+        self.samples += per_sample.shape[0]
+        self.sample_min_sum += float(sample_lo.double().sum())
+        self.sample_max_sum += float(sample_hi.double().sum())
         self.min, self.max = min(self.min, float(lo)), max(self.max, float(hi))
         self.count += x.numel()
         amax = max(abs(self.min), abs(self.max))
@@ -89,13 +103,15 @@ class StreamingHistogram:
         self.radius = new_radius
 
     def state_dict(self) -> dict:
-        return {"hist": self.hist, "radius": self.radius, "min": self.min, "max": self.max, "count": self.count}
+        return {"hist": self.hist, "radius": self.radius, "min": self.min, "max": self.max, "count": self.count,
+                "samples": self.samples, "sample_min_sum": self.sample_min_sum, "sample_max_sum": self.sample_max_sum}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "StreamingHistogram":
         h = cls(len(state["hist"]) // 2)
         h.hist, h.radius, h.min, h.max, h.count = (
             state["hist"], state["radius"], state["min"], state["max"], state["count"])
+        h.samples, h.sample_min_sum, h.sample_max_sum = state["samples"], state["sample_min_sum"], state["sample_max_sum"]
         return h
 
 
@@ -154,6 +170,12 @@ def _clip(h: StreamingHistogram, threshold: float) -> tuple[float, float]:
 def minmax_range(h: StreamingHistogram, spec: QuantSpec) -> tuple[float, float]:
     """The range that never clips."""
     return h.min, h.max
+
+
+def mean_minmax_range(h: StreamingHistogram, spec: QuantSpec) -> tuple[float, float]:
+    """The mean over calibration samples of each sample's min and of its max (NNCF's
+    MEAN_MINMAX): extremes that only a few images reach are clipped."""
+    return h.sample_min_sum / h.samples, h.sample_max_sum / h.samples
 
 
 def percentile_range(h: StreamingHistogram, spec: QuantSpec) -> tuple[float, float]:
@@ -229,6 +251,7 @@ def _kl_for_threshold(folded: np.ndarray, i: int, levels: int) -> float:
 
 _ACTIVATION_RANGES: dict[str, Callable[[StreamingHistogram, QuantSpec], tuple[float, float]]] = {
     "minmax": minmax_range,
+    "mean_minmax": mean_minmax_range,
     "percentile": percentile_range,
     "mse": mse_range,
     "entropy": entropy_range,

@@ -8,6 +8,7 @@ from quant.observers import (
     StreamingHistogram,
     activation_qparams,
     entropy_range,
+    mean_minmax_range,
     minmax_range,
     mse_range,
     percentile_range,
@@ -74,6 +75,34 @@ def test_non_finite_activation_raises():
 def test_all_zero_activation_calibrates_to_a_usable_scale():
     qp = activation_qparams(_hist(torch.zeros(100)), QuantSpec(observer="mse"))
     assert qp.scale.item() > 0 and math.isfinite(qp.scale.item())
+
+
+def test_mean_minmax_averages_each_samples_extremes_by_hand():
+    # three samples (first axis), fed as a batch of 2 then a batch of 1
+    batch = torch.tensor([[[0.0, 1.0], [2.0, 3.0]],     # min 0, max 3
+                          [[-2.0, 0.0], [5.0, 1.0]],    # min -2, max 5
+                          [[-1.0, -1.0], [8.0, 2.0]]])  # min -1, max 8
+    h = _hist(batch[:2], batch[2:])
+    assert h.samples == 3
+    assert mean_minmax_range(h, QuantSpec()) == (-1.0, pytest.approx(16 / 3))
+    assert minmax_range(h, QuantSpec()) == (-2.0, 8.0)  # the global extremes stay as they were
+    qp = activation_qparams(h, QuantSpec(observer="mean_minmax"))  # asymmetric uint8 over [-1, 16/3]
+    assert qp.scale.item() == pytest.approx((16 / 3 + 1) / 255, rel=1e-6)
+    assert qp.zero_point.item() == round(1 / ((16 / 3 + 1) / 255))  # 40
+    h2 = StreamingHistogram.from_state_dict(h.state_dict())
+    assert mean_minmax_range(h2, QuantSpec()) == mean_minmax_range(h, QuantSpec())
+
+
+def test_mean_minmax_clips_an_extreme_that_one_sample_of_many_reaches():
+    x = torch.zeros(100, 16)
+    x[:, 0], x[7, 1] = 1.0, 50.0  # every sample reaches 1, one sample 50
+    lo, hi = mean_minmax_range(_hist(x), QuantSpec())
+    assert (lo, hi) == (0.0, pytest.approx(1.0 + 49 / 100))
+
+
+def test_mean_minmax_is_for_activations_only():
+    with pytest.raises(ValueError, match="activations"):
+        weight_qparams(torch.randn(4, 4), QuantSpec(observer="mean_minmax"))
 
 
 def test_histogram_state_round_trip():

@@ -127,7 +127,8 @@ class Session:
         images = self.images("train", self.opts.calib)
         files = "\n".join(str(p.relative_to(images.split)) for p, _ in images.items)
         key = {"model": self.describe()["model"], "split": str(images.split.resolve()), "images": len(images),
-               "seed": self.opts.seed, "files": hashlib.sha1(files.encode()).hexdigest(), "version": 3,  # 3: canonical site names
+               "seed": self.opts.seed, "files": hashlib.sha1(files.encode()).hexdigest(),
+               "version": 4,  # 3: canonical site names, 4: per-sample extremes (mean_minmax)
                **self.numerics()}
         cache = self.out / artifacts.CALIBRATION
         if cache.is_file():
