@@ -171,7 +171,7 @@ def main(argv=None) -> int:
             continue
         config = replace(info[name][2], name=name)
         t0 = time.perf_counter()
-        runner = backend.prepare(name, config)
+        runner = backend.build(name, config)
         export_s = time.perf_counter() - t0
         if name == "base":  # which is faster per image: ORT int8 or the fake-quant simulation
             state = session.qmodel.prepare(config)
