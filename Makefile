@@ -86,7 +86,7 @@ analyze:
 # Benchmarks are scripts, not timed tests (they need ../shared and minutes of CPU).
 # Each figure in one run: --help time, fake-quant vs FP32 forward, taylor vs measured `only`
 # ranking on both shared probes (measured here on the same 64 images), prefix-cache speed-up,
-# NNCF's PTQ (OpenVINO) against vitq's presets and plan (ONNX Runtime) on both probes (docs/peers.md).
+# NNCF's PTQ (OpenVINO) against vitq's presets and plan (ONNX Runtime) on both probes (docs/results.md, "vitq beside NNCF").
 bench:
 	$(BIN)/python scripts/bench_help.py
 	$(BIN)/python scripts/bench_fakequant.py $(if $(DEVICE),--device $(DEVICE))

@@ -7,12 +7,13 @@ configuration, per-image values logged so an interrupted plan resumes):
 1. Reference rows: FP32, ``all``, ``mixed_1``, ``mixed_2``, ``nncf`` (NNCF's default placement).
 2. Path from the start config (default ``all``): remedies first (another
    activation observer everywhere, the fixed [0, 1] range for softmax
-   probabilities, SmoothQuant scale migration at two strengths, bias correction,
+   probabilities, SmoothQuant scale migration at three strengths (alpha 0.15, 0.5, 0.95), bias correction,
    another observer on the worst sites), then float fallbacks:
    candidate moves (one site, all residual adds, all ``matmul_av``, one block)
    ordered by estimated fidelity gained per unit of cost (gain from the
    sensitivity tables, cost from :mod:`analysis.cost`), each measured in turn.
-3. A second path of float fallbacks from the most accurate reference preset.
+3. A second path from the most accurate reference preset: the same remedies, then float
+   fallbacks.
 
 The search objective is smooth and per image: KL(FP32 || config) by default
 (``logit_mse`` optional); top-1 on a few hundred images moves in one-image steps.
@@ -65,7 +66,7 @@ from .runner import BoundaryCache, Runner, scratch
 OBJECTIVES = {"kl": "kl", "logit_mse": "mse"}  # objective -> OutputStats per-image key
 REFERENCES = ("all", "mixed_1", "mixed_2", "nncf")
 SITE_COST = 0.5  # cost of one float non-matmul site (residual add), in % of matmul MACs
-SMOOTH_ALPHAS = (0.15, 0.5)  # NNCF's alpha for torchvision vit_b_16; SmoothQuant's default
+SMOOTH_ALPHAS = (0.15, 0.5, 0.95)  # NNCF 3.4: 0.15 for torchvision vit_b_16, 0.95 its transformer default (the factor table's winner, docs/results.md); 0.5 SmoothQuant's
 
 
 @dataclass
@@ -280,7 +281,10 @@ class Planner:
                 if best_ref != start.name:
                     ref = copy.deepcopy(references[best_ref].config)
                     ref.name = "plan"
-                    self._path(best_ref, ref, f"start from {best_ref}", self._floats(ref, estimates), max_steps)
+                    # remedies there too: SmoothQuant on NNCF's float set is what NNCF's default adds
+                    self._path(best_ref, ref, f"start from {best_ref}",
+                               [*self._remedies(ref, only_table, worst_sites), *self._floats(ref, estimates)],
+                               max_steps)
                 found = self._trim_seed()
                 self.trim_seed = found[0] if found else None
                 if found is not None:
