@@ -245,7 +245,8 @@ def test_cli_eval_sensitivity_plan(model_args, data_dir, tmp_path, capsys):
     assert main(["plan", *common, "--eval-images", "6", "--max-kl", "0", "--max-steps", "2", "--batch-size", "3",
                  "--cost", "macs"]) == 0
     printed = capsys.readouterr().out
-    assert "NOT met" in printed
+    # KL <= 0 cannot hold: never "met"; on 6 images its one-sided bound may leave it undecided
+    assert ("NOT met" in printed or "UNDECIDED" in printed) and "met with 95 % confidence" not in printed
     plan = yaml.safe_load((out / "plan.yaml").read_text())
     assert all(not s.startswith(("vit.", "swin.", "encoder.")) for s in plan["float_sites"])  # canonical
     meta = json.loads((out / "eval.json").read_text())["meta"]
