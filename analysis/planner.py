@@ -383,8 +383,14 @@ class Planner:
             if meeting:
                 return self.cheapest(meeting), "budget only"
         if explicit:
+            undecided = [p for p in points if self.budget_outcome(p) == "undecided"]
+            cap = self.references[self.best_reference].row["cost"] + self.cost_noise
+            # beat the presets; else (when asked to) equal the most accurate one within the noise at
+            # no more cost, never a point slower and worse than it; else any undecided point
             open_ = ([p for p in points if self.feasible(p, undecided=True)]
-                     or [p for p in points if self.budget_outcome(p) == "undecided"])
+                     or (self.budget.beat_references
+                         and [p for p in undecided if self.matches_best(p) and p.row["cost"] <= cap])
+                     or undecided)
             if open_:
                 return self.cheapest(open_), "undecided"
         if self.budget.beat_references and not explicit:
@@ -613,9 +619,12 @@ class Planner:
                "undecided": "UNDECIDED on",
                "matches best reference": "NOT met on",
                "not met": "NOT met on"}[self.outcome]
+        beats = self.budget.beat_references and self.feasible(self.chosen, undecided=True)
+        matches = self.budget.beat_references and not beats and self.matches_best(self.chosen)
         open_ = ("the cheapest point not shown to violate it"
-                 + (" that beats every reference preset at no higher cost"
-                    if self.budget.beat_references and self.feasible(self.chosen, undecided=True) else ""))
+                 + (" that beats every reference preset at no higher cost" if beats else "")
+                 + (f" whose {self.objective} equals the most accurate preset's ({self.best_reference}) within the noise"
+                    if matches else ""))
         who = {"met": "the plan", "budget only": "the plan, the cheapest point meeting the explicit budget",
                "undecided": f"the plan, {open_}",
                "matches best reference": f"no measured point; the plan is the cheapest point whose {self.objective} "

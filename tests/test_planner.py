@@ -345,3 +345,24 @@ def test_when_nothing_beats_every_preset_the_plan_is_the_cheapest_point_equal_to
     points = [p for path in planner.paths.values() for p in path] + list(planner.references.values())
     assert chosen.row["cost"] == min(p.row["cost"] for p in points if planner.matches_best(p))
     assert f"equals the most accurate preset's ({planner.best_reference}) within the noise" in planner.verdict()
+
+
+def test_an_undecided_budget_with_no_point_beating_the_presets_keeps_the_best_presets_accuracy(tmp_path):
+    """Undecided everywhere (16 images cannot decide 0.3 pp) and nothing beats every preset: the
+    plan is the cheapest point equal to the most accurate preset within the noise, not the
+    cheapest point overall (which would be slower-or-equal and clearly worse)."""
+    qm, pixels, labels = _setup()
+    planner = _planner(tmp_path, qm, pixels, labels, Budget(max_drop=0.3))
+    start = preset("all", qm.sites)
+    planner.plan(start, _only(qm, pixels, labels, tmp_path, start), max_steps=0, worst_sites=0)
+    points = [p for path in planner.paths.values() for p in path] + list(planner.references.values())
+    if any(planner.feasible(p, undecided=True) for p in points):
+        pytest.skip("a remedy beat every preset on these images")
+    assert planner.outcome == "undecided" and not planner.met
+    best = planner.references[planner.best_reference]
+    chosen = planner.chosen
+    assert planner.matches_best(chosen) and chosen.row["cost"] <= best.row["cost"]
+    assert planner.compare(chosen.stats, planner.references["all"].stats)["gain_lo"] > 0  # better than `all`
+    assert chosen.row["cost"] == min(p.row["cost"] for p in points
+                                     if planner.matches_best(p) and planner.budget_outcome(p) == "undecided")
+    assert f"equals the most accurate preset's ({planner.best_reference}) within the noise" in planner.verdict()
