@@ -48,13 +48,15 @@ class EvalSet:
 def val_split(session: Session, total: int, n_plan: int, n_confirm: int,
                n_decide: int | None = 0) -> tuple[list[int], list[int], list[int]]:
     """Disjoint seeded positions among ``total`` val images: the plan images, then the
-    confirm images, then the decide images (``n_decide`` None: all the others)."""
+    confirm images, then the decide images (``n_decide`` None: all the others). The decide
+    images keep their seeded random order: they are streamed look by look, and a sequential
+    test needs every look to be a random sample (a val folder is listed class by class)."""
     order = random.Random(session.opts.seed).sample(range(total), total)
     n_plan = min(n_plan, total)
     n_confirm = max(n_confirm, 0)
     rest = order[n_plan + n_confirm:]
     return (sorted(order[:n_plan]), sorted(order[n_plan:n_plan + n_confirm]),
-            sorted(rest if n_decide is None else rest[:max(n_decide, 0)]))
+            rest if n_decide is None else rest[:max(n_decide, 0)])
 
 
 def eval_set(session: Session, n: int, which: str = "plan", n_confirm: int = 0) -> EvalSet:
