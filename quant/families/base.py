@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..sites import Site
+from ..sites import BLOCK_ROLES, Site
 
 # A quantizer as an adapter sees it: tensor in, (fake-quantized) tensor out.
 # ``quant.model.TensorQuantizer`` is one; adapters need nothing more from it.
@@ -239,3 +239,20 @@ def hook_output(module: nn.Module, quantizer: Quantizer) -> None:
     def hook(mod, args, output):
         return quantizer(output)
     module.register_forward_hook(hook)
+
+
+def route_outside_blocks(model: nn.Module, sites: Sequence[Site], quantizers: Quantizers) -> None:
+    """The part of ``instrument`` every family shares: each Linear/Conv site's input and weight
+    through its quantizers (patched forward), each LayerNorm outside a block's own roles (the
+    final norm, a patch merging's norm) through its output quantizer (a hook). The block roles
+    are routed by each family's own block forward (:func:`block_slots`)."""
+    for site in sites:
+        if site.kind in ("linear", "conv"):
+            patch_weighted(model.get_submodule(site.path), site.kind, quantizers[site.name])
+        elif site.kind == "layernorm" and site.role not in BLOCK_ROLES:
+            hook_output(model.get_submodule(site.path), quantizers[site.name]["output"])
+
+
+def block_slots(sites: Sequence[Site], quantizers: Quantizers, block: int) -> dict:
+    """Role -> quantizers of the sites of block ``block`` that its block forward runs."""
+    return {s.role: quantizers[s.name] for s in sites if s.block == block and s.role in BLOCK_ROLES}

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..sites import BLOCK_ROLES, Site, block_sites
-from .base import FamilyAdapter, Quantizers, hook_output, patch_weighted
+from ..sites import Site, block_sites
+from .base import FamilyAdapter, Quantizers, block_slots, route_outside_blocks
 
 # The modules of a block (``parts``): 9 modules, the rest of the roles are operators.
 PART_ROLES = ("norm1", "q", "k", "v", "o", "norm2", "fc1", "act", "fc2")
@@ -128,15 +128,11 @@ class PreNormAdapter(FamilyAdapter):
 
     # -- instrumentation -------------------------------------------------------
     def instrument(self, model: nn.Module, sites: Sequence[Site], quantizers: Quantizers) -> None:
-        for site in sites:
-            if site.kind in ("linear", "conv"):
-                patch_weighted(model.get_submodule(site.path), site.kind, quantizers[site.name])
-            elif site.kind == "layernorm" and site.block is None:
-                hook_output(model.get_submodule(site.path), quantizers[site.name]["output"])
+        route_outside_blocks(model, sites, quantizers)
         heads = self.num_heads(model)
         for i, layer in enumerate(self.blocks(model)):
-            slots = {s.role: quantizers[s.name] for s in sites if s.block == i and s.role in BLOCK_ROLES}
-            layer.forward = types.MethodType(self._block_forward(self.parts(layer), slots, heads), layer)
+            layer.forward = types.MethodType(self._block_forward(self.parts(layer), block_slots(sites, quantizers, i), heads),
+                                             layer)
 
     def _block_forward(self, p: dict[str, nn.Module], slots: dict, num_heads: int):
         adapter = self

@@ -29,8 +29,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..sites import BLOCK_ROLES, Site, block_sites
-from .base import FamilyAdapter, Quantizers, UnsupportedModelError, hook_output, patch_weighted, register_family
+from ..sites import Site, block_sites
+from .base import FamilyAdapter, Quantizers, UnsupportedModelError, block_slots, register_family, route_outside_blocks
 from .hf_common import find_parts
 from .hf_loading import HFLoading
 from .prenorm import attention, block_norm_consumers, block_paths
@@ -138,14 +138,9 @@ class Swin(HFLoading, FamilyAdapter):
     # -- instrumentation -----------------------------------------------------------
     def instrument(self, model: nn.Module, sites: Sequence[Site], quantizers: Quantizers) -> None:
         self.restructure(model)
-        for site in sites:
-            if site.kind in ("linear", "conv"):
-                patch_weighted(model.get_submodule(site.path), site.kind, quantizers[site.name])
-            elif site.kind == "layernorm" and site.role not in BLOCK_ROLES:
-                hook_output(model.get_submodule(site.path), quantizers[site.name]["output"])
+        route_outside_blocks(model, sites, quantizers)
         for i, layer in enumerate(self.blocks(model)):
-            slots = {s.role: quantizers[s.name] for s in sites if s.block == i and s.role in BLOCK_ROLES}
-            layer.forward = types.MethodType(self._block_forward(self.parts(layer), slots), layer)
+            layer.forward = types.MethodType(self._block_forward(self.parts(layer), block_slots(sites, quantizers, i)), layer)
 
     def _block_forward(self, p: dict[str, nn.Module], slots: dict):
         window_partition, window_reverse = _window_ops()

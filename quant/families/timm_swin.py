@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..sites import BLOCK_ROLES, Site, block_sites
-from .base import FamilyAdapter, Quantizers, UnsupportedModelError, hook_output, patch_weighted, register_family
+from ..sites import Site, block_sites
+from .base import FamilyAdapter, Quantizers, UnsupportedModelError, block_slots, register_family, route_outside_blocks
 from .prenorm import attention, block_norm_consumers, block_paths
 from .timm_common import TimmLoading, split_qkv
 from .torchvision_vit import FLOAT_SLOTS
@@ -141,14 +141,9 @@ class TimmSwin(TimmLoading, FamilyAdapter):
     # -- instrumentation -----------------------------------------------------------
     def instrument(self, model: nn.Module, sites: Sequence[Site], quantizers: Quantizers) -> None:
         self.restructure(model)
-        for site in sites:
-            if site.kind in ("linear", "conv"):
-                patch_weighted(model.get_submodule(site.path), site.kind, quantizers[site.name])
-            elif site.kind == "layernorm" and site.role not in BLOCK_ROLES:
-                hook_output(model.get_submodule(site.path), quantizers[site.name]["output"])
+        route_outside_blocks(model, sites, quantizers)
         for i, block in enumerate(self.blocks(model)):
-            slots = {s.role: quantizers[s.name] for s in sites if s.block == i and s.role in BLOCK_ROLES}
-            block.forward = types.MethodType(self._block_forward(self.parts(block), slots), block)
+            block.forward = types.MethodType(self._block_forward(self.parts(block), block_slots(sites, quantizers, i)), block)
 
     def _block_forward(self, p: dict[str, nn.Module], slots: dict):
         from timm.models.swin_transformer import window_partition, window_reverse
