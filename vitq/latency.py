@@ -93,9 +93,7 @@ def measure_site_latency(qmodel: QuantModel, config: QuantConfig, pixels: torch.
                      "delta_hi_ms": hi, "spread_ms": max(times[label]) - min(times[label]), "free": free,
                      "cost_ms": 0.0 if free else delta / len(members),
                      "cost_per_site": 100 * delta / base / len(members)})
-    table = pd.DataFrame(rows)
-    table.attrs["noise_ms"] = noise_ms(table)
-    return table
+    return pd.DataFrame(rows)
 
 
 def noise_ms(table: pd.DataFrame) -> float:

@@ -254,7 +254,7 @@ def run_latency(session: Session, config: QuantConfig, *, batch: int = 8, runs: 
                 threads: int | None = None) -> pd.DataFrame:
     """The per-site latency table of ``config`` (:mod:`vitq.latency`), measured once per
     output folder and config: a table already there with the same settings is reused."""
-    from .latency import measure_site_latency
+    from .latency import measure_site_latency, noise_ms
 
     meta = {**session.describe(), "config": config.to_dict(), "batch": batch, "runs": runs, "threads": threads,
             "backend": "onnxruntime", "version": LATENCY_VERSION}
@@ -265,7 +265,7 @@ def run_latency(session: Session, config: QuantConfig, *, batch: int = 8, runs: 
     pixels = torch.cat(eval_set(session, batch).pixels)[:batch]
     table = measure_site_latency(session.qmodel, config, pixels, runs=runs, threads=threads,
                                  progress=session.opts.progress)
-    meta["noise_ms"] = table.attrs["noise_ms"]
+    meta["noise_ms"] = noise_ms(table)
     artifacts.write(session.out, artifacts.LATENCY, table, meta, _run_info(session, wall_s=round(time.time() - t0, 1)))
     return table
 
