@@ -168,6 +168,9 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
                         "whose slowdown is not measurable cost nothing), or its share of matmul MACs (+0.5 per residual "
                         "add); auto (default): latency where onnx/onnxruntime/onnxscript are installed, else macs")
     p.add_argument("--max-steps", type=int, default=12, help="float fallbacks measured per search path (default 12)")
+    p.add_argument("--no-early-stop", action="store_true",
+                   help="measure every move on all plan images (default: a move stops after 64, 128, ... images once "
+                        "the chance that it passes its paired test is below 2 %%)")
     p.add_argument("--worst-sites", type=int, default=3, help="worst sites offered per-site observer remedies")
     p.add_argument("--measure-top", type=int, default=None,
                    help="measure the only-sensitivity of this many candidates, in the order of the taylor estimate "
@@ -385,7 +388,7 @@ def _plan_options(args: argparse.Namespace) -> PlanOptions:
     return PlanOptions(images=args.eval_images, confirm_images=args.confirm_images, objective=args.objective,
                        max_steps=args.max_steps, worst_sites=args.worst_sites, all_but=args.all_but, cost=args.cost,
                        taylor_images=args.taylor_images, decide_images=args.decide_images,
-                       decide_backend=args.decide_backend,
+                       decide_backend=args.decide_backend, early_stop=not args.no_early_stop,
                        **({} if args.measure_top is None else {"measure_top": args.measure_top}))
 
 

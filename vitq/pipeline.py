@@ -227,6 +227,7 @@ class PlanOptions:
     decide_images: int | None = None
     decide_backend: str = "torch"  # torch (the simulation), onnxruntime or torch-int8
     decide_neighbours: int = 2  # cheaper frontier points decided after the plan
+    early_stop: bool = True  # stop measuring a move once its test is hopeless (Planner.hopeless)
 
 
 LATENCY_VERSION = 2  # 2: paired per-round differences with their interval, free groups, ms costs
@@ -299,7 +300,7 @@ def run_plan(session: Session, start: QuantConfig, budget: Budget,
                    "cost_noise": noise_ms(table)}
     planner = Planner(runner(session, plan_data), None if confirm_data is None else runner(session, confirm_data),
                       session.out, macs(session), budget, settings, objective=opts.objective,
-                      seed=session.opts.seed, progress=session.opts.progress, **latency)
+                      seed=session.opts.seed, progress=session.opts.progress, early_stop=opts.early_stop, **latency)
     plan = planner.plan(start, only, all_but, worst_sites=opts.worst_sites, max_steps=opts.max_steps)
     decided = None
     if budget.explicit and opts.decide_images != 0:
