@@ -57,7 +57,10 @@ CANDIDATE_COLUMNS = ("rank", "candidate", "path", "kind", "block", "role", "site
 EVAL = TableSpec(
     "eval", ("config", *ACCURACY_COLUMNS, "top1_drop_se", *SHARE_COLUMNS),
     (*RUN_CONTEXT, "val_images", "skipped_images", "configs", "backend", "simulation_agreement", "onnx_models"),
-    ("calibration_s", "evaluation_s", "resumed_images", "log"), "vitq eval")
+    ("calibration_s", "evaluation_s", "resumed_images", "reused_images", "log"), "vitq eval")
+# resumed_images: images read back from the table's own log (an interrupted run); reused_images:
+# of those, images whose every config the planner had measured (analyze: the plan and confirm
+# images), written into the log instead of being measured again
 # analyze's final table (eval's stays apart)
 ACCURACY = TableSpec("accuracy", EVAL.columns, EVAL.meta, EVAL.run, "vitq analyze")
 SENSITIVITY_COLUMNS = (*CANDIDATE_COLUMNS, *ACCURACY_COLUMNS)

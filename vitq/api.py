@@ -43,7 +43,8 @@ from quant.presets import preset
 from reports.html import render_report
 
 from .models import LoadedModel, in_memory_model, load_model
-from .pipeline import PlanOptions, run_errors, run_eval, run_plan, run_sensitivity, run_taylor, save_eval
+from .pipeline import (PlanOptions, planner_measurements, run_errors, run_eval, run_plan, run_sensitivity,
+                       run_taylor, save_eval)
 from .session import Options, Session
 
 __all__ = ["Analysis", "ErrorsResult", "EvalResult", "PlanResult", "SensitivityResult", "analyze",
@@ -256,7 +257,9 @@ def analyze_session(session: Session, start: QuantConfig, budget: Budget, plan_o
     report, error_paths = run_errors(session, start, images=error_images)
     configs = {n: preset(n, session.sites) for n in REFERENCES}
     configs["plan"] = planner.plan_config
-    df, meta, run = run_eval(session, configs, limit=limit)
+    # the plan and confirm images are val images the planner measured every config on already
+    df, meta, run = run_eval(session, configs, limit=limit,
+                             known=planner_measurements(session, planner, plan_options, configs))
     save_eval(session, df, meta, run, configs, spec=artifacts.ACCURACY)
     lines: list[str] = []
     if bench:

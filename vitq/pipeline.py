@@ -20,8 +20,9 @@ from analysis import artifacts
 from analysis.cost import float_site_names, site_macs
 from analysis.decide import LOOKS, Candidate, DecideResult, decide_candidates
 from analysis.errors import ErrorReport, analyze_errors
-from analysis.evaluate import evaluate_configs, evaluated_images
+from analysis.evaluate import FP32, evaluate_configs, evaluated_images
 from analysis.measurement_log import MeasurementLog
+from analysis.metrics import OutputStats
 from analysis.planner import Budget, Planner, Point
 from analysis.runner import Runner
 from analysis.names import MEASURE_TOP, TAYLOR_IMAGES
@@ -101,9 +102,12 @@ def _run_info(session: Session, **extra) -> dict:
 
 # -- eval ------------------------------------------------------------------------------
 def run_eval(session: Session, configs: dict[str, QuantConfig], *, limit: int | None = None,
-             model=None) -> tuple[pd.DataFrame, dict, dict]:
+             model=None, known: list[tuple[list[str], dict[str, OutputStats]]] = ()) -> tuple[pd.DataFrame, dict, dict]:
     """FP32 and ``configs`` on the val images (``limit``: a seeded sample); ``model``
-    replaces the fake-quant simulation by another backend with the same interface."""
+    replaces the fake-quant simulation by another backend with the same interface.
+    ``known``: image sets already measured by the same simulation (files, and per-image
+    stats of ``"fp32"`` and every config in file order; analyze passes the planner's plan
+    and confirm images): written into the log as measured, so only the other images run."""
     for cfg in configs.values():
         cfg.validate(session.sites)
     val = session.images("val", limit)
@@ -112,6 +116,7 @@ def run_eval(session: Session, configs: dict[str, QuantConfig], *, limit: int | 
     settings = {**session.settings(), "val_files": [str(p) for p, _ in val.items], "log_version": LOG_VERSION,
                 "configs": {k: v.to_dict() for k, v in configs.items()}, "backend": type(model).__name__}
     log = MeasurementLog(session.out / f"eval.{settings_key(settings)}.jsonl", settings)
+    reused = 0 if model is not None else _reuse_known(log, val, configs, known)
     done = evaluated_images(log)
     log.resuming(len(done), len(val), "images already evaluated")
     todo = val.subset([i for i in range(len(val)) if i not in done])
@@ -120,8 +125,42 @@ def run_eval(session: Session, configs: dict[str, QuantConfig], *, limit: int | 
     meta = {**session.describe(), "val_images": int(df.loc[0, "images"]), "skipped_images": session.bad,
             "configs": {k: v.to_dict() for k, v in configs.items()},
             "backend": getattr(backend, "name", "torch"), "simulation_agreement": None, "onnx_models": None}
-    run = _run_info(session, evaluation_s=round(time.time() - t0, 1), resumed_images=len(done), log=str(log.path))
+    run = _run_info(session, evaluation_s=round(time.time() - t0, 1), resumed_images=len(done), reused_images=reused,
+                    log=str(log.path))
     return df, meta, run
+
+
+def _reuse_known(log: MeasurementLog, val, configs: dict[str, QuantConfig],
+                 known: list[tuple[list[str], dict[str, OutputStats]]]) -> int:
+    """Write each ``known`` image set into the eval log as one record (unless one of its
+    images is not among ``val`` or already in the log, or a config is missing); returns how
+    many images were added."""
+    position = {str(Path(p).resolve()): i for i, (p, _) in enumerate(val.items)}
+    done, added = evaluated_images(log), 0
+    for files, stats in known:
+        idx = [position.get(str(Path(f).resolve())) for f in files]
+        if (not files or None in idx or done.intersection(idx) or any(n not in stats for n in (FP32, *configs))
+                or any(len(stats[n]) != len(files) for n in (FP32, *configs))):
+            continue
+        log.add({"candidate": f"reused images {idx[0]}-{idx[-1]}", "first": min(idx), "indices": idx,
+                 "configs": {n: stats[n].to_dict() for n in (FP32, *configs)}})
+        done.update(idx)
+        added += len(idx)
+    return added
+
+
+def planner_measurements(session: Session, planner: Planner, opts: "PlanOptions",
+                         configs: dict[str, QuantConfig]) -> list[tuple[list[str], dict[str, OutputStats]]]:
+    """The planner's own measurements of FP32 and ``configs`` on its plan and confirm images
+    (read from its logs; a config it never measured there is measured now), for
+    :func:`run_eval`'s ``known``."""
+    n_confirm = opts.images if opts.confirm_images is None else opts.confirm_images
+    sets = [(eval_set(session, opts.images).files, False)]
+    if planner.confirm_runner is not None and n_confirm > 0:
+        sets.append((eval_set(session, opts.images, "confirm", n_confirm).files, True))
+    return [(files, {FP32: planner.measure(None, confirm=confirm),
+                     **{n: planner.measure(c, confirm=confirm) for n, c in configs.items()}})
+            for files, confirm in sets]
 
 
 def save_eval(session: Session, df: pd.DataFrame, meta: dict, run: dict, configs: dict[str, QuantConfig],
