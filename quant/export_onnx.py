@@ -226,13 +226,14 @@ def export_mode(qmodel: QuantModel) -> Iterator[None]:
             tq.__class__ = cls
 
 
-def export_graph(module: nn.Module, example: torch.Tensor, opset: int = 18, dynamic_batch: bool = True,
-                 input_name: str = "pixel_values", output_name: str = "logits"):
-    """``module(example)`` through the dynamo ONNX exporter, post-processed into a
-    standard Q/DQ graph (placeholders expanded into Q/DQ pairs and quantized weight
-    initializers, duplicate pairs merged); returns the ModelProto. Call inside
-    :func:`export_mode`; the opset is raised to 21 when a tensor is not an 8-bit integer."""
-    onnx = _require_onnx()
+def trace_graph(module: nn.Module, example: torch.Tensor, opset: int = 18, dynamic_batch: bool = True,
+                input_name: str = "pixel_values", output_name: str = "logits"):
+    """``module(example)`` through the dynamo ONNX exporter as it comes out: every
+    quantizing slot a ``vitq.export.Placeholder`` node naming it (call inside
+    :func:`export_mode`; outside it the graph is the float one). The opset is raised to 21
+    when a tensor is not an 8-bit integer. :func:`export_graph` turns it into Q/DQ;
+    :mod:`quant.onnx_sites` reads which node of the float graph each site is."""
+    _require_onnx()
     try:
         import onnxscript  # noqa: F401
     except ImportError:  # pragma: no cover - depends on the environment
@@ -253,18 +254,33 @@ def export_graph(module: nn.Module, example: torch.Tensor, opset: int = 18, dyna
                                         custom_translation_table=_placeholder_translation() if placeholders else None)
         except Exception as e:  # torch.export / onnxscript raise many types
             raise ExportError(f"the dynamo ONNX exporter failed: {str(e).strip().splitlines()[0][:300]}") from e
-    model = program.model_proto
+    return program.model_proto
+
+
+def export_graph(module: nn.Module, example: torch.Tensor, opset: int = 18, dynamic_batch: bool = True,
+                 input_name: str = "pixel_values", output_name: str = "logits"):
+    """``module(example)`` through the dynamo ONNX exporter (:func:`trace_graph`),
+    post-processed into a standard Q/DQ graph (placeholders expanded into Q/DQ pairs and
+    quantized weight initializers, duplicate pairs merged); returns the ModelProto. Call
+    inside :func:`export_mode`."""
+    placeholders = dict(_ACTIVE)
+    model = trace_graph(module, example, opset, dynamic_batch, input_name, output_name)
     graph = model.graph
     expand_placeholders(model, placeholders)
     _dedupe_qdq(graph)
     del graph.value_info[:]  # the exporter's shapes of folded (transposed) weights are stale
-    for n in graph.node:  # the exporter's per-node stack traces and FX names: ~1.5 kB a node
-        n.doc_string = ""
-        del n.metadata_props[:]
+    strip_node_metadata(graph)
     return model
 
 
-class _Forward(nn.Module):
+def strip_node_metadata(graph) -> None:
+    """Drop the exporter's per-node stack traces and FX names (~1.5 kB a node)."""
+    for n in graph.node:
+        n.doc_string = ""
+        del n.metadata_props[:]
+
+
+class Forward(nn.Module):
     """``QuantModel.__call__`` as a module (without its inference_mode, which a
     trace cannot record); holds the HF model so its weights become initializers."""
 
@@ -493,6 +509,15 @@ def nonstandard_ops(model) -> list[str]:
     return sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
 
 
+def trace_example(example_pixels: torch.Tensor) -> torch.Tensor:
+    """The batch the graphs are traced at: two images (one repeated when only one is
+    given), so that nothing can mistake the batch size for a constant."""
+    example = example_pixels.detach()[:2].float()
+    if len(example) == 1:
+        example = example.expand(2, *example.shape[1:]).contiguous()
+    return example
+
+
 def export_onnx(qmodel: QuantModel, path: str | os.PathLike, example_pixels: torch.Tensor, opset: int = 18,
                 dynamic_batch: bool = True, metadata: dict[str, str] | None = None) -> ExportResult:
     """Write the current quantization state of ``qmodel`` to ``path`` (ONNX, Q/DQ).
@@ -506,12 +531,10 @@ def export_onnx(qmodel: QuantModel, path: str | os.PathLike, example_pixels: tor
     onnx = _require_onnx()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = example_pixels.detach()[:2].float()
-    if len(example) == 1:  # trace at batch 2: nothing can mistake the batch size for a constant
-        example = example.expand(2, *example.shape[1:]).contiguous()
+    example = trace_example(example_pixels)
     expected = int8_tensors(qmodel, example)
     with export_mode(qmodel):
-        model = export_graph(_Forward(qmodel), example, opset, dynamic_batch)
+        model = export_graph(Forward(qmodel), example, opset, dynamic_batch)
     graph = model.graph
     bad = nonstandard_ops(model)
     if bad:
