@@ -226,21 +226,13 @@ def export_mode(qmodel: QuantModel) -> Iterator[None]:
             tq.__class__ = cls
 
 
-def export_graph(module: nn.Module, example: torch.Tensor, opset: int = 18, dynamic_batch: bool = True,
-                 input_name: str = "pixel_values", output_name: str = "logits"):
-    """``module(example)`` through the dynamo ONNX exporter, post-processed into a
-    standard Q/DQ graph (placeholders expanded into Q/DQ pairs and quantized weight
-    initializers, duplicate pairs merged); returns the ModelProto. Call inside
-    :func:`export_mode`; the opset is raised to 21 when a tensor is not an 8-bit integer."""
-    model, placeholders = capture_graph(module, example, opset, dynamic_batch, input_name, output_name)
-    return finish_graph(model, placeholders)
-
-
-def capture_graph(module: nn.Module, example: torch.Tensor, opset: int = 18, dynamic_batch: bool = True,
-                  input_name: str = "pixel_values", output_name: str = "logits"):
-    """The dynamo exporter's graph of ``module(example)`` with a ``vitq.export.Placeholder``
-    node at every quantizing slot, and the slots' parameters (call inside :func:`export_mode`).
-    The expensive half of :func:`export_graph`; :func:`finish_graph` makes it standard."""
+def trace_graph(module: nn.Module, example: torch.Tensor, opset: int = 18, dynamic_batch: bool = True,
+                input_name: str = "pixel_values", output_name: str = "logits"):
+    """``module(example)`` through the dynamo ONNX exporter as it comes out: every
+    quantizing slot a ``vitq.export.Placeholder`` node naming it (call inside
+    :func:`export_mode`; outside it the graph is the float one). The opset is raised to 21
+    when a tensor is not an 8-bit integer. :func:`export_graph` turns it into Q/DQ;
+    :mod:`quant.onnx_sites` reads which node of the float graph each site is."""
     _require_onnx()
     try:
         import onnxscript  # noqa: F401
@@ -262,24 +254,39 @@ def capture_graph(module: nn.Module, example: torch.Tensor, opset: int = 18, dyn
                                         custom_translation_table=_placeholder_translation() if placeholders else None)
         except Exception as e:  # torch.export / onnxscript raise many types
             raise ExportError(f"the dynamo ONNX exporter failed: {str(e).strip().splitlines()[0][:300]}") from e
-    return program.model_proto, placeholders
+    return program.model_proto
+
+
+def export_graph(module: nn.Module, example: torch.Tensor, opset: int = 18, dynamic_batch: bool = True,
+                 input_name: str = "pixel_values", output_name: str = "logits"):
+    """``module(example)`` through the dynamo ONNX exporter (:func:`trace_graph`),
+    post-processed into a standard Q/DQ graph (placeholders expanded into Q/DQ pairs and
+    quantized weight initializers, duplicate pairs merged); returns the ModelProto. Call
+    inside :func:`export_mode`."""
+    placeholders = dict(_ACTIVE)
+    return finish_graph(trace_graph(module, example, opset, dynamic_batch, input_name, output_name), placeholders)
 
 
 def finish_graph(model, placeholders: dict[str, QParams], float_slots: frozenset[str] | set[str] = frozenset()):
-    """A captured graph (:func:`capture_graph`) made standard, in place: placeholders expanded
+    """A traced graph (:func:`trace_graph`) made standard, in place: placeholders expanded
     into Q/DQ (those of ``float_slots`` removed: the tensor stays float), duplicate pairs
     merged, the exporter's stale shapes and per-node traces dropped. Returns the model."""
     graph = model.graph
     expand_placeholders(model, placeholders, float_slots)
     _dedupe_qdq(graph)
     del graph.value_info[:]  # the exporter's shapes of folded (transposed) weights are stale
-    for n in graph.node:  # the exporter's per-node stack traces and FX names: ~1.5 kB a node
-        n.doc_string = ""
-        del n.metadata_props[:]
+    strip_node_metadata(graph)
     return model
 
 
-class _Forward(nn.Module):
+def strip_node_metadata(graph) -> None:
+    """Drop the exporter's per-node stack traces and FX names (~1.5 kB a node)."""
+    for n in graph.node:
+        n.doc_string = ""
+        del n.metadata_props[:]
+
+
+class Forward(nn.Module):
     """``QuantModel.__call__`` as a module (without its inference_mode, which a
     trace cannot record); holds the HF model so its weights become initializers."""
 
@@ -521,6 +528,15 @@ def nonstandard_ops(model) -> list[str]:
     return sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
 
 
+def trace_example(example_pixels: torch.Tensor) -> torch.Tensor:
+    """The batch the graphs are traced at: two images (one repeated when only one is
+    given), so that nothing can mistake the batch size for a constant."""
+    example = example_pixels.detach()[:2].float()
+    if len(example) == 1:
+        example = example.expand(2, *example.shape[1:]).contiguous()
+    return example
+
+
 def export_onnx(qmodel: QuantModel, path: str | os.PathLike, example_pixels: torch.Tensor, opset: int = 18,
                 dynamic_batch: bool = True, metadata: dict[str, str] | None = None) -> ExportResult:
     """Write the current quantization state of ``qmodel`` to ``path`` (ONNX, Q/DQ).
@@ -532,10 +548,10 @@ def export_onnx(qmodel: QuantModel, path: str | os.PathLike, example_pixels: tor
     activation; returns what it contains.
     """
     _require_onnx()
-    example = _example(example_pixels)
+    example = trace_example(example_pixels)
     expected = int8_tensors(qmodel, example)
     with export_mode(qmodel):
-        model = export_graph(_Forward(qmodel), example, opset, dynamic_batch)
+        model = export_graph(Forward(qmodel), example, opset, dynamic_batch)
     return _check_and_write(model, Path(path), expected, metadata)
 
 
@@ -543,15 +559,15 @@ def export_float_variants(qmodel: QuantModel, paths: dict[str, str | os.PathLike
                           example_pixels: torch.Tensor, opset: int = 18,
                           metadata: dict[str, dict[str, str]] | None = None) -> dict[str, ExportResult]:
     """Graphs of several configs that differ from the first only by keeping more slots float,
-    from ONE capture by the dynamo exporter (the slow part of an export): the first config's
-    graph is captured, and each config's graph is that graph with the placeholders of the
+    from ONE trace by the dynamo exporter (the slow part of an export): the first config's
+    graph is traced, and each config's graph is that graph with the placeholders of the
     slots it keeps float removed. Each graph has exactly its config's Q/DQ placement,
     checked as :func:`export_onnx` checks it. Weights and biases are the first config's
     parameters: a remedy whose values depend on which sites are float (bias correction of a
     Linear kept float) is not re-applied, so the graphs are for timing, not for accuracy.
     ``configs``: name -> QuantConfig, ``paths``: name -> file. ``qmodel``'s state is kept."""
     _require_onnx()
-    example = _example(example_pixels)
+    example = trace_example(example_pixels)
     names = list(configs)
     saved = qmodel.snapshot()
     try:
@@ -568,7 +584,7 @@ def export_float_variants(qmodel: QuantModel, paths: dict[str, str | os.PathLike
                                   "variants may only keep more slots float")
         qmodel.apply(configs[names[0]])
         with export_mode(qmodel):
-            raw, _ = capture_graph(_Forward(qmodel), example, opset)
+            raw = trace_graph(Forward(qmodel), example, opset)
     finally:
         qmodel.restore(saved)
     results = {}
@@ -578,13 +594,6 @@ def export_float_variants(qmodel: QuantModel, paths: dict[str, str | os.PathLike
         finish_graph(model, slots[name], set(base) - set(slots[name]))
         results[name] = _check_and_write(model, Path(paths[name]), expected[name], (metadata or {}).get(name))
     return results
-
-
-def _example(example_pixels: torch.Tensor) -> torch.Tensor:
-    example = example_pixels.detach()[:2].float()
-    if len(example) == 1:  # trace at batch 2: nothing can mistake the batch size for a constant
-        example = example.expand(2, *example.shape[1:]).contiguous()
-    return example
 
 
 def _check_and_write(model, path: Path, expected: list[Int8Tensor], metadata: dict[str, str] | None) -> ExportResult:

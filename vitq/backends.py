@@ -304,6 +304,20 @@ def run_export_pt2e(session, config: QuantConfig) -> list[str]:
             f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB) and {session.out / 'model_int8.yaml'}"]
 
 
+def run_export_target(session, config: QuantConfig, target: str, opset: int = 18) -> list[str]:
+    """``vitq export --to TARGET``: ``config`` in the target's own terms, written to
+    ``OUT/targets/<target>.json`` and ``.py`` (:mod:`vitq.targets`); returns the lines to print."""
+    from .targets import ExportContext, get_target
+
+    ctx = ExportContext(session.qmodel, config, session.out, example_pixels(session), calibration_pixels(session),
+                        opset=opset)
+    export = get_target(target).export(ctx)
+    paths = export.write(session.out / "targets")
+    lines = [export.summary()]
+    lines += [f"  {r.site} ({r.plan}): {r.reason}" for r in export.unmatched()]
+    return lines + [f"wrote {', '.join(str(p) for p in paths)}"]
+
+
 def run_export(session, config: QuantConfig, opset: int = 18) -> list[str]:
     """``vitq export``: FP32 and int8 ONNX models of a calibrated session in its
     output folder, plus ``export.json``; returns the lines to print."""

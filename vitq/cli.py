@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("onnx", "pt2e"), default="onnx",
                    help="onnx: Q/DQ ONNX (dynamo exporter); pt2e: torchao PT2E-converted torch.export program "
                         "(model_int8.pt2; conv/linear sites only)")
+    p.add_argument("--to", metavar="TOOL",
+                   help="write the config in a deployment tool's own terms instead, names resolved against the "
+                        "tool's graph of this model: ort-quantizer, nncf, torchao (-> OUT/targets/TOOL.json and .py)")
     return parser
 
 
@@ -438,10 +441,16 @@ def cmd_plan(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from .backends import run_export
 
+    if args.to:
+        from .targets import get_target
+        get_target(args.to)  # an unknown name fails before any long work
     session = Session(_options(args))
     config = preset(args.preset, session.sites) if args.preset else _start_config(args, session)
     session.calibrate()
-    if args.format == "pt2e":
+    if args.to:
+        from .backends import run_export_target
+        lines = run_export_target(session, config, args.to, opset=args.opset)
+    elif args.format == "pt2e":
         from .backends import run_export_pt2e
         lines = run_export_pt2e(session, config)
     else:
