@@ -39,6 +39,11 @@ of equal cost. When no point beats every preset, the plan is the cheapest point 
 objective equals the most accurate preset's within the noise (that preset itself, or a
 trimmed version of it that costs less): never a plan slower and worse than a preset.
 The plan and the reference presets are then measured on disjoint *confirm* images.
+
+Over formats (``format_moves``, :mod:`analysis.format_moves`): the float fallbacks become
+moves to more precise formats of a list and trimming moves to cheaper ones, priced by an
+exact cost of every format (``cost_kind``: BitOps or weight MB, :mod:`analysis.cost`); the
+budget's caps (``max_bitops``, ``max_weight_mb``) bound what counts as a plan.
 """
 
 from __future__ import annotations
