@@ -132,6 +132,14 @@ class FormatMoves:
         target = get_format(fmt)
         return not target.keeps_float(site) and (now == FLOAT or config.slot_specs(site, target) != config.slot_specs(site))
 
+    def _apply(self, config: QuantConfig, was: dict[str, str], fmt: str) -> QuantConfig:
+        """``config`` with the sites of ``was`` that still run in the format they had when the
+        move was made (``was``) in ``fmt``: a path applies its moves to later points, where a
+        site a move named may have changed since (all residual adds float, then one of them to
+        a16w8 would be a step back). No site left: ``config`` unchanged."""
+        by_name = {s.name: s for s in self.sites}
+        return with_format(config, [n for n, f in was.items() if format_name(config, by_name[n]) == f], fmt, self.sites)
+
     def precise(self, config: QuantConfig, estimates: dict[str, float],
                 cost: Callable[[QuantConfig], float]) -> list[FormatChange]:
         """More precise moves from ``config``, largest estimated gain per cost first."""
@@ -156,6 +164,7 @@ class FormatMoves:
                 if None in now or None in new:
                     continue
                 names = tuple(s.name for s in changed)
+                was = {s.name: format_name(config, s) for s in changed}
                 extra = cost(with_format(config, list(names), fmt, self.sites)) - here
                 if fmt == FLOAT:  # the planner's float fallbacks: every group, gain clipped at 0
                     gain = sum(max(v, 0.0) for v in now)
@@ -164,7 +173,7 @@ class FormatMoves:
                     if gain <= 0 or extra < 0:  # not more precise (a cheaper format is a trim)
                         continue
                 moves.append(FormatChange(f"{fmt} {label}", names, fmt, gain / max(extra, MIN_COST),
-                                          lambda c, n=names, f=fmt: with_format(c, list(n), f, self.sites)))
+                                          lambda c, w=was, f=fmt: self._apply(c, w, f)))
         return sorted(moves, key=lambda m: -m.estimate)
 
     def cheaper(self, config: QuantConfig, estimates: dict[str, float],
@@ -188,6 +197,7 @@ class FormatMoves:
                 options.append((max(new - now, 0.0) / saving, -saving, fmt))
             if options:
                 harm, _, fmt = min(options)
+                was = {site.name: format_name(config, site)}
                 moves.append(FormatChange(f"{fmt} {site.name}", (site.name,), fmt, harm,
-                                          lambda c, n=site.name, f=fmt: with_format(c, [n], f, self.sites)))
+                                          lambda c, w=was, f=fmt: self._apply(c, w, f)))
         return sorted(moves, key=lambda m: m.estimate)

@@ -531,7 +531,11 @@ class Planner:
         return {r["candidate"]: float(r[metric]) for _, r in only.iterrows()}
 
     def _unchanged(self, move: Move, config: QuantConfig) -> bool:
-        """Every site ``move`` changes already runs in its target format in ``config``."""
+        """Every site ``move`` changes already runs in its target format in ``config`` (over
+        formats: the move changes no site, each having left the format it had when the move
+        was made, :meth:`analysis.format_moves.FormatMoves.precise`)."""
+        if self.format_moves is not None:
+            return move.make(config).to_dict() == config.to_dict()
         return all(format_name(config, self.qmodel.site_by_name[s]) == move.target for s in move.floats)
 
     def _floats(self, config: QuantConfig, estimates: dict[str, float]) -> list[Move]:
