@@ -99,9 +99,11 @@ LATENCY = TableSpec(
     (*RUN_CONTEXT, "config", "batch", "runs", "threads", "backend", "version", "noise_ms"),
     ("calibration_s", "wall_s"), "vitq plan --cost latency")
 # budget_outcome: the explicit budget on that row's images, met / not met / undecided
-# (analysis.budget; "met" without an explicit budget)
+# (analysis.budget; "met" without an explicit budget); stopped_early: the move was measured on
+# the first `images` plan images only, its test being hopeless there (conditional power below
+# the planner's futility; the row's values are on those images)
 PLAN_COLUMNS = ("attempt", "path", "kind", "change", "config", "kept", "gain", "gain_se", "gain_lo", "gain_hi",
-                *ACCURACY_COLUMNS, "top1_drop_se", *SHARE_COLUMNS, "cost", "budget_outcome")
+                *ACCURACY_COLUMNS, "top1_drop_se", *SHARE_COLUMNS, "cost", "budget_outcome", "stopped_early")
 # decisions / confirm_decisions: the plan's decision of each explicit budget on the plan and
 # the confirm images (analysis.budget.Decision.to_dict: kind, budget, outcome, estimate,
 # lower, upper, bound, z, images, images_needed, text); decide: the decide stage's summary

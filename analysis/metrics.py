@@ -109,6 +109,10 @@ class OutputStats:
     def __len__(self) -> int:
         return len(self.values["kl"])
 
+    def head(self, n: int) -> "OutputStats":
+        """The first ``n`` images' values (a measurement stopped early covers a prefix)."""
+        return OutputStats({k: v[:n] for k, v in self.values.items()})
+
     def array(self, key: str) -> np.ndarray:
         """Per-image values of ``key`` (one of PER_IMAGE), float64."""
         return np.asarray(self.values[key], dtype=np.float64)
@@ -174,3 +178,45 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, n_boot: int = 2000, seed: 
     tail = (1 - level) / 2
     return {"mean": float(d.mean()), "se": float(means.std(ddof=1)), "lo": float(np.quantile(means, tail)),
             "hi": float(np.quantile(means, 1 - tail))}
+
+
+def _normal_cdf(x: float) -> float:
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+def conditional_power(gains: np.ndarray, n_total: int, *, need: str = "above", level: float = 0.95) -> float:
+    """Probability that a paired test made on ``n_total`` images ends as ``need`` asks, given
+    the per-image gains of its first ``len(gains)`` images and the trend they show (the rest
+    of the images' mean gain equal to the mean so far; normal approximation; stochastic
+    curtailment). ``need``: ``"above"``, the final two-sided ``level`` interval of the mean gain
+    lies above 0 (the planner keeps a move); ``"not_below"``, its upper end reaches 0 (equal
+    within the noise). 1 or 0 when no image is left to measure."""
+    d = np.asarray(gains, dtype=np.float64)
+    k = len(d)
+    if need not in ("above", "not_below"):
+        raise ValueError(f"need: 'above' or 'not_below', not {need!r}")
+    if k == 0:
+        return 1.0
+    z = math.sqrt(2.0) * _erfinv(level)  # two-sided critical value (1.96 at 95 %)
+    s = float(d.std(ddof=1)) if k > 1 else 0.0
+    m, total = float(d.mean()), float(d.sum())
+    rest = n_total - k
+    if rest <= 0 or s == 0.0:
+        final = total / max(n_total, k) if rest <= 0 else m
+        half = z * s / math.sqrt(max(n_total, k))
+        ok = final - half > 0 if need == "above" else final + half >= 0
+        return 1.0 if ok else 0.0
+    # the final sum must exceed this: n * (mean - z se) > 0, or n * (mean + z se) >= 0
+    bar = z * s * math.sqrt(n_total) * (1 if need == "above" else -1)
+    return 1.0 - _normal_cdf((bar - total - rest * m) / (s * math.sqrt(rest)))
+
+
+def _erfinv(y: float) -> float:
+    """Inverse error function by Newton's method on math.erf (no scipy needed)."""
+    x = 0.0
+    for _ in range(60):
+        step = (math.erf(x) - y) / (2.0 / math.sqrt(math.pi) * math.exp(-x * x))
+        x -= step
+        if abs(step) < 1e-12:
+            break
+    return x

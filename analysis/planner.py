@@ -66,12 +66,15 @@ from .cost import EXACT_COSTS, MATMUL_KINDS, config_cost, exact_cost
 from .evaluate import accuracy_row
 from .format_moves import FormatMoves, format_name, without_float
 from .measurement_log import MeasurementLog
-from .metrics import OutputStats, paired_bootstrap
-from .runner import BoundaryCache, Runner, scratch
+from .metrics import OutputStats, conditional_power, paired_bootstrap
+from .runner import LOOK_IMAGES, BoundaryCache, Runner, scratch
 
 OBJECTIVES = {"kl": "kl", "logit_mse": "mse"}  # objective -> OutputStats per-image key
 REFERENCES = ("all", "mixed_1", "mixed_2", "nncf")
 SITE_COST = 0.5  # cost of one float non-matmul site (residual add), in % of matmul MACs
+# a move stops being measured once the chance that it passes its test on all plan images,
+# under the trend of the images so far, is below this (analysis.metrics.conditional_power)
+FUTILITY = 0.02
 SMOOTH_ALPHAS = (0.15, 0.5, 0.95)  # NNCF 3.4: 0.15 for torchvision vit_b_16, 0.95 its transformer default (the factor table's winner, docs/results.md); 0.5 SmoothQuant's
 
 
@@ -180,7 +183,8 @@ class Planner:
                  macs: dict[str, float], budget: Budget | None = None, settings: dict | None = None, *,
                  objective: str = "kl", site_cost: float = SITE_COST, level: float = 0.95, n_boot: int = 2000,
                  seed: int = 0, progress: bool = True, unit_costs: dict[str, float] | None = None,
-                 cost_base: float = 0.0, cost_noise: float = 0.0, cost_kind: str | None = None,
+                 cost_base: float = 0.0, cost_noise: float = 0.0, early_stop: bool = True,
+                 futility: float = FUTILITY, look: int = LOOK_IMAGES, cost_kind: str | None = None,
                  format_moves: FormatMoves | None = None) -> None:
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
@@ -199,6 +203,8 @@ class Planner:
         self.cost_kind = cost_kind
         self.format_moves = format_moves  # moves over formats (--formats); None: int8 or float
         self.level, self.n_boot, self.seed, self.progress = level, n_boot, seed, progress
+        # stop measuring a move once it cannot pass its test (conditional power < futility)
+        self.early_stop, self.futility, self.look = early_stop, futility, look
         settings = dict(settings or {})
         self.log = MeasurementLog(Path(out_dir) / f"plan_measurements.{settings_key(settings)}.jsonl",
                                   {**settings, "images": len(plan_runner)})
@@ -213,22 +219,46 @@ class Planner:
 
     # -- measuring -------------------------------------------------------------------
     def measure(self, config: QuantConfig | None, *, confirm: bool = False, start_block: int = -1,
-                background: QuantConfig | None = None) -> OutputStats:
+                background: QuantConfig | None = None,
+                stop: Callable[[OutputStats], bool] | None = None) -> OutputStats:
         """Per-image metrics of ``config`` on the plan (or confirm) images, from the log
         when measured before. ``background``: a config equal to ``config`` before
-        ``start_block``, whose cached block inputs may be reused."""
+        ``start_block``, whose cached block inputs may be reused. ``stop``: asked after every
+        look (every ``look`` images, default :data:`analysis.runner.LOOK_IMAGES`) whether the move is hopeless; then
+        the measurement ends early and covers the first images only. A logged measurement
+        that stopped early is taken up again where it stopped when ``stop`` does not stop it
+        there (or is None)."""
         runner, log = (self.confirm_runner, self.confirm_log) if confirm else (self.runner, self.log)
-
-        def run() -> dict:
-            state = runner.fp32_state if config is None else runner.state(config)
-            use_cache = background is not None and start_block > 0 and not confirm and self._scratch is not None
-            cache = self._boundaries(background) if use_cache else None
-            stats = runner.measure(state, start_block if cache is not None else -1, cache)
-            self.qmodel.apply(None)
-            return {"stats": stats.to_dict()}
-
         key = "fp32" if config is None else settings_key(config.to_dict())
-        return OutputStats.from_dict(log.get(key, run)["stats"])
+        done = None
+        if key in log.done:
+            stats = OutputStats.from_dict(log.done[key]["stats"])
+            if len(stats) >= len(runner) or (stop is not None and stop(stats)):
+                return stats
+            done = stats  # stopped early before; this caller needs more images
+        state = runner.fp32_state if config is None else runner.state(config)
+        use_cache = background is not None and start_block > 0 and not confirm and self._scratch is not None
+        cache = self._boundaries(background) if use_cache else None
+        stats = runner.measure(state, start_block if cache is not None else -1, cache, stop=stop, done=done,
+                               look=self.look)
+        self.qmodel.apply(None)
+        log.add({"candidate": key, "stats": stats.to_dict()})
+        return stats
+
+    def hopeless(self, versus: list[tuple[OutputStats, str]]) -> Callable[[OutputStats], bool] | None:
+        """The early-stop rule of a move that must pass paired tests against ``versus``
+        (``(stats, need)``: need ``"above"``, objective lower beyond the noise; ``"not_below"``,
+        not higher beyond it): stop when the conditional power of any of them, under the
+        trend of the images so far, is below ``futility``. None when early stopping is off."""
+        if not self.early_stop or not versus:
+            return None
+        key, n = OBJECTIVES[self.objective], len(self.runner)
+
+        def stop(stats: OutputStats) -> bool:
+            k = len(stats)
+            return any(conditional_power(other.array(key)[:k] - stats.array(key), n, need=need, level=self.level)
+                       < self.futility for other, need in versus)
+        return stop
 
     @property
     def measured_now(self) -> int:
@@ -271,11 +301,15 @@ class Planner:
 
     def _record(self, path: str, kind: str, change: str, config: QuantConfig | None, stats: OutputStats,
                 kept: bool, versus: OutputStats | None = None) -> dict:
+        """One row of the tried table; a measurement stopped early (``stopped_early``) is
+        compared and summarised on the images it covers."""
+        n = len(stats)
+        stopped = n < len(self.runner)
         row = {"attempt": len(self.tried), "path": path, "kind": kind, "change": change,
                "config": "fp32" if config is None else config.name, "kept": kept,
-               **(self.compare(stats, versus) if versus is not None else
+               **(self.compare(stats, versus.head(n)) if versus is not None else
                   {"gain": None, "gain_se": None, "gain_lo": None, "gain_hi": None}),
-               **self.row(config, stats)}
+               **self.row(config, stats, self.fp32.head(n) if stopped else None), "stopped_early": stopped}
         self.tried.append(row)
         return row
 
@@ -467,18 +501,30 @@ class Planner:
         when the cheaper point still passes ``keep`` (with its 95 % confidence rules)."""
         current = seed
         path: list[Point] = []
+        stop = self.hopeless(self._keep_tests(keep))
         bar = tqdm(moves[:max_steps], desc="plan: trimming float sites", unit="move", disable=not self.progress)
         for move in bar:
             candidate = move.make(current.config)
             candidate.name = "plan"
-            stats = self.measure(candidate, start_block=self._start_block(move), background=current.config)
+            stats = self.measure(candidate, start_block=self._start_block(move), background=current.config, stop=stop)
             point = Point(candidate, stats, {})
             point.row = self._record("trim", "trim", move.change, candidate, stats, False, current.stats)
-            if keep(point):
+            if len(stats) == len(self.runner) and keep(point):
                 point.row["kept"] = True
                 current = point
                 path.append(point)
         return path
+
+    def _keep_tests(self, keep: Callable[[Point], bool]) -> list[tuple[OutputStats, str]]:
+        """The paired objective tests a trimmed point must pass to satisfy ``keep``: equal to
+        the most accurate preset within the noise (:meth:`matches_best`), or, when the budget
+        asks to beat the presets, lower than each of theirs. (Its other conditions, agreement
+        and the explicit budget, are checked on all images only.)"""
+        if keep == self.matches_best:
+            return [(self.references[self.best_reference].stats, "not_below")]
+        if self.budget.beat_references:
+            return [(r.stats, "above") for r in self.references.values()]
+        return []
 
     def _path(self, name: str, start: QuantConfig, change: str, moves: list[Move], max_steps: int) -> None:
         """Greedy path: try ``moves`` in order from ``start``; keep those that beat the noise;
@@ -500,10 +546,10 @@ class Planner:
             candidate = move.make(current.config)
             candidate.name = "plan"
             start_block = self._start_block(move)
-            stats = self.measure(candidate, start_block=start_block, background=current.config)
+            stats = self.measure(candidate, start_block=start_block, background=current.config,
+                                 stop=self.hopeless([(current.stats, "above")]))
             float_tried += move.kind == "float"
-            gain = self.compare(stats, current.stats)
-            kept = gain["gain_lo"] > 0
+            kept = len(stats) == len(self.runner) and self.compare(stats, current.stats)["gain_lo"] > 0
             row = self._record(name, move.kind, move.change, candidate, stats, kept, current.stats)
             if kept:
                 current = Point(candidate, stats, row)

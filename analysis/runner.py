@@ -18,7 +18,7 @@ import socket
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -30,6 +30,8 @@ from quant.sites import Site
 from .metrics import OutputStats
 
 State = dict  # QuantModel.snapshot()
+# images between two looks of a measurement that may stop early (Runner.measure(stop=...))
+LOOK_IMAGES = 64
 
 
 class SwitchableModel(Protocol):
@@ -108,30 +110,50 @@ class Runner:
         """The model's quantizer state for ``config`` (None: FP32); the model is left in it."""
         return self.qmodel.prepare(config)
 
-    @torch.inference_mode()
     def logits(self, state: State, start_block: int = -1, cache: BoundaryCache | None = None) -> torch.Tensor:
         """Logits (float64) of every image under ``state``; with ``cache`` (built under a
         background state that differs from ``state`` only from ``start_block`` on) the
         blocks before ``start_block`` are read from the cache instead of re-run."""
-        q = self.qmodel
-        q.restore(state)
-        out = []
-        for i, pixels in enumerate(self.batches):
-            if cache is None or start_block < 0:
-                h, start = q.embed(pixels), 0
-            else:
-                h, start = cache.hidden(start_block, i).to(q.device, non_blocking=True), start_block
-            out.append(q.head(q.run_blocks(h, start)).double())
-        return torch.cat(out)
+        self.qmodel.restore(state)
+        return torch.cat([self._batch_logits(i, start_block, cache) for i in range(len(self.batches))])
 
     def measure(self, state: State | QuantConfig | None, start_block: int = -1,
-                cache: BoundaryCache | None = None) -> OutputStats:
-        """Per-image metrics of ``state`` (or a config) against FP32 (FP32 itself: no pass)."""
+                cache: BoundaryCache | None = None, *, stop: Callable[[OutputStats], bool] | None = None,
+                done: OutputStats | None = None, look: int = LOOK_IMAGES) -> OutputStats:
+        """Per-image metrics of ``state`` (or a config) against FP32 (FP32 itself: no pass).
+        ``stop``: asked with the metrics so far after every ``look`` images (never after the
+        last batch); when it answers True the measurement ends there and covers the first
+        images only. ``done``: the metrics of the first images, measured before (a stopped
+        measurement taken up again); the batches they cover are not re-run."""
         if state is None or state is self.fp32_state:
             return OutputStats.of(self.reference, self.reference, self.labels)
         if isinstance(state, QuantConfig):
             state = self.state(state)
-        return OutputStats.of(self.logits(state, start_block, cache), self.reference, self.labels)
+        stats = OutputStats() if done is None else OutputStats(done.values)
+        starts = np.cumsum([0, *(len(b) for b in self.batches)])
+        first = int(np.searchsorted(starts, len(stats)))
+        if first >= len(starts) or starts[first] != len(stats):
+            raise ValueError(f"{len(stats)} images measured before is not a whole number of batches")
+        self.qmodel.restore(state)
+        next_look = len(stats) + look
+        for i in range(first, len(self.batches)):
+            a, b = int(starts[i]), int(starts[i + 1])
+            stats.update(self._batch_logits(i, start_block, cache), self.reference[a:b],
+                         None if self.labels is None else self.labels[a:b])
+            if stop is not None and b < len(self) and b >= next_look:
+                if stop(stats):
+                    break
+                next_look = b + look
+        return stats
+
+    @torch.inference_mode()
+    def _batch_logits(self, i: int, start_block: int, cache: BoundaryCache | None) -> torch.Tensor:
+        q = self.qmodel
+        if cache is None or start_block < 0:
+            h, start = q.embed(self.batches[i]), 0
+        else:
+            h, start = cache.hidden(start_block, i).to(q.device, non_blocking=True), start_block
+        return q.head(q.run_blocks(h, start)).double()
 
     def boundaries(self, state: State, folder: Path) -> BoundaryCache:
         self.qmodel.restore(state)

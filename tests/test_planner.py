@@ -366,3 +366,72 @@ def test_an_undecided_budget_with_no_point_beating_the_presets_keeps_the_best_pr
     assert chosen.row["cost"] == min(p.row["cost"] for p in points
                                      if planner.matches_best(p) and planner.budget_outcome(p) == "undecided")
     assert f"equals the most accurate preset's ({planner.best_reference}) within the noise" in planner.verdict()
+
+
+# -- moves stopped early --------------------------------------------------------------------
+def test_a_measurement_stopped_early_covers_a_prefix_and_resumes_to_the_full_one():
+    qm, pixels, labels = _setup(plant=True)
+    runner = Runner(qm, pixels, labels)  # 3 batches of 8 images
+    cfg = preset("all", qm.sites)
+    full = runner.measure(cfg)
+    asked = []
+    stopped = runner.measure(cfg, stop=lambda s: asked.append(len(s)) or True, look=8)
+    assert asked == [8] and len(stopped) == 8  # asked after the first batch, never after the last
+    assert stopped.values == full.head(8).values
+    goes_on = runner.measure(cfg, stop=lambda s: asked.append(len(s)) or False, look=8)
+    assert asked == [8, 8, 16] and goes_on.values == full.values
+    resumed = runner.measure(cfg, done=stopped)  # the first batch is not re-run
+    assert resumed.values == full.values
+    with pytest.raises(ValueError, match="whole number of batches"):
+        runner.measure(cfg, done=full.head(5))
+
+
+def test_a_hopeless_move_is_stopped_early_and_the_stop_is_logged(tmp_path):
+    from analysis.metrics import conditional_power
+    from analysis.planner import FUTILITY
+    qm, pixels, labels = _setup(plant=True)
+    runner = Runner(qm, pixels, labels)  # 3 batches of 8 images
+    mk = lambda: Planner(runner, None, tmp_path, site_macs(qm, pixels[0]), Budget(), {"test": 2}, progress=False,
+                         look=8)
+    planner = mk()
+    good = planner.measure(preset("mixed_1", qm.sites))
+    worse = preset("all", qm.sites)  # residual adds back in int8: clearly worse than mixed_1 on this model
+    worse.name = "candidate"
+    full = Runner(qm, pixels, labels).measure(worse)  # measured apart, every image
+    # the rule, by hand: the conditional power of "KL lower than mixed_1's" after the first 8 images
+    assert conditional_power(good.array("kl")[:8] - full.array("kl")[:8], 24) < FUTILITY
+    first = planner.measure(worse, stop=planner.hopeless([(good, "above")]))
+    assert len(first) == 8 and first.values == full.head(8).values and planner.measured_now == 3  # FP32, mixed_1, it
+    # a later run reads the stopped measurement back; a caller that needs every image measures the rest
+    later = mk()
+    assert later.measure(worse, stop=later.hopeless([(good, "above")])).values == first.values
+    assert later.measured_now == 0
+    rest = later.measure(worse)
+    assert rest.values == full.values and later.measured_now == 1
+    assert mk().measure(worse).values == full.values  # now logged in full
+    # early stopping off: no rule
+    off = Planner(runner, None, tmp_path / "off", site_macs(qm, pixels[0]), Budget(), {"test": 2}, progress=False,
+                  look=8, early_stop=False)
+    assert off.hopeless([(good, "above")]) is None
+
+
+def test_the_plan_with_early_stopping_is_the_plan_without_it_and_costs_fewer_images(tmp_path):
+    qm, pixels, labels = _setup(plant=True)
+    start = preset("all", qm.sites)
+    only = _only(qm, pixels, labels, tmp_path / "only", start)
+    plans, images = {}, {}
+    for early in (True, False):
+        runner = Runner(qm, pixels, labels)
+        planner = Planner(runner, None, tmp_path / str(early), site_macs(qm, pixels[0]), Budget(), {"test": 3},
+                          progress=False, look=8, early_stop=early)
+        plans[early] = planner.plan(start, only, max_steps=8).to_dict()
+        tried = planner.tried_table()
+        images[early] = int(tried["images"].sum())
+        if early:
+            stopped = tried[tried["stopped_early"]]
+            assert len(stopped) > 0 and (stopped["images"] < 24).all() and not stopped["kept"].any()
+            assert (tried.loc[~tried["stopped_early"], "images"] == 24).all()
+        else:
+            assert not tried["stopped_early"].any()
+    assert plans[True] == plans[False]
+    assert images[True] < images[False]

@@ -223,7 +223,8 @@ def test_frontier_x_label_follows_the_cost_unit():
 def plan_step(**extra) -> dict:
     return {**accuracy_row("plan", 99.0), **dict(attempt=0, path="start", kind="start", change="start from all", kept=True,
                                                  gain=None, gain_se=None, gain_lo=None, gain_hi=None, cost=1.0,
-                                                 budget_outcome="undecided", on_frontier=True, plan=True), **extra}
+                                                 budget_outcome="undecided", stopped_early=False, on_frontier=True,
+                                                 plan=True), **extra}
 
 
 def test_budgets_section_shows_each_decision_with_its_bound_and_the_images_needed(tmp_path: Path):

@@ -178,6 +178,9 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
                    help="cost cap: BitOps at most this fraction of the all preset's (e.g. 1.05)")
     p.add_argument("--max-weight-mb", type=float, help="cost cap: Linear/Conv weights at most this many MB")
     p.add_argument("--max-steps", type=int, default=12, help="float fallbacks measured per search path (default 12)")
+    p.add_argument("--no-early-stop", action="store_true",
+                   help="measure every move on all plan images (default: a move stops after 64, 128, ... images once "
+                        "the chance that it passes its paired test is below 2 %%)")
     p.add_argument("--worst-sites", type=int, default=3, help="worst sites offered per-site observer remedies")
     p.add_argument("--measure-top", type=int, default=None,
                    help="measure the only-sensitivity of this many candidates, in the order of the taylor estimate "
@@ -405,7 +408,8 @@ def _plan_options(args: argparse.Namespace) -> PlanOptions:
     return PlanOptions(images=args.eval_images, confirm_images=args.confirm_images, objective=args.objective,
                        max_steps=args.max_steps, worst_sites=args.worst_sites, all_but=args.all_but, cost=args.cost,
                        taylor_images=args.taylor_images, decide_images=args.decide_images,
-                       decide_backend=args.decide_backend, formats=_formats(args.formats),
+                       decide_backend=args.decide_backend, early_stop=not args.no_early_stop,
+                       formats=_formats(args.formats),
                        **({} if args.measure_top is None else {"measure_top": args.measure_top}))
 
 

@@ -242,6 +242,7 @@ class PlanOptions:
     decide_images: int | None = None
     decide_backend: str = "torch"  # torch (the simulation), onnxruntime or torch-int8
     decide_neighbours: int = 2  # cheaper frontier points decided after the plan
+    early_stop: bool = True  # stop measuring a move once its test is hopeless (Planner.hopeless)
 
 
 LATENCY_VERSION = 2  # 2: paired per-round differences with their interval, free groups, ms costs
@@ -328,7 +329,7 @@ def run_plan(session: Session, start: QuantConfig, budget: Budget,
         formats, {(r.candidate, r.format): float(r.kl_estimate) for r in by_format.itertuples()}, start, session.sites)
     planner = Planner(runner(session, plan_data), None if confirm_data is None else runner(session, confirm_data),
                       session.out, macs(session), budget, settings, objective=opts.objective,
-                      seed=session.opts.seed, progress=session.opts.progress,
+                      seed=session.opts.seed, progress=session.opts.progress, early_stop=opts.early_stop,
                       cost_kind=cost if cost in EXACT_COSTS else None, format_moves=moves, **latency)
     plan = planner.plan(start, only, all_but, worst_sites=opts.worst_sites, max_steps=opts.max_steps)
     decided = None
