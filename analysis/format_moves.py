@@ -108,16 +108,36 @@ class FormatMoves:
                  sites: list[Site]) -> None:
         for name in formats:
             get_format(name)
-        self.formats, self.table, self.sites = list(formats), dict(table), sites
+        self.formats, self.table, self.sites, self.start = list(formats), dict(table), sites, start
         self.start_format = {s.name: format_name(start, s) for s in sites}
+        self._kept: dict[str, list[str]] = {}  # site -> _distinct(site)
+
+    def _same(self, site: Site, a: str, b: str) -> bool:
+        """Formats ``a`` and ``b`` run ``site`` alike (``w4a8`` at a matmul is int8, ``w8`` at a
+        residual add float): the same slot specs, or float both."""
+        def runs(fmt: str):
+            f = get_format(fmt)
+            return None if fmt == FLOAT or f.keeps_float(site) else self.start.slot_specs(site, f)
+        return runs(a) == runs(b)
+
+    def _distinct(self, site: Site) -> list[str]:
+        """The listed formats that run ``site`` differently, the first of each alike group."""
+        if site.name not in self._kept:
+            kept: list[str] = []
+            for fmt in self.formats:
+                if not any(self._same(site, fmt, k) for k in kept):
+                    kept.append(fmt)
+            self._kept[site.name] = kept
+        return self._kept[site.name]
 
     def estimate(self, site: Site, fmt: str, estimates: dict[str, float]) -> float | None:
         """Estimated ``only`` KL of ``site`` in ``fmt``: 0 when the format keeps it float, the
-        planner's estimate (``estimates``, of the start config's format) for that format, else
-        the per-format table (None: not estimated)."""
+        planner's estimate (``estimates``, of the start config's format) for that format or one
+        that runs the site alike, else the per-format table (None: not estimated)."""
         if fmt == FLOAT or get_format(fmt).keeps_float(site):
             return 0.0
-        if fmt == self.start_format[site.name]:
+        start = self.start_format[site.name]
+        if fmt == start or (start != FLOAT and self._same(site, fmt, start)):
             return estimates.get(site.name, self.table.get((site.name, fmt), 0.0))
         return self.table.get((site.name, fmt))
 
@@ -156,7 +176,7 @@ class FormatMoves:
         moves = []
         for fmt in self.formats:
             for label, members in groups.items():
-                changed = [s for s in members if self._changes(config, s, fmt)]
+                changed = [s for s in members if fmt in self._distinct(s) and self._changes(config, s, fmt)]
                 if not changed:
                     continue
                 now = [self.estimate(s, format_name(config, s), estimates) for s in changed]
@@ -187,7 +207,7 @@ class FormatMoves:
                 continue
             now = self.estimate(site, format_name(config, site), estimates)
             options = []
-            for fmt in self.formats:
+            for fmt in self._distinct(site):
                 if not self._changes(config, site, fmt):
                     continue
                 new = self.estimate(site, fmt, estimates)

@@ -232,3 +232,20 @@ def test_formats_section_shows_site_by_format_and_the_plans_format(tmp_path: Pat
     assert column(sec, "formats-by-site", "plan's format") == ["float", "a16w8", "int8"]  # the last entry wins
     assert column(section(html, "taylor"), "taylor-op", "candidate") == ["a", "b", "c"]  # int8 rows only
     assert plan_format({"float_kinds": ["residual"]}, "x", "residual") == "float"
+
+
+def test_a_format_that_runs_a_site_like_another_is_not_offered_twice(tmp_path):
+    qm, pixels, labels = _setup()
+    start = preset("all", qm.sites)
+    av = "blocks.0.attn.matmul_av"
+    # w4a8 at a matmul (no weights) is int8: trimming a16w8 there offers int8 (listed first), with
+    # int8's estimate (the planner's measured one), never the same thing under another name
+    table = {(av, "int8"): 5e-4, (av, "a16w8"): 1e-9, (av, "w4a8"): 1e-7}
+    moves = FormatMoves(["int8", "a16w8", "w4a8"], table, start, qm.sites)
+    planner = _planner(tmp_path, qm, pixels, labels, cost_kind="size")  # size: a matmul costs nothing...
+    bitops = _planner(tmp_path / "b", qm, pixels, labels, cost_kind="bitops")  # ...BitOps do
+    config = with_format(start, [av], "a16w8", qm.sites)
+    assert moves.estimate(qm.site_by_name[av], "w4a8", {av: 2e-4}) == 2e-4  # int8's, not the table's
+    trims = [m for m in moves.cheaper(config, {av: 2e-4}, bitops.cost) if m.sites == (av,)]
+    assert [m.change for m in trims] == [f"int8 {av}"]
+    assert [m for m in moves.cheaper(config, {av: 2e-4}, planner.cost) if m.sites == (av,)] == []
