@@ -14,6 +14,10 @@ FP32) and one backward per probe u_k give every candidate's per-image estimate a
 once. Weight errors enter through the layer's output (a_s F.linear(x, e_W)), so the
 estimate stays per image. ``probes`` eigenvectors of the largest eigenvalues are
 used (the rank of F is at most classes - 1; the captured share of its trace is reported).
+
+Per format (:func:`taylor_format_estimates`, ``vitq ... --formats``): each format's error at
+each candidate gets a scalar of its own (``x + sum_f a_{s,f} e_{s,f}``), so the same forward
+and the same backward passes give every (candidate, format) estimate.
 """
 
 from __future__ import annotations
