@@ -197,6 +197,11 @@ def test_cli_plan_over_formats_writes_a_format_table_and_a_loadable_plan(model_d
     out = tmp_path / "out"
     common = ["--model", str(model_dir), "--data", str(data_dir), "--calib", "8", "--batch-size", "5",
               "--eval-images", "6", "--no-progress", "--out", str(out)]
+    assert main(["sensitivity", "--method", "taylor", "--formats", "a16w8,w4a8", *common]) == 0
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0].split() == ["format", "a16w8", "w4a8"]  # site x format
+    assert pd.read_csv(out / "sensitivity_taylor_op.csv").groupby("format").size().to_dict() == {"a16w8": 22, "w4a8": 22}
+    assert main(["sensitivity", "--formats", "a16w8", *common]) == 2  # measured: the config's formats
     assert main(["plan", *common, "--formats", "int8,a16w8", "--cost", "macs"]) == 2
     assert "--cost macs prices a site in int8 or float only" in capsys.readouterr().err
     assert main(["plan", *common, "--formats", "int8,int9"]) == 2
