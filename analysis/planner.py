@@ -751,6 +751,9 @@ class Planner:
                      f"{b['int8_macs_share']:.1f} %, cost {p['cost']:.4g} vs {b['cost']:.4g} {self.cost_unit()}.")
             if self.budget.explicit and getattr(self, "confirm_decisions", None):
                 text += f" Budget on the confirm images: {_decisions_text(self.confirm_decisions)}."
+        if not self.budget.within_caps(c):
+            text += (f" The plan is OVER the cost caps (no measured point within them qualified): BitOps "
+                     f"{c['bitops']:.4g} % of all's, weights {c['weight_mb']:.4g} MB.")
         return text
 
     def cost_unit(self) -> str:

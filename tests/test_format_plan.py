@@ -120,6 +120,18 @@ def test_bitops_and_size_costs_by_hand_and_the_caps(tmp_path):
     assert "BitOps <= 1 x all's" in caps.describe() and "weights <= 0.5 MB" in caps.describe()
 
 
+def test_a_cap_no_point_meets_is_said_in_the_verdict(tmp_path):
+    qm, pixels, labels = _setup(plant=True)
+    start = preset("all", qm.sites)
+    only, _, _ = analyze_sensitivity(Runner(qm, pixels[:2], labels[:16]), start, tmp_path, progress=False)
+    # below all's BitOps by half: only int4 weights everywhere could get there, and int8/float moves cannot
+    planner = _planner(tmp_path, qm, pixels, labels, Budget(max_bitops=0.5), cost_kind="bitops")
+    planner.plan(start, only, max_steps=2)
+    assert planner.outcome != "met" and all(not planner.budget.within_caps(p.row)
+                                            for path in planner.paths.values() for p in path)
+    assert "OVER the cost caps" in planner.verdict() and "BitOps <= 0.5 x all's" in planner.verdict()
+
+
 def test_cost_resolution_and_format_lists():
     assert resolve_cost("auto", ["int8", "a16w8", "float"]) == "bitops"
     assert resolve_cost("size", ["int8", "w4a8"]) == "size"
