@@ -232,7 +232,16 @@ def export_graph(module: nn.Module, example: torch.Tensor, opset: int = 18, dyna
     standard Q/DQ graph (placeholders expanded into Q/DQ pairs and quantized weight
     initializers, duplicate pairs merged); returns the ModelProto. Call inside
     :func:`export_mode`; the opset is raised to 21 when a tensor is not an 8-bit integer."""
-    onnx = _require_onnx()
+    model, placeholders = capture_graph(module, example, opset, dynamic_batch, input_name, output_name)
+    return finish_graph(model, placeholders)
+
+
+def capture_graph(module: nn.Module, example: torch.Tensor, opset: int = 18, dynamic_batch: bool = True,
+                  input_name: str = "pixel_values", output_name: str = "logits"):
+    """The dynamo exporter's graph of ``module(example)`` with a ``vitq.export.Placeholder``
+    node at every quantizing slot, and the slots' parameters (call inside :func:`export_mode`).
+    The expensive half of :func:`export_graph`; :func:`finish_graph` makes it standard."""
+    _require_onnx()
     try:
         import onnxscript  # noqa: F401
     except ImportError:  # pragma: no cover - depends on the environment
@@ -253,9 +262,15 @@ def export_graph(module: nn.Module, example: torch.Tensor, opset: int = 18, dyna
                                         custom_translation_table=_placeholder_translation() if placeholders else None)
         except Exception as e:  # torch.export / onnxscript raise many types
             raise ExportError(f"the dynamo ONNX exporter failed: {str(e).strip().splitlines()[0][:300]}") from e
-    model = program.model_proto
+    return program.model_proto, placeholders
+
+
+def finish_graph(model, placeholders: dict[str, QParams], float_slots: frozenset[str] | set[str] = frozenset()):
+    """A captured graph (:func:`capture_graph`) made standard, in place: placeholders expanded
+    into Q/DQ (those of ``float_slots`` removed: the tensor stays float), duplicate pairs
+    merged, the exporter's stale shapes and per-node traces dropped. Returns the model."""
     graph = model.graph
-    expand_placeholders(model, placeholders)
+    expand_placeholders(model, placeholders, float_slots)
     _dedupe_qdq(graph)
     del graph.value_info[:]  # the exporter's shapes of folded (transposed) weights are stale
     for n in graph.node:  # the exporter's per-node stack traces and FX names: ~1.5 kB a node
@@ -379,12 +394,14 @@ def _typed_tensor(name: str, values: np.ndarray, dtype: str):
     return numpy_helper.from_array(values.astype(np.dtype(dtype)), name)
 
 
-def expand_placeholders(model, placeholders: dict[str, QParams]) -> int:
+def expand_placeholders(model, placeholders: dict[str, QParams],
+                        float_slots: frozenset[str] | set[str] = frozenset()) -> int:
     """Replace every ``vitq.export.Placeholder`` node by the Q/DQ of its slot (see the
     module docstring): an activation by QuantizeLinear + DequantizeLinear with per-tensor
     scalars, a weight (an initializer) by its codes and a DequantizeLinear, a following
-    2-D Transpose folded into them (codes ``[in, out]``, the axis swapped). Returns how
-    many were replaced."""
+    2-D Transpose folded into them (codes ``[in, out]``, the axis swapped). The placeholder
+    of a slot in ``float_slots`` is removed (its readers read its float input), as if the
+    slot had not been quantized when the graph was captured. Returns how many were replaced."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -395,6 +412,7 @@ def expand_placeholders(model, placeholders: dict[str, QParams]) -> int:
             consumers.setdefault(i, []).append(n)
     nodes, replaced = [], 0
     dropped: set[int] = set()
+    bypass: dict[str, str] = {}  # output of a removed placeholder -> its input
     for n in list(graph.node):
         if id(n) in dropped:
             continue
@@ -403,6 +421,9 @@ def expand_placeholders(model, placeholders: dict[str, QParams]) -> int:
             continue
         slot = _attr(n, "slot")
         slot = slot.decode() if isinstance(slot, bytes) else slot
+        if slot in float_slots:
+            bypass[n.output[0]] = n.input[0]
+            continue
         if slot not in placeholders:
             raise ExportError(f"placeholder for {slot}: no quantization parameters given")
         qp, dtype, x, out = placeholders[slot], onnx_dtype(placeholders[slot]), n.input[0], n.output[0]
@@ -447,6 +468,13 @@ def expand_placeholders(model, placeholders: dict[str, QParams]) -> int:
         nodes.append(helper.make_node(DQ_OP, [name, f"{name}_scale", f"{name}_zero_point"], [out],
                                       name=f"{prefix}_DQ", **attrs))
         replaced += 1
+    if bypass:
+        if any(o.name in bypass for o in graph.output):
+            raise ExportError("a float slot's placeholder writes a graph output; export that config on its own")
+        for n in nodes:
+            for pos, name in enumerate(n.input):
+                if name in bypass:
+                    n.input[pos] = bypass[name]
     del graph.node[:]
     graph.node.extend(nodes)
     kept = [o for o in model.opset_import if o.domain != PLACEHOLDER_DOMAIN]
@@ -503,15 +531,68 @@ def export_onnx(qmodel: QuantModel, path: str | os.PathLike, example_pixels: tor
     distinct int8 tensor (:func:`int8_tensors`) and a QuantizeLinear per int8
     activation; returns what it contains.
     """
-    onnx = _require_onnx()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    example = example_pixels.detach()[:2].float()
-    if len(example) == 1:  # trace at batch 2: nothing can mistake the batch size for a constant
-        example = example.expand(2, *example.shape[1:]).contiguous()
+    _require_onnx()
+    example = _example(example_pixels)
     expected = int8_tensors(qmodel, example)
     with export_mode(qmodel):
         model = export_graph(_Forward(qmodel), example, opset, dynamic_batch)
+    return _check_and_write(model, Path(path), expected, metadata)
+
+
+def export_float_variants(qmodel: QuantModel, paths: dict[str, str | os.PathLike], configs: dict,
+                          example_pixels: torch.Tensor, opset: int = 18,
+                          metadata: dict[str, dict[str, str]] | None = None) -> dict[str, ExportResult]:
+    """Graphs of several configs that differ from the first only by keeping more slots float,
+    from ONE capture by the dynamo exporter (the slow part of an export): the first config's
+    graph is captured, and each config's graph is that graph with the placeholders of the
+    slots it keeps float removed. Each graph has exactly its config's Q/DQ placement,
+    checked as :func:`export_onnx` checks it. Weights and biases are the first config's
+    parameters: a remedy whose values depend on which sites are float (bias correction of a
+    Linear kept float) is not re-applied, so the graphs are for timing, not for accuracy.
+    ``configs``: name -> QuantConfig, ``paths``: name -> file. ``qmodel``'s state is kept."""
+    _require_onnx()
+    example = _example(example_pixels)
+    names = list(configs)
+    saved = qmodel.snapshot()
+    try:
+        slots, expected = {}, {}
+        for name in names:
+            qmodel.apply(configs[name])
+            slots[name] = {tq.name: tq.qparams.to("cpu") for tq in qmodel.tensor_quantizers() if tq.mode == QUANT}
+            expected[name] = int8_tensors(qmodel, example)
+        base = slots[names[0]]
+        for name in names[1:]:
+            extra = [k for k, qp in slots[name].items() if k not in base or _qkey(qp) != _qkey(base[k])]
+            if extra:
+                raise ExportError(f"config {name!r} quantizes {extra[0]} other than {names[0]!r} does; "
+                                  "variants may only keep more slots float")
+        qmodel.apply(configs[names[0]])
+        with export_mode(qmodel):
+            raw, _ = capture_graph(_Forward(qmodel), example, opset)
+    finally:
+        qmodel.restore(saved)
+    results = {}
+    for name in names:
+        model = type(raw)()
+        model.CopyFrom(raw)
+        finish_graph(model, slots[name], set(base) - set(slots[name]))
+        results[name] = _check_and_write(model, Path(paths[name]), expected[name], (metadata or {}).get(name))
+    return results
+
+
+def _example(example_pixels: torch.Tensor) -> torch.Tensor:
+    example = example_pixels.detach()[:2].float()
+    if len(example) == 1:  # trace at batch 2: nothing can mistake the batch size for a constant
+        example = example.expand(2, *example.shape[1:]).contiguous()
+    return example
+
+
+def _check_and_write(model, path: Path, expected: list[Int8Tensor], metadata: dict[str, str] | None) -> ExportResult:
+    """Check a finished graph against the quantized tensors of its config (standard ops only;
+    one DequantizeLinear per distinct quantized tensor, a QuantizeLinear per activation),
+    write it to ``path`` and summarise it."""
+    onnx = _require_onnx()
+    path.parent.mkdir(parents=True, exist_ok=True)
     graph = model.graph
     bad = nonstandard_ops(model)
     if bad:

@@ -160,6 +160,7 @@ def smoothed_range(channels: ChannelRange, scale: torch.Tensor) -> tuple[float, 
     a smoothed tensor (see ``TensorQuantizer.quantize``)."""
     if channels.min is None:
         raise RuntimeError("no per-channel calibration statistics for this tensor")
+    scale = scale.to(channels.min.device)  # statistics stay where calibration kept them (CPU)
     return float((channels.min / scale).min()), float((channels.max / scale).max())
 
 

@@ -40,7 +40,10 @@ def smoothing_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alph
     """Per-input-channel scales ``s`` (see the module docstring); ``weights`` are the
     consumers' [out, in] weights, ``act_absmax`` the [in] max |X_j|."""
     w_absmax = torch.stack([w.detach().float().abs().amax(0) for w in weights]).amax(0)
-    s = act_absmax.float().clamp_min(EPS).pow(alpha) / w_absmax.clamp_min(EPS).pow(1.0 - alpha)
+    # the calibration statistics may live on another device than the weights (calibrated on CPU,
+    # run on CUDA): the scales are computed where the weights are
+    act = act_absmax.detach().float().to(w_absmax.device)
+    s = act.clamp_min(EPS).pow(alpha) / w_absmax.clamp_min(EPS).pow(1.0 - alpha)
     return s.clamp(*SCALE_RANGE)
 
 

@@ -4,6 +4,9 @@ Measures eval throughput (images/s) of FP32, `all` and `mixed_1` at batch 64 on 
 on CPU, and on 64 random images the CUDA-vs-CPU top-1 agreement and max |logit| difference
 of each (TF32 off: FP32 is FP32 on both). One calibration (on CPU, 2 x 16 random images)
 serves both devices, so the two differ only by where they run. Writes JSON to argv[1].
+
+``device_check.py --compare CUDA_OUT CPU_OUT JSON``: two `vitq analyze` folders compared
+(scripts/device_check.sh runs both).
 """
 
 from __future__ import annotations
@@ -40,7 +43,30 @@ def throughput(qmodel: QuantModel, state, x: torch.Tensor, reps: int) -> float:
     return reps * len(x) / (time.perf_counter() - t0)
 
 
+def compare(cuda_dir: Path, cpu_dir: Path, out: Path) -> None:
+    """Two `vitq analyze` output folders of the same model and images, run on CUDA and on
+    CPU: whether they chose the same float sites, each config's accuracy-table row on
+    both (top-1, agreement, KL), and their wall times and stage times."""
+    import pandas as pd
+    import yaml
+
+    result: dict = {}
+    plans = {k: yaml.safe_load((d / "plan_skiplist.yaml").read_text()) for k, d in (("cuda", cuda_dir), ("cpu", cpu_dir))}
+    result["same_skiplist"] = plans["cuda"] == plans["cpu"]
+    result["skiplists"] = plans
+    acc = {k: pd.read_csv(d / "accuracy.csv").set_index("config") for k, d in (("cuda", cuda_dir), ("cpu", cpu_dir))}
+    result["accuracy"] = {c: {f"{k}_{dev}": float(acc[dev].loc[c, k]) for k in ("top1", "agreement", "kl") for dev in acc}
+                          for c in acc["cpu"].index}
+    result["wall_s"] = {dev: float((d / "wall_s").read_text()) for dev, d in (("cuda", cuda_dir), ("cpu", cpu_dir))}
+    result["stage_s"] = {dev: {p.name.split(".")[0]: json.loads(p.read_text()).get("wall_s") for p in sorted(d.glob("*.run.json"))}
+                         for dev, d in (("cuda", cuda_dir), ("cpu", cpu_dir))}
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
 def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == "--compare":
+        return compare(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
     out = Path(sys.argv[1] if len(sys.argv) > 1 else ROOT / "out" / "device_check.json")
     dry = os.environ.get("VITQ_DEVICE_CHECK_DRY") == "1"  # CPU-only rehearsal of this script: tiny ViT, cpu twice
     cuda = resolve_device("cpu" if dry else "cuda")  # fails with one line where there is no GPU

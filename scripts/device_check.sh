@@ -3,6 +3,8 @@
 # installs the project, then runs scripts/device_check.py (ViT-B/16 224, random weights:
 # fake-quant throughput of all / mixed_1 at batch 64 on CUDA vs CPU; CUDA-vs-CPU top-1
 # agreement and max logit difference on 64 images). Writes ${OUT:-out}/device_check.json.
+# Then `vitq analyze` on the embedded default model on CUDA and on CPU, compared:
+# ${OUT:-out}/analyze_cuda_vs_cpu.json (and each run's log).
 #
 #   scripts/device_check.sh            # from the repository root
 #
@@ -31,3 +33,15 @@ fi
 $PY -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda, torch.cuda.get_device_name(0))'
 timeout "$(left)" $PY scripts/device_check.py "$OUT/device_check.json"
 echo "device_check: wrote $OUT/device_check.json in ${SECONDS} s"
+# The whole pipeline on the GPU: `vitq analyze` on the embedded default model, on CUDA and on CPU
+# (MAC cost: the latency table times ONNX Runtime on the CPU either way), then the two compared
+# (skip-lists, accuracy tables, stage times) into $OUT/analyze_cuda_vs_cpu.json.
+for dev in cuda cpu; do
+  start=$SECONDS
+  timeout "$(left)" $PY -m vitq analyze --device $dev --cost macs --out "${TMPDIR:-/tmp}/vitq-analyze-$dev" \
+    --no-progress > "$OUT/analyze_$dev.log" 2>&1 || { echo "device_check: vitq analyze --device $dev failed"; tail -5 "$OUT/analyze_$dev.log"; exit 4; }
+  echo "$((SECONDS - start))" > "${TMPDIR:-/tmp}/vitq-analyze-$dev/wall_s"
+done
+timeout "$(left)" $PY scripts/device_check.py --compare "${TMPDIR:-/tmp}/vitq-analyze-cuda" "${TMPDIR:-/tmp}/vitq-analyze-cpu" \
+  "$OUT/analyze_cuda_vs_cpu.json"
+echo "device_check: done in ${SECONDS} s"

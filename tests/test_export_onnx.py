@@ -342,3 +342,49 @@ def test_cli_eval_onnxruntime_runs_a_config_with_formats(model_and_data, tmp_pat
     assert {o.version for o in model.opset_import if o.domain == ""} == {21}
     types = {i.data_type for i in model.graph.initializer}
     assert {TensorProto.UINT16, TensorProto.INT4, TensorProto.FLOAT8E4M3FN, TensorProto.INT8} <= types
+
+
+# -- variants from one capture (the latency table) ---------------------------------------------
+@needs_ort
+def test_float_variants_from_one_capture_equal_their_own_exports(qmodel, tmp_path):
+    from quant.export_onnx import export_float_variants
+    start = preset("all", qmodel.sites)
+    configs = {"start": start, "residual": start.with_float(["*.residual_*"]),
+               "fc2_qk": start.with_float(["*.mlp.fc2", "*.attn.matmul_qk"])}
+    before = qmodel.snapshot()
+    variants = export_float_variants(qmodel, {k: tmp_path / f"v_{k}.onnx" for k in configs}, configs, _images(2, 1))
+    assert all(torch.equal(a, b) for a, b in zip(_flat(qmodel.snapshot()), _flat(before)))  # state kept
+    x = _images(4, 3)
+    for name, cfg in configs.items():
+        qmodel.apply(cfg)
+        own = export_onnx(qmodel, tmp_path / f"own_{name}.onnx", _images(2, 1))
+        qmodel.apply(None)
+        v = variants[name]
+        # the same ops, node for node by type, and the same Q/DQ counts as the config's own export
+        assert v.ops == own.ops and (v.quantize_nodes, v.dequantize_nodes) == (own.quantize_nodes, own.dequantize_nodes)
+        # no remedy here whose values depend on the float sites: the same numbers too
+        assert torch.allclose(_ort(v.path)(x), _ort(own.path)(x), atol=1e-5)
+    # fewer Q/DQ in a variant: the 2 x 2 residual adds' pairs are gone
+    assert variants["start"].dequantize_nodes - variants["residual"].dequantize_nodes == 4
+
+
+def test_a_variant_may_only_keep_more_sites_float(qmodel, tmp_path):
+    from quant.export_onnx import export_float_variants
+    mixed_1, all_ = preset("mixed_1", qmodel.sites), preset("all", qmodel.sites)
+    with pytest.raises(ExportError, match="variants may only keep more slots float"):
+        export_float_variants(qmodel, {"a": tmp_path / "a.onnx", "b": tmp_path / "b.onnx"},
+                              {"a": mixed_1, "b": all_}, _images(2, 1))
+
+
+def _flat(state):
+    out = []
+    stack = [state]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            out.append(x)
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+    return out

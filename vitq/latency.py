@@ -6,7 +6,8 @@ a residual add float removes a Q/DQ pair that ONNX Runtime never fuses anyway (f
 residual adds measured no slower, docs/results.md), while a float fc2 runs a float GEMM.
 So the table times the start config in ONNX Runtime and, for each group of sites of one
 kind and role (all residual adds after attention, all fc2, ...), the same config with
-that group float. Sessions are timed round-robin, so a drift of the machine hits every
+that group float (every variant's graph derived from one capture of the start config's:
+:func:`quant.export_onnx.export_float_variants`). Sessions are timed round-robin, so a drift of the machine hits every
 variant alike, and each group's slowdown is the median of its per-round *paired*
 differences from the start config, with a distribution-free 95 % interval of that median
 (order statistics of the rounds). A group whose interval reaches 0 costs nothing
@@ -71,9 +72,13 @@ def measure_site_latency(qmodel: QuantModel, config: QuantConfig, pixels: torch.
     groups = site_groups(config, qmodel.sites)
     with tempfile.TemporaryDirectory(prefix="vitq-latency-") as tmp:
         backend = OnnxRuntimeInt8(qmodel, Path(tmp), pixels[:1], threads=threads)
-        variants = {"start": backend.build("start", config)}
-        for label, members in tqdm(groups.items(), desc="latency: export", unit="graph", disable=not progress):
-            variants[label] = backend.build(label.replace("/", "_"), config.with_float(members))
+        # one capture of the graph, every variant derived from it (the Q/DQ placement of each
+        # variant exactly; the start config's parameter values, which do not change its time)
+        configs = {"start": config, **{label: config.with_float(members) for label, members in groups.items()}}
+        if progress:
+            print(f"latency: exporting {len(configs)} graphs from one capture", flush=True)
+        built = backend.build_float_variants({k.replace("/", "_"): c for k, c in configs.items()})
+        variants = {label: built[label.replace("/", "_")] for label in configs}
         for run in variants.values():  # warm-up: first runs allocate and pick kernels
             run(pixels)
         times: dict[str, list[float]] = {k: [] for k in variants}
