@@ -29,6 +29,9 @@ DECIDE_IMAGES ?=
 DECIDE_BACKEND ?=
 # only-candidates measured in the order of the taylor estimate (empty: the default; 0: all)
 MEASURE_TOP ?=
+# formats the planner chooses between (e.g. int8,a16w8,w4a8,float; empty: int8 or float) and its cost
+FORMATS ?=
+COST ?=
 # `make sensitivity SHARD=I/N`: this process's share of the candidates (auto: torchrun's RANK/WORLD_SIZE);
 # the next `make sensitivity` without SHARD merges the shard logs (README "Scale-out").
 SHARD  ?=
@@ -86,7 +89,8 @@ analyze:
 		$(if $(MIN_AGREEMENT),--min-agreement $(MIN_AGREEMENT)) $(if $(MAX_KL),--max-kl $(MAX_KL)) \
 		$(if $(PLAN_IMAGES),--eval-images $(PLAN_IMAGES)) $(if $(CONFIRM_IMAGES),--confirm-images $(CONFIRM_IMAGES)) \
 		$(if $(MEASURE_TOP),--measure-top $(MEASURE_TOP)) $(if $(DECIDE_IMAGES),--decide-images $(DECIDE_IMAGES)) \
-		$(if $(DECIDE_BACKEND),--decide-backend $(DECIDE_BACKEND))
+		$(if $(DECIDE_BACKEND),--decide-backend $(DECIDE_BACKEND)) $(if $(FORMATS),--formats $(FORMATS)) \
+		$(if $(COST),--cost $(COST))
 
 # Benchmarks are scripts, not timed tests (they need ../shared and minutes of CPU).
 # Each figure in one run: --help time, fake-quant vs FP32 forward, taylor vs measured `only`

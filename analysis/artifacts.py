@@ -35,6 +35,9 @@ class TableSpec:
     meta: tuple[str, ...]
     run: tuple[str, ...]
     command: str  # the command that writes it (named by the report when it is missing)
+    # columns a writer may add and a reader may read, absent from files written without them
+    # (a section reading one must handle its absence)
+    optional: tuple[str, ...] = ()
 
     def path(self, out: Path, suffix: str = ".json") -> Path:
         return Path(out) / f"{self.stem}{suffix}"
@@ -68,6 +71,9 @@ SENSITIVITY_META = (*RUN_CONTEXT, "mode", "group", "images", "candidates", "fp32
 SENSITIVITY_RUN = ("calibration_s", "wall_s", "measured_now", "merged_from_shards", "candidates_s", "full_pass_s",
                    "naive_estimate_s", "speedup_vs_naive", "log")
 TAYLOR_COLUMNS = (*CANDIDATE_COLUMNS, "kl_estimate")
+# format: the format each row estimates (--formats); absent when only the config's own
+# formats were estimated (one row per candidate, as before formats existed)
+TAYLOR_OPTIONAL = ("format",)
 TAYLOR_META = (*RUN_CONTEXT, "method", "group", "images", "candidates", "probes", "fisher_trace_captured_mean",
                "fisher_trace_captured_min")
 TAYLOR_RUN = ("calibration_s", "wall_s")
@@ -153,7 +159,7 @@ def sensitivity_taylor(group: str) -> TableSpec:
     if group not in GROUPS:
         raise ValueError(f"no taylor sensitivity artefact for group {group!r}")
     return TableSpec(f"sensitivity_taylor_{group}", TAYLOR_COLUMNS, TAYLOR_META, TAYLOR_RUN,
-                     f"vitq sensitivity --method taylor --group {group}")
+                     f"vitq sensitivity --method taylor --group {group}", optional=TAYLOR_OPTIONAL)
 
 
 def table_specs() -> list[TableSpec]:

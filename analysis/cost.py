@@ -121,3 +121,20 @@ def _scale_count(w: torch.Tensor, spec) -> int:
     if spec.group_size is not None:
         return w.shape[0] * -(-w.shape[1] // spec.group_size) * math.prod(w.shape[2:])
     return w.shape[0] if spec.per_channel else 1
+
+
+# The costs that price every format exactly (``vitq plan --cost bitops|size``), with their units.
+EXACT_COSTS = {
+    "bitops": "% of all's BitOps (MACs x weight bits x activation bits, float at 32 bits)",
+    "size": "MB of Linear/Conv weights (scales included)",
+}
+
+
+def exact_cost(kind: str, config: QuantConfig | None, qmodel: QuantModel, macs: dict[str, float]) -> float:
+    """``bitops``: BitOps of ``config`` in % of the ``all`` preset's (100: every matmul W8A8);
+    ``size``: its Linear/Conv weights in MB (10^6 bytes)."""
+    if kind == "bitops":
+        return 100.0 * relative_bitops(config, qmodel.sites, macs)
+    if kind == "size":
+        return weight_bytes(config, qmodel) / 1e6
+    raise ValueError(f"unknown exact cost {kind!r}; choose one of {', '.join(EXACT_COSTS)}")

@@ -39,6 +39,11 @@ of equal cost. When no point beats every preset, the plan is the cheapest point 
 objective equals the most accurate preset's within the noise (that preset itself, or a
 trimmed version of it that costs less): never a plan slower and worse than a preset.
 The plan and the reference presets are then measured on disjoint *confirm* images.
+
+Over formats (``format_moves``, :mod:`analysis.format_moves`): the float fallbacks become
+moves to more precise formats of a list and trimming moves to cheaper ones, priced by an
+exact cost of every format (``cost_kind``: BitOps or weight MB, :mod:`analysis.cost`); the
+budget's caps (``max_bitops``, ``max_weight_mb``) bound what counts as a plan.
 """
 
 from __future__ import annotations
@@ -57,8 +62,9 @@ from quant.presets import preset
 from quant.store import settings_key
 
 from .budget import Decision, decide, overall
-from .cost import MATMUL_KINDS, config_cost
+from .cost import EXACT_COSTS, MATMUL_KINDS, config_cost, exact_cost
 from .evaluate import accuracy_row
+from .format_moves import FormatMoves, format_name, without_float
 from .measurement_log import MeasurementLog
 from .metrics import OutputStats, conditional_power, paired_bootstrap
 from .runner import LOOK_IMAGES, BoundaryCache, Runner, scratch
@@ -83,6 +89,10 @@ class Budget:
     # also beat every reference preset: objective lower with 95 % confidence, agreement
     # no lower, at no higher cost (int8 MAC share and skip-list length) than the presets
     beat_references: bool = True
+    # cost caps, exact (no noise): BitOps as a fraction of the ``all`` preset's (1.05: 5 % more),
+    # Linear/Conv weight MB (analysis.cost); None = not constrained
+    max_bitops: float | None = None
+    max_weight_mb: float | None = None
 
     def limits(self) -> dict[str, float]:
         """The explicit budgets by :mod:`analysis.budget` kind, e.g. ``{"top1_drop": 0.3}``."""
@@ -103,8 +113,15 @@ class Budget:
         parts = [f"top-1 drop <= {self.max_drop:g} pp" if self.max_drop is not None else "",
                  f"agreement >= {self.min_agreement:g} %" if self.min_agreement is not None else "",
                  f"KL <= {self.max_kl:g}" if self.max_kl is not None else "",
+                 f"BitOps <= {self.max_bitops:g} x all's" if self.max_bitops is not None else "",
+                 f"weights <= {self.max_weight_mb:g} MB" if self.max_weight_mb is not None else "",
                  "beat every reference preset at no higher cost" if self.beat_references else ""]
         return ", ".join(p for p in parts if p) or "none"
+
+    def within_caps(self, row: dict) -> bool:
+        """The cost caps hold for a planner row (its ``bitops``, % of ``all``'s, and ``weight_mb``)."""
+        return ((self.max_bitops is None or row["bitops"] <= 100.0 * self.max_bitops + 1e-9)
+                and (self.max_weight_mb is None or row["weight_mb"] <= self.max_weight_mb + 1e-12))
 
 
 def per_image_values(kind: str, stats: OutputStats, fp32: OutputStats):
@@ -125,7 +142,8 @@ class Move:
     kind: str  # "remedy" or "float"
     make: Callable[[QuantConfig], QuantConfig]
     estimate: float = 0.0  # estimated objective gain (from the sensitivity tables)
-    floats: tuple[str, ...] = ()  # sites the move keeps float (float moves)
+    floats: tuple[str, ...] = ()  # sites the move changes (float moves: keeps float)
+    target: str = "float"  # the format those sites take (float and trim moves; analysis.format_moves)
 
 
 @dataclass
@@ -166,7 +184,8 @@ class Planner:
                  objective: str = "kl", site_cost: float = SITE_COST, level: float = 0.95, n_boot: int = 2000,
                  seed: int = 0, progress: bool = True, unit_costs: dict[str, float] | None = None,
                  cost_base: float = 0.0, cost_noise: float = 0.0, early_stop: bool = True,
-                 futility: float = FUTILITY, look: int = LOOK_IMAGES) -> None:
+                 futility: float = FUTILITY, look: int = LOOK_IMAGES, cost_kind: str | None = None,
+                 format_moves: FormatMoves | None = None) -> None:
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
         self.runner, self.confirm_runner = plan_runner, confirm_runner
@@ -178,6 +197,11 @@ class Planner:
         # the start config's measured time, and the resolution of a cost difference (costs
         # closer than this are equal; 0 for MACs, which are exact)
         self.cost_base, self.cost_noise = cost_base, cost_noise
+        # an exact cost of every format (analysis.cost.EXACT_COSTS: bitops, size), else None
+        if cost_kind is not None and cost_kind not in EXACT_COSTS:
+            raise ValueError(f"unknown cost {cost_kind!r}; exact costs are {', '.join(EXACT_COSTS)}")
+        self.cost_kind = cost_kind
+        self.format_moves = format_moves  # moves over formats (--formats); None: int8 or float
         self.level, self.n_boot, self.seed, self.progress = level, n_boot, seed, progress
         # stop measuring a move once it cannot pass its test (conditional power < futility)
         self.early_stop, self.futility, self.look = early_stop, futility, look
@@ -254,11 +278,15 @@ class Planner:
         outcome (met / not met / undecided; met when there is none) of one measurement."""
         fp32 = fp32 or self.fp32
         return {**accuracy_row(config, stats, fp32, self.sites, self.macs), **stats.standard_errors(fp32),
-                "cost": self.cost(config), "budget_outcome": overall(self.budget.decisions(stats, fp32))}
+                "cost": self.cost(config), "budget_outcome": overall(self.budget.decisions(stats, fp32)),
+                "bitops": exact_cost("bitops", config, self.qmodel, self.macs),
+                "weight_mb": exact_cost("size", config, self.qmodel, self.macs)}
 
     def cost(self, config: QuantConfig | None) -> float:
         """The planner's cost of ``config``: float MAC share + residual charge, or the
         measured latency costs when the planner was given them."""
+        if self.cost_kind is not None:
+            return exact_cost(self.cost_kind, config, self.qmodel, self.macs)
         if self.unit_costs is not None:
             return latency_cost(config, self.sites, self.unit_costs, self.cost_base)
         return cost_of(config, self.sites, self.macs, self.site_cost)
@@ -374,10 +402,12 @@ class Planner:
         to beat them). Measured latency: no more than the costliest preset's time plus the
         table's noise. MACs: int8 MAC share no lower than the lowest preset's, skip-list no
         longer than the longest preset's."""
+        if not self.budget.within_caps(point.row):
+            return False
         if not self.budget.beat_references:
             return True
         refs = [r.row for r in self.references.values()]
-        if self.unit_costs is not None:
+        if self.unit_costs is not None or self.cost_kind is not None:
             return point.row["cost"] <= max(r["cost"] for r in refs) + self.cost_noise
         share, skipped = point.row["int8_macs_share"], point.row["skipped_sites"]
         min_share = min(r["int8_macs_share"] for r in refs)
@@ -446,8 +476,12 @@ class Planner:
         return None
 
     def _floats_to_trim(self, point: Point, estimates: dict[str, float]) -> list[Move]:
-        """Return one float site to int8 at a time, least estimated harm per cost saved first."""
+        """Return one float site to int8 at a time, least estimated harm per cost saved first;
+        over formats, one site to a cheaper format at a time (analysis.format_moves)."""
         config = point.config
+        if self.format_moves is not None:
+            return [Move(m.change, "trim", m.make, m.estimate, m.sites, m.fmt)
+                    for m in self.format_moves.cheaper(config, estimates, self.cost)]
         here = self.cost(config)
         moves = []
         for site in self.sites:
@@ -458,7 +492,8 @@ class Planner:
                 continue
             harm = max(estimates.get(site.name, 0.0), 0.0)
             moves.append(Move(f"int8 {site.name}", "trim",
-                              lambda c, n=site.name: without_float(c, [n], self.sites), harm / saving, (site.name,)))
+                              lambda c, n=site.name: without_float(c, [n], self.sites), harm / saving, (site.name,),
+                              "int8"))
         return sorted(moves, key=lambda m: m.estimate)
 
     def _trim(self, seed: Point, moves: list[Move], keep: Callable[[Point], bool], max_steps: int) -> list[Point]:
@@ -506,8 +541,7 @@ class Planner:
                 bar.set_postfix_str("budget met" if met else f"{max_steps} fallbacks tried")
                 bar.close()
                 break
-            if move.kind == "float" and all(current.config.is_float(self.qmodel.site_by_name[s])
-                                            for s in move.floats):
+            if move.kind == "float" and self._unchanged(move, current.config):
                 continue  # nothing left to change
             candidate = move.make(current.config)
             candidate.name = "plan"
@@ -542,8 +576,20 @@ class Planner:
             metric = "kl"
         return {r["candidate"]: float(r[metric]) for _, r in only.iterrows()}
 
+    def _unchanged(self, move: Move, config: QuantConfig) -> bool:
+        """Every site ``move`` changes already runs in its target format in ``config`` (over
+        formats: the move changes no site, each having left the format it had when the move
+        was made, :meth:`analysis.format_moves.FormatMoves.precise`)."""
+        if self.format_moves is not None:
+            return move.make(config).to_dict() == config.to_dict()
+        return all(format_name(config, self.qmodel.site_by_name[s]) == move.target for s in move.floats)
+
     def _floats(self, config: QuantConfig, estimates: dict[str, float]) -> list[Move]:
-        """Float moves ordered by estimated gain per unit of cost (largest first)."""
+        """Float moves ordered by estimated gain per unit of cost (largest first); over
+        formats, the more precise format moves (analysis.format_moves)."""
+        if self.format_moves is not None:
+            return [Move(m.change, "float", m.make, m.estimate, m.sites, m.fmt)
+                    for m in self.format_moves.precise(config, estimates, self.cost)]
         int8 = [s for s in config.int8_sites(self.sites) if s.name in estimates]
         groups: dict[str, list[str]] = {}
         for kind, label in (("residual", "all residual adds"), ("matmul_av", "all matmul_av")):
@@ -705,9 +751,14 @@ class Planner:
                      f"{b['int8_macs_share']:.1f} %, cost {p['cost']:.4g} vs {b['cost']:.4g} {self.cost_unit()}.")
             if self.budget.explicit and getattr(self, "confirm_decisions", None):
                 text += f" Budget on the confirm images: {_decisions_text(self.confirm_decisions)}."
+        if not self.budget.within_caps(c):
+            text += (f" The plan is OVER the cost caps (no measured point within them qualified): BitOps "
+                     f"{c['bitops']:.4g} % of all's, weights {c['weight_mb']:.4g} MB.")
         return text
 
     def cost_unit(self) -> str:
+        if self.cost_kind is not None:
+            return EXACT_COSTS[self.cost_kind]
         return "ms/batch (measured)" if self.unit_costs is not None else "(% float MACs + residual charge)"
 
     def describe_cost(self, cost: float) -> str:
@@ -753,21 +804,6 @@ def pareto(points: list[Point], objective: str = "kl") -> list[Point]:
         if not front or p.row[objective] < front[-1].row[objective]:
             front.append(p)
     return front
-
-
-def without_float(config: QuantConfig, names: list[str], sites) -> QuantConfig:
-    """``config`` with the sites ``names`` back in int8: a pattern matching one of them is
-    replaced by the other sites it matches, every other pattern is kept as written."""
-    drop = set(names)
-    kept: list[str] = []
-    for pattern in config.float_sites:
-        probe = replace(config, float_sites=[pattern], float_kinds=[])
-        matched = [s.name for s in sites if probe.is_float(s)]
-        if drop & set(matched):
-            kept += [n for n in matched if n not in drop]
-        else:
-            kept.append(pattern)
-    return replace(copy.deepcopy(config), float_sites=list(dict.fromkeys(kept)))
 
 
 def _with(config: QuantConfig, **changes) -> QuantConfig:

@@ -14,13 +14,17 @@ FP32) and one backward per probe u_k give every candidate's per-image estimate a
 once. Weight errors enter through the layer's output (a_s F.linear(x, e_W)), so the
 estimate stays per image. ``probes`` eigenvectors of the largest eigenvalues are
 used (the rank of F is at most classes - 1; the captured share of its trace is reported).
+
+Per format (:func:`taylor_format_estimates`, ``vitq ... --formats``): each format's error at
+each candidate gets a scalar of its own (``x + sum_f a_{s,f} e_{s,f}``), so the same forward
+and the same backward passes give every (candidate, format) estimate.
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -30,7 +34,10 @@ from torch import nn
 from tqdm import tqdm
 
 from quant.config import QuantConfig
+from quant.formats import get_format
 from quant.model import QuantModel
+from quant.quantizer import fake_quantize
+from quant.sites import Site
 
 from .runner import Runner
 from .sensitivity import Candidate, make_candidates
@@ -58,12 +65,38 @@ def fisher_probes(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     return u.to(logits.dtype), captured
 
 
+Key = tuple[str, str]  # (candidate name, variant: a format name, or "" for the config's own formats)
+
+
+def _errors(qmodel: QuantModel, cands: list[Candidate],
+            variants: dict[str, Callable[[Site], dict]]) -> tuple[dict[str, list], dict[str, list]]:
+    """What each variant's quantization of each candidate perturbs: per activation quantizer
+    (``site:slot``) its (key, QParams), per weighted site its (key, weight error), from the
+    quantizers' own calibrated ranges (the model is left float)."""
+    acts: dict[str, list] = {}
+    weights: dict[str, list] = {}
+    for label, specs_of in variants.items():
+        for cand in cands:
+            for site in cand.sites:
+                qmodel.quantize_site(site.name, specs_of(site))
+                for tq in qmodel.quantizers[site.name].values():
+                    if tq.mode != "quant":
+                        continue
+                    if tq.is_weight:
+                        error = (tq._weight_cache - qmodel._weights[site.name]).detach()
+                        weights.setdefault(site.name, []).append(((cand.name, label), error))
+                    else:
+                        acts.setdefault(tq.name, []).append(((cand.name, label), tq.qparams))
+                qmodel.float_site(site.name)
+    return acts, weights
+
+
 @contextmanager
-def _perturbed(qmodel: QuantModel, cands: list[Candidate], alphas: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Every quantizer of every candidate passes ``x + a e`` (e = its fake-quant error,
-    a = ``alphas[candidate]``, one scalar per image); weight errors are added at the
-    layer's output. The model must be in the candidates' int8 state."""
-    owner = {s.name: c.name for c in cands for s in c.sites}
+def _perturbed(qmodel: QuantModel, acts: dict[str, list], weights: dict[str, list],
+               alphas: dict[Key, torch.Tensor]) -> Iterator[None]:
+    """Every perturbed quantizer passes ``x + sum_k a_k e_k`` (e_k = the fake-quant error of
+    key k's variant, a_k = ``alphas[k]``, one scalar per image); weight errors are added at
+    the layer's output. The model must be float (its FP32 state)."""
     handles, touched = [], []
 
     def scale(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -76,32 +109,32 @@ def _perturbed(qmodel: QuantModel, cands: list[Candidate], alphas: dict[str, tor
         return a.view(-1, *([1] * (like.dim() - 1)))
 
     def activation(tq, x, out):
-        a = alphas[owner[tq.site.name]]
-        return x + scale(a, x) * (out - x).detach()
+        with torch.no_grad():
+            errors = [(key, fake_quantize(x.detach(), qp) - x.detach()) for key, qp in acts[tq.name]]
+        for key, error in errors:
+            out = out + scale(alphas[key], x) * error
+        return out
 
-    modules = {id(m.weight): m for m in qmodel.model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)}
-    for name, cand in owner.items():
-        for slot, tq in qmodel.quantizers[name].items():
-            if tq.mode != "quant":
-                continue
+    for tq in qmodel.tensor_quantizers():
+        if tq.name in acts:
             touched.append(tq)
-            if not tq.is_weight:
-                tq.perturb = activation
-                continue
-            weight = qmodel._weights[name]
-            tq.perturb = lambda tq, x, out: x  # the float weight: its error enters at the output
-            module, error = modules[id(weight)], (tq._weight_cache - weight).detach()
+            tq.perturb = activation
+    modules = {id(m.weight): m for m in qmodel.model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)}
+    for name, errors in weights.items():
+        module = modules[id(qmodel._weights[name])]
 
-            def hook(mod, args, output, error=error, cand=cand):
-                x = args[0]
+        def hook(mod, args, output, errors=errors):
+            x = args[0]
+            for key, error in errors:
                 if isinstance(mod, nn.Linear):
                     delta = F.linear(x, error)
                 elif isinstance(mod, nn.Conv2d):
                     delta = F.conv2d(x, error, None, mod.stride, mod.padding, mod.dilation, mod.groups)
                 else:
                     raise TypeError(f"weighted site on a {type(mod).__name__}: only Linear and Conv2d are supported")
-                return output + scale(alphas[cand], output) * delta
-            handles.append(module.register_forward_hook(hook))
+                output = output + scale(alphas[key], output) * delta
+            return output
+        handles.append(module.register_forward_hook(hook))
     try:
         yield
     finally:
@@ -131,6 +164,28 @@ def taylor_estimates(runner: Runner, config: QuantConfig, *, group: str = "op", 
     ``config`` gives the int8 specs (as ``analyze_sensitivity(mode="only")``: each
     candidate is quantized with ``config.slot_specs`` on an FP32 background; smoothing
     and bias correction are not part of an ``only`` candidate)."""
+    estimates, info = _estimate(runner, config, {"": config.slot_specs}, group=group, probes=probes,
+                                micro_batch=micro_batch, batched=batched, progress=progress)
+    return {cand: v for (cand, _), v in estimates.items()}, info
+
+
+def taylor_format_estimates(runner: Runner, config: QuantConfig, formats: list[str], *, group: str = "op",
+                            probes: int = 8, micro_batch: int | None = None, batched: bool = True,
+                            progress: bool = False) -> tuple[dict[Key, float], dict]:
+    """(candidate, format) -> estimated mean KL(FP32 || only that candidate in that format),
+    nats, for every format of ``formats`` (names of :mod:`quant.formats`), from the same
+    forward and backward passes: each format's quantization noise at each site enters the
+    forward as its own zero-weighted perturbation, so one backward per probe gives them all.
+    A format that keeps a candidate float estimates 0."""
+    variants = {name: (lambda site, f=get_format(name): config.slot_specs(site, f)) for name in formats}
+    return _estimate(runner, config, variants, group=group, probes=probes, micro_batch=micro_batch,
+                     batched=batched, progress=progress)
+
+
+def _estimate(runner: Runner, config: QuantConfig, variants: dict[str, Callable[[Site], dict]], *, group: str,
+              probes: int, micro_batch: int | None, batched: bool, progress: bool) -> tuple[dict[Key, float], dict]:
+    """(candidate, variant) -> estimated ``only`` KL (see the module docstring); ``variants``
+    maps a label to the slot specs a site takes in it."""
     t0 = time.time()
     qmodel = runner.qmodel
     config.validate(qmodel.sites)
@@ -138,25 +193,25 @@ def taylor_estimates(runner: Runner, config: QuantConfig, *, group: str = "op", 
     if not cands:
         raise ValueError("no candidate to estimate: the config keeps every site float")
     qmodel.restore(runner.fp32_state)
-    for cand in cands:
-        for site in cand.sites:
-            qmodel.quantize_site(site.name, config.slot_specs(site))
+    keys = [(c.name, label) for label in variants for c in cands]
     if micro_batch is None:  # the vmapped backward holds probes x images gradients: bound their product
         micro_batch = max(2, 16 // max(probes, 1))
-    sums = np.zeros(len(cands))
+    sums = np.zeros(len(keys))
     captured, n = [], 0
     chunks = [p for pixels in runner.batches for p in pixels.split(micro_batch)]
     try:
+        acts, weights = _errors(qmodel, cands, variants)
+        qmodel.restore(runner.fp32_state)
         with _no_parameter_grads(qmodel.model), torch.enable_grad():
             for pixels in tqdm(chunks, desc="taylor", unit="batch", disable=not progress):
                 b = len(pixels)
-                alphas = {c.name: torch.zeros(b, device=qmodel.device, requires_grad=True) for c in cands}
-                with _perturbed(qmodel, cands, alphas):
+                alphas = {k: torch.zeros(b, device=qmodel.device, requires_grad=True) for k in keys}
+                with _perturbed(qmodel, acts, weights, alphas):
                     logits = qmodel.head(qmodel.run_blocks(qmodel.embed(pixels)))
                 u, share = fisher_probes(logits.detach().cpu(), probes)
                 u = u.to(logits.device)
-                leaves = [alphas[c.name] for c in cands]
-                per_image = torch.zeros(len(cands), b, dtype=torch.float64)
+                leaves = [alphas[k] for k in keys]
+                per_image = torch.zeros(len(keys), b, dtype=torch.float64)
                 if batched:  # all probes in one vmapped backward
                     grads = torch.autograd.grad(logits, leaves, grad_outputs=u, is_grads_batched=True,
                                                 allow_unused=True)
@@ -179,7 +234,7 @@ def taylor_estimates(runner: Runner, config: QuantConfig, *, group: str = "op", 
     info = {"probes": int(min(probes, TOP_CLASSES)), "images": n, "wall_s": round(time.time() - t0, 2),
             "fisher_trace_captured_mean": round(float(share.mean()), 4),
             "fisher_trace_captured_min": round(float(share.min()), 4)}
-    return {c.name: float(s / n) for c, s in zip(cands, sums)}, info
+    return {k: float(s / n) for k, s in zip(keys, sums)}, info
 
 
 def taylor_scores(runner: Runner, config: QuantConfig, *, probes: int = 8) -> dict[str, float]:
@@ -189,19 +244,43 @@ def taylor_scores(runner: Runner, config: QuantConfig, *, probes: int = 8) -> di
 
 
 def taylor_table(runner: Runner, config: QuantConfig, *, group: str = "op", probes: int = 8,
-                 progress: bool = True) -> tuple[pd.DataFrame, dict, dict]:
-    """The ranked estimate table (most harmful first), its meta and run info."""
-    estimates, info = taylor_estimates(runner, config, group=group, probes=probes, progress=progress)
+                 formats: list[str] | None = None, progress: bool = True) -> tuple[pd.DataFrame, dict, dict]:
+    """The ranked estimate table (most harmful first), its meta and run info. With
+    ``formats``: one row per (candidate, format), a ``format`` column, ranked within each
+    format, the formats in the order given (``float`` is left out: it estimates 0)."""
     cands = {c.name: c for c in make_candidates(runner.qmodel.sites, config, group)}
-    df = pd.DataFrame([{"candidate": name, **cands[name].describe(), "kl_estimate": v}
-                       for name, v in estimates.items()])
-    df = df.sort_values("kl_estimate", ascending=False, kind="stable").reset_index(drop=True)
-    df.insert(0, "rank", range(1, len(df) + 1))
-    df["block"] = df["block"].astype("Int64")
-    meta = {"method": "taylor", "group": group, "images": info["images"], "candidates": len(df),
+    if formats is None:
+        estimates, info = taylor_estimates(runner, config, group=group, probes=probes, progress=progress)
+        df = _ranked(pd.DataFrame([{"candidate": name, **cands[name].describe(), "kl_estimate": v}
+                                   for name, v in estimates.items()]))
+    else:
+        formats = [f for f in dict.fromkeys(formats) if not get_format(f).is_float]
+        if not formats:
+            raise ValueError("no format to estimate: float alone estimates 0")
+        by_key, info = taylor_format_estimates(runner, config, formats, group=group, probes=probes, progress=progress)
+        rows = [{"candidate": name, "format": fmt, **cands[name].describe(), "kl_estimate": v}
+                for (name, fmt), v in by_key.items()]
+        df = pd.concat([_ranked(pd.DataFrame([r for r in rows if r["format"] == f])) for f in formats],
+                       ignore_index=True)
+    meta = {"method": "taylor", "group": group, "images": info["images"], "candidates": len(cands),
             "probes": info["probes"], "fisher_trace_captured_mean": info["fisher_trace_captured_mean"],
             "fisher_trace_captured_min": info["fisher_trace_captured_min"]}
     return df, meta, {"wall_s": info["wall_s"]}
+
+
+def _ranked(df: pd.DataFrame) -> pd.DataFrame:
+    df = df.sort_values("kl_estimate", ascending=False, kind="stable").reset_index(drop=True)
+    df.insert(0, "rank", range(1, len(df) + 1))
+    df["block"] = df["block"].astype("Int64")
+    return df
+
+
+def format_rows(table: pd.DataFrame, fmt: str = "int8") -> pd.DataFrame:
+    """The rows of one format of a taylor table (a table without a ``format`` column, written
+    for the config's own formats, is returned whole)."""
+    if "format" not in table:
+        return table
+    return table[table["format"] == fmt].reset_index(drop=True)
 
 
 def rank_agreement(estimate: dict[str, float] | pd.Series, measured: pd.DataFrame, metric: str = "kl",

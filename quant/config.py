@@ -143,10 +143,10 @@ class QuantConfig:
                     spec = _spec(override[key], spec, f"override {pattern!r}")
         return spec
 
-    def slot_specs(self, site: Site) -> dict[str, QuantSpec | None]:
-        """The spec of every slot (tensor) of ``site`` under its format (None: that slot
-        stays float, as the activations of a weight-only format)."""
-        fmt = self.format_of(site)
+    def slot_specs(self, site: Site, fmt: Format | None = None) -> dict[str, QuantSpec | None]:
+        """The spec of every slot (tensor) of ``site`` under its format, or under ``fmt``
+        when given (None: that slot stays float, as the activations of a weight-only format)."""
+        fmt = self.format_of(site) if fmt is None else fmt
         specs: dict[str, QuantSpec | None] = {}
         for slot in site.slots:
             if slot == "weight":

@@ -7,7 +7,7 @@
         sec.add(...)
 
 ``order`` places it on the page; ``needs`` names the table artefacts it reads and the
-columns it reads from each, which must be columns the schema declares (checked when
+columns it reads from each, which must be columns the schema declares, required or optional (checked when
 the module is imported). The opening is written here once: the builder runs when one
 of its artefacts is present; otherwise the section shows a note naming the missing
 file and the command that writes it (``named``: the artefacts the note names, default
@@ -96,7 +96,7 @@ def register_section(id: str, title: str, *, order: int, needs: Mapping[TableSpe
     """Registers the decorated builder as the section ``id`` (see the module docstring)."""
     needs = {spec: tuple(cols) for spec, cols in (needs or {}).items()}
     for spec, cols in needs.items():
-        undeclared = [c for c in cols if c not in spec.columns]
+        undeclared = [c for c in cols if c not in spec.columns and c not in spec.optional]
         if undeclared:
             raise ValueError(f"section {id!r} reads columns {spec.stem} does not declare: {undeclared}")
     if not needs and not always:

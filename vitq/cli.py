@@ -21,7 +21,7 @@ def _import_command_modules() -> None:
     wait seconds for these imports."""
     global pd, yaml, ConfigError, QuantConfig, render_report, SiteError, preset, Budget, most_sensitive_fc
     global DataError, run_errors, run_eval, run_plan, run_sensitivity, save_eval, ModelLoadError, Options, Session
-    global USER_ERRORS, artifacts, PlanOptions, run_taylor, REFERENCES
+    global USER_ERRORS, artifacts, PlanOptions, run_taylor, REFERENCES, parse_formats
     global analyze_session, eval_configs, evaluate_session, sites_table
 
     import pandas as pd
@@ -34,6 +34,7 @@ def _import_command_modules() -> None:
     from analysis.planner import REFERENCES, Budget
     from analysis.sensitivity import most_sensitive_fc
     from analysis import artifacts
+    from analysis.format_moves import parse_formats
 
     from .data import DataError
     from .pipeline import PlanOptions, run_errors, run_eval, run_plan, run_sensitivity, run_taylor, save_eval
@@ -108,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measured: one pass per candidate; taylor: a Fisher/Taylor estimate of every candidate's "
                         "only-KL from a few forward+backward passes (--mode only)")
     p.add_argument("--probes", type=int, default=8, help="taylor: Fisher eigen-probes (backward passes) per image")
+    p.add_argument("--formats", help="taylor: estimate every candidate in each of these formats (e.g. "
+                                     "int8,a16w8,w4a8; one pass serves them all; a format column)")
     p.add_argument("--shard", metavar="I/N",
                    help="measure only candidates I, I+N, I+2N, ... (0 <= I < N) into a shard log, so N processes "
                         "split the run; 'auto': torchrun's RANK/WORLD_SIZE, on cuda:LOCAL_RANK. The next run "
@@ -166,10 +169,17 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--confirm-images", type=int,
                    help="other val images the plan is confirmed on (default: as many as --eval-images; 0: none)")
     p.add_argument("--objective", choices=("kl", "logit_mse"), default="kl", help="search objective (default kl)")
-    p.add_argument("--cost", choices=("auto", "latency", "macs"), default="auto",
+    p.add_argument("--cost", choices=("auto", "latency", "macs", "bitops", "size"), default="auto",
                    help="what a float site costs: its latency measured once with ONNX Runtime on this machine (sites "
                         "whose slowdown is not measurable cost nothing), or its share of matmul MACs (+0.5 per residual "
-                        "add); auto (default): latency where onnx/onnxruntime/onnxscript are installed, else macs")
+                        "add); bitops: BitOps in %% of all's (MACs x weight bits x activation bits, float at 32 bits); "
+                        "size: Linear/Conv weight MB; auto (default): bitops when --formats go beyond int8 and float, "
+                        "else latency where onnx/onnxruntime/onnxscript are installed, else macs")
+    p.add_argument("--formats", help="the formats the planner chooses between per site, e.g. int8,a16w8,float "
+                                     "(default: int8 or float); any of quant/formats/: int8, a16w8, w4a8, w8, w4, fp8, float")
+    p.add_argument("--max-bitops", type=float,
+                   help="cost cap: BitOps at most this fraction of the all preset's (e.g. 1.05)")
+    p.add_argument("--max-weight-mb", type=float, help="cost cap: Linear/Conv weights at most this many MB")
     p.add_argument("--max-steps", type=int, default=12, help="float fallbacks measured per search path (default 12)")
     p.add_argument("--no-early-stop", action="store_true",
                    help="measure every move on all plan images (default: a move stops after 64, 128, ... images once "
@@ -316,15 +326,21 @@ def cmd_sensitivity(args: argparse.Namespace) -> None:
     shard = parse_shard(args.shard)
     if shard is not None and args.method == "taylor":
         raise ConfigError("--shard splits the measured candidates; --method taylor is one estimate of them all")
+    formats = _sensitivity_formats(args)
     _shard_device(args)
     session = Session(_options(args))
     config = _start_config(args, session)
     session.calibrate()
     if args.method == "taylor":
         df, meta, run, paths = run_taylor(session, config, group=args.group, images=args.eval_images,
-                                          probes=args.probes)
-        cols = ["rank", "candidate", "kind", "block", "kl_estimate"]
-        print(df[cols].head(args.worst).to_string(index=False, float_format=_fmt))
+                                          probes=args.probes, formats=formats)
+        if formats is None:
+            cols = ["rank", "candidate", "kind", "block", "kl_estimate"]
+            print(df[cols].head(args.worst).to_string(index=False, float_format=_fmt))
+        else:  # site x format
+            view = df.pivot(index="candidate", columns="format", values="kl_estimate")
+            view = view[list(dict.fromkeys(df["format"]))].reindex(df["candidate"].drop_duplicates())
+            print(view.head(args.worst).to_string(float_format=_fmt))
         print(f"{meta['candidates']} candidates estimated on {meta['images']} images in {run['wall_s']:.0f} s "
               f"({meta['probes']} Fisher probes, {100 * meta['fisher_trace_captured_mean']:.0f} % of its trace)")
         print("wrote " + " and ".join(str(p) for p in paths))
@@ -376,8 +392,12 @@ def cmd_errors(args: argparse.Namespace) -> None:
 
 
 def _budget(args: argparse.Namespace) -> Budget:
-    budget = Budget(args.max_drop, args.min_agreement, args.max_kl, beat_references=not args.no_beat_presets)
-    if budget.describe() == "none":
+    budget = Budget(args.max_drop, args.min_agreement, args.max_kl, beat_references=not args.no_beat_presets,
+                    max_bitops=args.max_bitops, max_weight_mb=args.max_weight_mb)
+    for flag, value in (("--max-bitops", args.max_bitops), ("--max-weight-mb", args.max_weight_mb)):
+        if value is not None and not value > 0:
+            raise ConfigError(f"{flag} {value:g}: give a positive number")
+    if not budget.explicit and not budget.beat_references:
         raise SystemExit("vitq: error: --no-beat-presets needs a budget: --max-drop, --min-agreement or --max-kl")
     return budget
 
@@ -392,12 +412,41 @@ def _plan_options(args: argparse.Namespace) -> PlanOptions:
                        max_steps=args.max_steps, worst_sites=args.worst_sites, all_but=args.all_but, cost=args.cost,
                        taylor_images=args.taylor_images, decide_images=args.decide_images,
                        decide_backend=args.decide_backend, early_stop=not args.no_early_stop,
+                       formats=_formats(args.formats),
                        **({} if args.measure_top is None else {"measure_top": args.measure_top}))
+
+
+def _sensitivity_formats(args: argparse.Namespace) -> list[str] | None:
+    """``vitq sensitivity --formats``: taylor only; at least one format that quantizes."""
+    if args.formats is None:
+        return None
+    if args.method != "taylor":
+        raise ConfigError("--formats estimates every format with --method taylor; measured sensitivity is of the "
+                          "config's formats (give them in --config)")
+    try:
+        names = parse_formats(args.formats, minimum=1)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if names == ["float"]:
+        raise ConfigError("--formats float: float estimates 0 at every site; give a format that quantizes")
+    return names
+
+
+def _formats(text: str | None) -> list[str] | None:
+    """``--formats``: the names, checked (a one-line ConfigError); None without the option."""
+    if text is None:
+        return None
+    try:
+        return parse_formats(text)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def print_plan(planner, out: Path | None = None) -> None:
     steps = planner.steps_table()
     cols = ["attempt", "path", "kind", "change", "kl", "agreement", "top1_drop", "float_sites", "int8_macs_share"]
+    if planner.cost_kind is not None:  # an exact cost of every format (bitops, size)
+        cols.append("cost")
     if planner.budget.explicit:
         cols.append("budget_outcome")
     print(steps[cols].to_string(index=False, float_format=_fmt))
@@ -406,9 +455,10 @@ def print_plan(planner, out: Path | None = None) -> None:
     decide = None if out is None else artifacts.read(out, artifacts.PLAN_DECIDE)
     if decide is not None and getattr(planner, "decide_images", None) is not None:
         print_decide(decide)
-    print("\nfloat skip-list (copy into a QuantConfig):")
-    print(yaml.safe_dump({"float_kinds": planner.plan_config.float_kinds,
-                          "float_sites": planner.plan_config.float_sites}, sort_keys=False))
+    plan = planner.plan_config
+    print("\nfloat skip-list" + (" and formats" if plan.formats else "") + " (copy into a QuantConfig):")
+    print(yaml.safe_dump({"float_kinds": plan.float_kinds, "float_sites": plan.float_sites,
+                          **({"formats": dict(plan.formats)} if plan.formats else {})}, sort_keys=False))
     print(planner.verdict())
 
 

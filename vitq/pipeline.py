@@ -17,18 +17,19 @@ import torch
 import yaml
 
 from analysis import artifacts
-from analysis.cost import float_site_names, site_macs
+from analysis.cost import EXACT_COSTS, float_site_names, site_macs
 from analysis.decide import LOOKS, Candidate, DecideResult, decide_candidates
 from analysis.errors import ErrorReport, analyze_errors
 from analysis.evaluate import FP32, evaluate_configs, evaluated_images
+from analysis.format_moves import FormatMoves, only_int8_and_float
 from analysis.measurement_log import MeasurementLog
 from analysis.metrics import OutputStats
 from analysis.planner import Budget, Planner, Point
 from analysis.runner import Runner
 from analysis.names import MEASURE_TOP, TAYLOR_IMAGES
 from analysis.sensitivity import analyze_sensitivity, make_candidates
-from analysis.taylor import taylor_table
-from quant.config import QuantConfig
+from analysis.taylor import format_rows, taylor_table
+from quant.config import ConfigError, QuantConfig
 from quant.store import atomic_write_text, settings_key
 
 from .session import Session
@@ -194,10 +195,11 @@ def run_sensitivity(session: Session, config: QuantConfig, *, mode: str = "only"
 
 
 def run_taylor(session: Session, config: QuantConfig, *, group: str = "op", images: int = 256,
-               probes: int = 8) -> tuple[pd.DataFrame, dict, dict, list[Path]]:
-    """The gradient estimate of every candidate's ``only`` KL (analysis.taylor) on the plan images."""
+               probes: int = 8, formats: list[str] | None = None) -> tuple[pd.DataFrame, dict, dict, list[Path]]:
+    """The gradient estimate of every candidate's ``only`` KL (analysis.taylor) on the plan
+    images; with ``formats``, of every (candidate, format) (a ``format`` column)."""
     data = eval_set(session, images)
-    df, meta, run = taylor_table(runner(session, data), config, group=group, probes=probes,
+    df, meta, run = taylor_table(runner(session, data), config, group=group, probes=probes, formats=formats,
                                  progress=session.opts.progress)
     meta = {**session.describe(), **meta}
     run = _run_info(session, **run)
@@ -206,16 +208,26 @@ def run_taylor(session: Session, config: QuantConfig, *, group: str = "op", imag
 
 
 def only_sensitivity(session: Session, config: QuantConfig, images: int, measure_top: int | None,
-                     probes: int = 8, taylor_images: int = TAYLOR_IMAGES) -> pd.DataFrame:
+                     probes: int = 8, taylor_images: int = TAYLOR_IMAGES,
+                     formats: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """The ``only`` table the planner reads. ``measure_top`` None or 0: every candidate measured.
     Else the candidates are ordered by the taylor estimate (on the first ``taylor_images`` of
     the ``images`` plan images: it only orders) and only the top ``measure_top`` measured on
-    all of them; the others keep their estimate as ``kl`` (column ``source``: measured / taylor)."""
+    all of them; the others keep their estimate as ``kl`` (column ``source``: measured / taylor).
+    With ``formats``, the taylor estimate covers int8 and each of them in one pass (its int8
+    rows order the candidates) and is returned beside the table (else None)."""
+    by_format = None
+    if formats is not None:
+        by_format, _, _, _ = run_taylor(session, config, images=min(images, taylor_images), probes=probes,
+                                        formats=["int8", *formats])
     # every candidate measured anyway: an estimate would order nothing
     if not measure_top or measure_top >= len(make_candidates(session.sites, config, "op")):
         only, _, _, _ = run_sensitivity(session, config, mode="only", images=images)
-        return only.assign(source="measured")
-    estimate, _, _, _ = run_taylor(session, config, images=min(images, taylor_images), probes=probes)
+        return only.assign(source="measured"), by_format
+    if by_format is not None:
+        estimate = format_rows(by_format, "int8").drop(columns=["format"])
+    else:
+        estimate, _, _, _ = run_taylor(session, config, images=min(images, taylor_images), probes=probes)
     top = estimate["candidate"].head(measure_top).tolist()
     measured, _, _, _ = run_sensitivity(session, config, mode="only", images=images, only=top)
     rest = estimate[~estimate["candidate"].isin(top)].drop(columns=["rank"]).rename(columns={"kl_estimate": "kl"})
@@ -223,7 +235,7 @@ def only_sensitivity(session: Session, config: QuantConfig, images: int, measure
                        ignore_index=True)
     merged = merged.sort_values("kl", ascending=False, kind="stable").reset_index(drop=True)
     merged.insert(0, "rank", range(1, len(merged) + 1))
-    return merged
+    return merged, by_format
 
 
 # -- errors ------------------------------------------------------------------------------------
@@ -253,9 +265,12 @@ class PlanOptions:
     max_steps: int = 12  # float moves measured per path
     worst_sites: int = 3  # sites offered per-site observer remedies
     all_but: bool = False  # also measure the all-but sensitivity (better gain estimates, much slower)
-    # "latency" (measured with ONNX Runtime), "macs" (float MAC share + residual charge) or
-    # "auto": latency where ONNX Runtime and the exporter are installed, else macs
+    # "latency" (measured with ONNX Runtime), "macs" (float MAC share + residual charge),
+    # "bitops" (% of all's BitOps), "size" (weight MB) or "auto": bitops when `formats` go beyond
+    # int8 and float, else latency where ONNX Runtime and the exporter are installed, else macs
     cost: str = "auto"
+    # the formats the planner chooses between (quant.formats names); None: int8 or float
+    formats: list[str] | None = None
     latency_batch: int = 8
     latency_runs: int = 15
     measure_top: int | None = MEASURE_TOP  # only-candidates measured, in taylor order (None/0: all)
@@ -272,13 +287,21 @@ class PlanOptions:
 LATENCY_VERSION = 2  # 2: paired per-round differences with their interval, free groups, ms costs
 
 
-def resolve_cost(cost: str) -> str:
-    """``auto`` -> ``latency`` where the latency table can be measured (onnx, onnxruntime and
-    onnxscript importable), else ``macs`` with a note on stderr saying what to install."""
+def resolve_cost(cost: str, formats: list[str] | None = None) -> str:
+    """``auto`` -> ``bitops`` when ``formats`` go beyond int8 and float (the costs that price
+    every format); else ``latency`` where the latency table can be measured (onnx, onnxruntime
+    and onnxscript importable), else ``macs`` with a note on stderr saying what to install.
+    ``macs`` and ``latency`` price int8 or float only: with other formats, a ConfigError."""
+    multi = not only_int8_and_float(formats)
     if cost != "auto":
-        if cost not in ("macs", "latency"):
-            raise ValueError(f"unknown cost {cost!r}; choose auto, macs or latency")
+        if cost not in ("macs", "latency", *EXACT_COSTS):
+            raise ValueError(f"unknown cost {cost!r}; choose auto, macs, latency, {', '.join(EXACT_COSTS)}")
+        if multi and cost not in EXACT_COSTS:
+            raise ConfigError(f"--cost {cost} prices a site in int8 or float only; with --formats "
+                              f"{','.join(formats)} use --cost bitops or size")
         return cost
+    if multi:
+        return "bitops"
     import importlib.util
     import sys
 
@@ -316,9 +339,14 @@ def run_plan(session: Session, start: QuantConfig, budget: Budget,
     images, confirmation on the confirm images; writes plan_* artefacts."""
     opts = opts or PlanOptions()
     n_confirm = opts.images if opts.confirm_images is None else opts.confirm_images
+    formats = None if only_int8_and_float(opts.formats) else list(opts.formats)
+    if formats is not None and opts.objective != "kl":
+        raise ConfigError(f"--formats {','.join(formats)} estimates each format's KL: use --objective kl")
+    cost = resolve_cost(opts.cost, formats)
     # the estimate is of KL: another objective measures every candidate
-    only = only_sensitivity(session, start, opts.images, opts.measure_top if opts.objective == "kl" else None,
-                            opts.probes, opts.taylor_images)
+    only, by_format = only_sensitivity(session, start, opts.images,
+                                       opts.measure_top if opts.objective == "kl" else None, opts.probes,
+                                       opts.taylor_images, formats)
     all_but = None
     if opts.all_but:
         all_but, ab_meta, _, _ = run_sensitivity(session, start, mode="all-but", images=opts.images)
@@ -329,7 +357,6 @@ def run_plan(session: Session, start: QuantConfig, budget: Budget,
         confirm_data = None
     settings = {**session.settings(), "val_files": plan_data.files, "start": start.to_dict(),
                 "log_version": LOG_VERSION}
-    cost = resolve_cost(opts.cost)
     latency = {}
     if cost == "latency":
         from .latency import noise_ms, unit_costs
@@ -337,9 +364,12 @@ def run_plan(session: Session, start: QuantConfig, budget: Budget,
         table = run_latency(session, start, batch=opts.latency_batch, runs=opts.latency_runs)
         latency = {"unit_costs": unit_costs(table), "cost_base": float(table["start_ms"].iloc[0]) if len(table) else 0.0,
                    "cost_noise": noise_ms(table)}
+    moves = None if by_format is None else FormatMoves(
+        formats, {(r.candidate, r.format): float(r.kl_estimate) for r in by_format.itertuples()}, start, session.sites)
     planner = Planner(runner(session, plan_data), None if confirm_data is None else runner(session, confirm_data),
                       session.out, macs(session), budget, settings, objective=opts.objective,
-                      seed=session.opts.seed, progress=session.opts.progress, early_stop=opts.early_stop, **latency)
+                      seed=session.opts.seed, progress=session.opts.progress, early_stop=opts.early_stop,
+                      cost_kind=cost if cost in EXACT_COSTS else None, format_moves=moves, **latency)
     plan = planner.plan(start, only, all_but, worst_sites=opts.worst_sites, max_steps=opts.max_steps)
     decided = None
     if budget.explicit and opts.decide_images != 0:
@@ -351,10 +381,11 @@ def run_plan(session: Session, start: QuantConfig, budget: Budget,
     floats = [n for n in float_site_names(plan, session.sites)
               if session.qmodel.site_by_name[n].kind not in plan.float_kinds]
     atomic_write_text(session.out / artifacts.PLAN_SKIPLIST,
-                      yaml.safe_dump({"float_kinds": plan.float_kinds, "float_sites": floats}, sort_keys=False))
+                      yaml.safe_dump({"float_kinds": plan.float_kinds, "float_sites": floats,
+                                      **({"formats": dict(plan.formats)} if plan.formats else {})}, sort_keys=False))
     meta = {**session.describe(), "budget": vars(budget), "met": planner.met, "outcome": planner.outcome,
             "cost": cost, "cost_unit": (f"ms per batch of {opts.latency_batch} in ONNX Runtime (measured)"
-                                        if cost == "latency" else "% float MACs + residual charge"),
+                                        if cost == "latency" else EXACT_COSTS.get(cost, "% float MACs + residual charge")),
             "cost_noise": planner.cost_noise,
             "met_at_step": planner.chosen.row["attempt"] if planner.met else None,
             "plan_images": len(plan_data.labels), "confirm_images": 0 if confirm_data is None else len(confirm_data.labels),

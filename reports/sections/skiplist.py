@@ -48,8 +48,16 @@ def skiplist(a: Artefacts, sec: Section) -> None:
         n = len(sites)
         sec.add("p", f"The plan keeps <b>{n}</b> site(s) float" + (
             f" beyond the kinds kept float as a whole ({esc(', '.join(map(str, kinds)))})" if kinds else "")
-            + (": every other quantizable site runs in int8." if n == 0 else
+            + (": every other quantizable site is quantized." if n == 0 else
                "; the list below names them one by one (globs and blocks expanded)."))
+        formats = (skiplist or {}).get("formats") or {}
+        if isinstance(formats, dict) and formats:
+            counts: dict[str, int] = {}
+            for fmt in formats.values():
+                counts[str(fmt)] = counts.get(str(fmt), 0) + 1
+            sec.add("p", f"Beside int8 and float, the plan gives {len(formats)} entr{'y' if len(formats) == 1 else 'ies'}"
+                         " another format (<code>formats:</code> below, the last entry naming a site wins): "
+                         + esc(", ".join(f"{k} {v}" for k, v in counts.items())) + ".")
         sec.add("yaml", skiplist_text, id="skiplist-yaml")
         chosen = a.chosen_step()
         if chosen is not None and not is_missing(chosen.get("skipped_sites")) and int(num(chosen["skipped_sites"])) != n:

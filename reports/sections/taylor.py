@@ -8,7 +8,7 @@ from typing import Any
 import pandas as pd
 
 from analysis import artifacts
-from analysis.taylor import rank_agreement
+from analysis.taylor import format_rows, rank_agreement
 
 from .. import figures
 from ..format import Column, esc, fmt_fixed, fmt_int, fmt_sig, fmt_small, make_table, num, records, text_column
@@ -61,7 +61,7 @@ def taylor(a: Artefacts, sec: Section) -> None:
             continue
         measured_t = a.table(artifacts.sensitivity("only", group))
         measured = measured_t.rows if measured_t is not None else None
-        df = joined(t.rows, measured)
+        df = joined(format_rows(t.rows, "int8"), measured)  # the other formats: the formats section
         m = t.meta
         sec.add("h3", f"--group {group}: {len(df)} candidates estimated, {int((df['measured'] == 'yes').sum())}"
                       " also measured")
