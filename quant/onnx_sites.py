@@ -96,7 +96,7 @@ def resolve(traced, fp32_model, qmodel: QuantModel) -> dict[str, SiteNode]:
         for t in n.output:
             producer[t] = n
 
-    def forward(t: str, seen: int = 0) -> set[int]:
+    def forward(t: str) -> set[int]:
         out = set()
         for c in consumers.get(t, []):
             if c.domain == PLACEHOLDER_DOMAIN or c.op_type in FORWARD_THROUGH:

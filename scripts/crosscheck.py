@@ -62,7 +62,7 @@ def effective_config(plan, export):
                                   "float_sites": list(plan.float_sites) + lost})
 
 
-def runner(applied, fp32_onnx: Path, threads: int, compile_torch: bool):
+def runner(applied, threads: int, compile_torch: bool):
     """``pixels -> logits`` of a tool's quantized model in its own runtime."""
     import torch
 
@@ -97,7 +97,6 @@ def simulate(qmodel, config, batches, rounding_seed: int | None = None):
 def crosscheck(*, model: str | None, data: str | None, plan_path: Path, out: Path, tools: list[str], calib: int = 256,
                limit: int = 256, seed: int = 0, threads: int = 1, rounds: int = 3, compile_torch: bool = True,
                progress: bool = True) -> tuple[list[dict], dict]:
-    import numpy as np
     import pandas as pd
     import torch
 
@@ -157,7 +156,7 @@ def crosscheck(*, model: str | None, data: str | None, plan_path: Path, out: Pat
             export = target.export(ctx)
             export.write(out / "targets")
             applied = target.apply(export, ctx, out / tool.replace("-", "_"))
-            run = runner(applied, ctx.fp32_onnx(), threads, compile_torch)
+            run = runner(applied, threads, compile_torch)
             effective = effective_config(plan, export)
             logits = torch.cat([run(p) for p in batches])
             sim_eff = simulate(qmodel, effective, batches)
