@@ -121,6 +121,33 @@ def norm_isf(p: float) -> float:
     return (lo + hi) / 2
 
 
+def conditional_power(gains: np.ndarray, n_total: int, *, need: str = "above", level: float = 0.95) -> float:
+    """Probability that a paired test made on ``n_total`` images ends as ``need`` asks, given
+    the per-image gains of its first ``len(gains)`` images and the trend they show (the rest
+    of the images' mean gain equal to the mean so far; normal approximation; stochastic
+    curtailment). ``need``: ``"above"``, the final two-sided ``level`` interval of the mean gain
+    lies above 0 (the planner keeps a move); ``"not_below"``, its upper end reaches 0 (equal
+    within the noise). 1 or 0 when no image is left to measure."""
+    d = np.asarray(gains, dtype=np.float64)
+    k = len(d)
+    if need not in ("above", "not_below"):
+        raise ValueError(f"need: 'above' or 'not_below', not {need!r}")
+    if k == 0:
+        return 1.0
+    z = norm_isf((1.0 - level) / 2.0)  # two-sided critical value (1.96 at 95 %)
+    s = float(d.std(ddof=1)) if k > 1 else 0.0
+    m, total = float(d.mean()), float(d.sum())
+    rest = n_total - k
+    if rest <= 0 or s == 0.0:
+        final = total / max(n_total, k) if rest <= 0 else m
+        half = z * s / math.sqrt(max(n_total, k))
+        ok = final - half > 0 if need == "above" else final + half >= 0
+        return 1.0 if ok else 0.0
+    # the final sum must exceed this: n * (mean - z se) > 0, or n * (mean + z se) >= 0
+    bar = z * s * math.sqrt(n_total) * (1 if need == "above" else -1)
+    return float(norm_sf((bar - total - rest * m) / (s * math.sqrt(rest))))
+
+
 Z_ONE_SIDED = norm_isf(ALPHA)  # 1.645
 Z_POWER = norm_isf(1.0 - POWER)  # 0.842
 

@@ -61,19 +61,19 @@ from quant.config import BACKEND_FLOAT_KINDS, QuantConfig
 from quant.presets import preset
 from quant.store import settings_key
 
-from .budget import Decision, decide, overall
+from .budget import Decision, conditional_power, decide, overall
 from .cost import EXACT_COSTS, MATMUL_KINDS, config_cost, exact_cost
 from .evaluate import accuracy_row
 from .format_moves import FormatMoves, format_name, without_float
 from .measurement_log import MeasurementLog
-from .metrics import OutputStats, conditional_power, paired_bootstrap
+from .metrics import OutputStats, paired_bootstrap
 from .runner import LOOK_IMAGES, BoundaryCache, Runner, scratch
 
 OBJECTIVES = {"kl": "kl", "logit_mse": "mse"}  # objective -> OutputStats per-image key
 REFERENCES = ("all", "mixed_1", "mixed_2", "nncf")
 SITE_COST = 0.5  # cost of one float non-matmul site (residual add), in % of matmul MACs
 # a move stops being measured once the chance that it passes its test on all plan images,
-# under the trend of the images so far, is below this (analysis.metrics.conditional_power)
+# under the trend of the images so far, is below this (analysis.budget.conditional_power)
 FUTILITY = 0.02
 SMOOTH_ALPHAS = (0.15, 0.5, 0.95)  # NNCF 3.4: 0.15 for torchvision vit_b_16, 0.95 its transformer default (the factor table's winner, docs/results.md); 0.5 SmoothQuant's
 

@@ -50,7 +50,7 @@ def test_drops_and_standard_errors_by_hand():
 def test_conditional_power_matches_a_hand_computation():
     from statistics import NormalDist
 
-    from analysis.metrics import conditional_power
+    from analysis.budget import conditional_power
     gains, n = np.array([1.0, -1.0, 1.0, 3.0]), 10
     s = np.sqrt(8 / 3)  # sd of the four gains (mean 1, squared deviations 0, 4, 0, 4, ddof 1)
     z = NormalDist().inv_cdf(0.975)
@@ -71,7 +71,7 @@ def test_stopping_hopeless_moves_early_loses_few_good_ones_and_saves_most_of_the
     when the conditional power is below the planner's FUTILITY, 2 %): it can only reject (never keeps a move the full
     test rejects); a move with 80 % power on 256 images is stopped in few draws; a move with no
     effect is mostly stopped, at a fraction of the images."""
-    from analysis.metrics import conditional_power
+    from analysis.budget import conditional_power
     from analysis.planner import FUTILITY
     rng = np.random.default_rng(0)
     n, looks, draws = 256, (64, 128, 192), 2000

@@ -387,7 +387,7 @@ def test_a_measurement_stopped_early_covers_a_prefix_and_resumes_to_the_full_one
 
 
 def test_a_hopeless_move_is_stopped_early_and_the_stop_is_logged(tmp_path):
-    from analysis.metrics import conditional_power
+    from analysis.budget import conditional_power
     from analysis.planner import FUTILITY
     qm, pixels, labels = _setup(plant=True)
     runner = Runner(qm, pixels, labels)  # 3 batches of 8 images
