@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar, TypeVar
+from typing import ClassVar
 
 from ..quantizer import QuantSpec
+from ..registry import registrar
 from ..sites import Site
 
 FLOAT_BITS = 32  # what a float tensor counts in bit-based costs (AIMET's BitOps convention)
@@ -44,18 +45,8 @@ class Format:
 # name -> the format's (stateless) instance, in registration order
 FORMATS: dict[str, Format] = {}
 
-F = TypeVar("F", bound=type[Format])
-
-
-def register_format(name: str) -> Callable[[F], F]:
-    """Class decorator: register ``cls`` as format ``name`` (refuses a name taken)."""
-    def decorate(cls: F) -> F:
-        if name in FORMATS:
-            raise ValueError(f"format {name!r} is already registered ({type(FORMATS[name]).__name__})")
-        cls.name = name
-        FORMATS[name] = cls()
-        return cls
-    return decorate
+# ``@register_format("name")``: register a class as format ``name`` (refuses a name taken)
+register_format = registrar(FORMATS, "format")
 
 
 def unregister_format(name: str) -> None:

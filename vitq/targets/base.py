@@ -7,12 +7,13 @@ import importlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar, TypeVar
+from typing import ClassVar
 
 import torch
 
 from quant.config import ConfigError, QuantConfig
 from quant.model import QuantModel
+from quant.registry import registrar
 from quant.sites import Site
 from quant.store import atomic_write_text
 
@@ -189,18 +190,8 @@ def check_expressible(config: QuantConfig, sites: list[Site], target: str) -> No
 # name -> the target's (stateless) instance, in registration order
 TARGETS: dict[str, Target] = {}
 
-T = TypeVar("T", bound=type[Target])
-
-
-def register_target(name: str) -> Callable[[T], T]:
-    """Class decorator: register ``cls`` as target ``name`` (refuses a name taken)."""
-    def decorate(cls: T) -> T:
-        if name in TARGETS:
-            raise ValueError(f"target {name!r} is already registered ({type(TARGETS[name]).__name__})")
-        cls.name = name
-        TARGETS[name] = cls()
-        return cls
-    return decorate
+# ``@register_target("name")``: register a class as target ``name`` (refuses a name taken)
+register_target = registrar(TARGETS, "target")
 
 
 def unregister_target(name: str) -> None:
