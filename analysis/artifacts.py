@@ -68,6 +68,10 @@ EVAL = TableSpec(
 ACCURACY = TableSpec("accuracy", EVAL.columns, EVAL.meta, EVAL.run, "vitq analyze")
 SENSITIVITY_COLUMNS = (*CANDIDATE_COLUMNS, *ACCURACY_COLUMNS)
 SENSITIVITY_META = (*RUN_CONTEXT, "mode", "group", "images", "candidates", "fp32", "baseline", "rank_by")
+# format / own_format: the format a row's candidate was quantized in, and whether that is the
+# config's own (False: a row measured in another format, vitq plan --formats); absent when
+# every row is of the config's own formats (analysis.sensitivity.own_format_rows)
+SENSITIVITY_OPTIONAL = ("format", "own_format")
 SENSITIVITY_RUN = ("calibration_s", "wall_s", "measured_now", "merged_from_shards", "candidates_s", "full_pass_s",
                    "naive_estimate_s", "speedup_vs_naive", "log")
 TAYLOR_COLUMNS = (*CANDIDATE_COLUMNS, "kl_estimate")
@@ -151,7 +155,7 @@ def sensitivity(mode: str, group: str) -> TableSpec:
     if mode not in MODES or group not in GROUPS:
         raise ValueError(f"no sensitivity artefact for mode {mode!r}, group {group!r}")
     return TableSpec(f"sensitivity_{mode}_{group}", SENSITIVITY_COLUMNS, SENSITIVITY_META, SENSITIVITY_RUN,
-                     f"vitq sensitivity --mode {mode.replace('_', '-')} --group {group}")
+                     f"vitq sensitivity --mode {mode.replace('_', '-')} --group {group}", optional=SENSITIVITY_OPTIONAL)
 
 
 def sensitivity_taylor(group: str) -> TableSpec:
