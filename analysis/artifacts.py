@@ -119,8 +119,16 @@ PLAN_META = (*RUN_CONTEXT, "budget", "met", "outcome", "cost", "cost_unit", "cos
              "confirm_images", "plan", "float_sites", "start", "best_reference", "verdict", "noise", "decisions",
              "confirm_decisions", "decide")
 PLAN_RUN = ("calibration_s", "wall_s", "measured_now", "log")
-PLAN_STEPS = TableSpec("plan_steps", (*PLAN_COLUMNS, "on_frontier", "plan"), PLAN_META, PLAN_RUN, "vitq plan")
-PLAN_TRIED = TableSpec("plan_tried", PLAN_COLUMNS, PLAN_META, PLAN_RUN, "vitq plan")
+# The planner over formats (--formats beyond int8 and float) adds: formats, the formats a row's
+# config runs its sites in ("int8,float", "a16w8,int8,float", ...); int8_float_best, on the best
+# int8/float-only point measured by that search (among the rows the plan is chosen from, the
+# reference presets and the kept points, those whose configs run only int8 and float: the one
+# the planner's own rule picks) that rule's
+# outcome (met, budget only, undecided, matches best reference, not met), "" on every other row
+PLAN_FORMAT_COLUMNS = ("formats", "int8_float_best")
+PLAN_STEPS = TableSpec("plan_steps", (*PLAN_COLUMNS, "on_frontier", "plan"), PLAN_META, PLAN_RUN, "vitq plan",
+                       optional=PLAN_FORMAT_COLUMNS)
+PLAN_TRIED = TableSpec("plan_tried", PLAN_COLUMNS, PLAN_META, PLAN_RUN, "vitq plan", optional=PLAN_FORMAT_COLUMNS)
 PLAN_CONFIRM = TableSpec("plan_confirm", ("config", *ACCURACY_COLUMNS, "top1_drop_se", *SHARE_COLUMNS, "cost",
                                           "budget_outcome"), PLAN_META, PLAN_RUN, "vitq plan")
 # The decide stage (analysis.decide): one row per look of each candidate's sequential test of

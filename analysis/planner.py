@@ -43,7 +43,12 @@ The plan and the reference presets are then measured on disjoint *confirm* image
 Over formats (``format_moves``, :mod:`analysis.format_moves`): the float fallbacks become
 moves to more precise formats of a list and trimming moves to cheaper ones, priced by an
 exact cost of every format (``cost_kind``: BitOps or weight MB, :mod:`analysis.cost`); the
-budget's caps (``max_bitops``, ``max_weight_mb``) bound what counts as a plan.
+budget's caps (``max_bitops``, ``max_weight_mb``) bound what counts as a plan. Every
+attempt's row then says the formats its config runs (``formats``), and among the attempts
+the plan is chosen from (the presets and the kept points of every path) whose configs use
+int8 and float only, the one the same rule (:meth:`Planner._choose`) picks is marked (``int8_float_best``: that rule's outcome, "" on
+every other row): the best int8/float-only point measured by this search, which is not
+literally what the int8-or-float planner would have reached (its moves differ).
 """
 
 from __future__ import annotations
@@ -58,13 +63,14 @@ import pandas as pd
 from tqdm import tqdm
 
 from quant.config import BACKEND_FLOAT_KINDS, QuantConfig
+from quant.formats import FORMATS
 from quant.presets import preset
 from quant.store import settings_key
 
 from .budget import Decision, conditional_power, decide, overall
 from .cost import EXACT_COSTS, MATMUL_KINDS, config_cost, exact_cost
 from .evaluate import accuracy_row
-from .format_moves import FormatMoves, format_name, without_float
+from .format_moves import FLOAT, FormatMoves, format_name, without_float
 from .measurement_log import MeasurementLog
 from .metrics import OutputStats, paired_bootstrap
 from .runner import LOOK_IMAGES, BoundaryCache, Runner, scratch
@@ -212,6 +218,7 @@ class Planner:
             Path(out_dir) / f"plan_confirm.{settings_key(settings)}.jsonl",
             {**settings, "confirm_images": len(confirm_runner)})
         self.tried: list[dict] = []
+        self.tried_points: list[Point] = []  # every attempt, FP32 included (config None)
         self._cache: tuple[str, BoundaryCache] | None = None
         self.out_dir = Path(out_dir)
         self._scratch: Path | None = None
@@ -311,6 +318,7 @@ class Planner:
                   {"gain": None, "gain_se": None, "gain_lo": None, "gain_hi": None}),
                **self.row(config, stats, self.fp32.head(n) if stopped else None), "stopped_early": stopped}
         self.tried.append(row)
+        self.tried_points.append(Point(config, stats, row))
         return row
 
     # -- searching -------------------------------------------------------------------
@@ -365,6 +373,8 @@ class Planner:
         self.frontier = pareto(points, self.objective)
         chosen, self.outcome = self._choose(points)
         self._set_chosen(chosen)
+        if self.format_moves is not None:
+            self._mark_int8_float(points)
         self.decisions = self.budget.decisions(chosen.stats, self.fp32)  # on the plan images
         self.wall_s = time.time() - t0
         return self.plan_config
@@ -430,14 +440,34 @@ class Planner:
         return min((p for p in points if p.row["cost"] <= low + self.cost_noise),
                    key=lambda p: (p.row[self.objective], p.row["cost"]))
 
-    def _choose(self, points: list[Point]) -> tuple[Point, str]:
+    def formats_used(self, config: QuantConfig | None) -> str:
+        """The formats ``config`` runs its sites in (None: FP32, float), comma-separated in
+        the registry's order, ``float`` last."""
+        used = {FLOAT} if config is None else {format_name(config, s) for s in self.sites}
+        order = list(FORMATS)
+        return ",".join(sorted(used, key=lambda f: (f == FLOAT, order.index(f))))
+
+    def _mark_int8_float(self, points: list[Point]) -> None:
+        """Mark the best int8/float-only point measured by this search: among ``points`` (what
+        the plan is chosen from: the reference presets and the kept points of every path) those
+        whose configs run every site in int8 or float, the one :meth:`_choose` picks
+        (``int8_float_best``: its outcome); every attempt's row gets ``formats``."""
+        points = [p for p in points if p.config is not None and not p.row["stopped_early"]
+                  and set(self.formats_used(p.config).split(",")) <= {"int8", FLOAT}]
+        best, outcome = self._choose(points, pareto(points, self.objective)) if points else (None, "")
+        self.int8_float_best = best
+        for p in self.tried_points:
+            p.row["formats"] = self.formats_used(p.config)
+            p.row["int8_float_best"] = outcome if best is not None and p.row is best.row else ""
+
+    def _choose(self, points: list[Point], frontier: list[Point] | None = None) -> tuple[Point, str]:
         """The cheapest feasible point ("met"); else, when the presets were to be beaten
         too, the cheapest point meeting the explicit budget alone ("budget only"); else,
         when the explicit budget is undecided somewhere, the cheapest point not shown to
         violate it, among those that beat the presets at no higher cost when there are such
         ("undecided"); without an explicit budget the cheapest point equal to the most
         accurate preset within the noise ("matches best reference"); else the
-        lowest-objective frontier point ("not met")."""
+        lowest-objective point of ``frontier`` (default: the search's frontier) ("not met")."""
         feasible = [p for p in points if self.feasible(p)]
         if feasible:
             return self.cheapest(feasible), "met"
@@ -461,7 +491,8 @@ class Planner:
             cap = self.references[self.best_reference].row["cost"] + self.cost_noise
             return self.cheapest([p for p in points if self.matches_best(p) and p.row["cost"] <= cap]), \
                 "matches best reference"
-        return min(self.frontier, key=lambda p: (p.row[self.objective], p.row["cost"])), "not met"
+        return min(self.frontier if frontier is None else frontier,
+                   key=lambda p: (p.row[self.objective], p.row["cost"])), "not met"
 
     def _trim_seed(self) -> tuple[Point, Callable[[Point], bool]] | None:
         """Where trimming starts and what a trimmed point must keep: the cheapest feasible

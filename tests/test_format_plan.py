@@ -299,6 +299,37 @@ def test_measured_format_rows_equal_an_independent_eval_of_that_one_site_config(
     assert evaluated.loc["one", "kl"] > 0
 
 
+def test_analyze_over_formats_marks_the_cheapest_int8_float_only_point_meeting_the_budget(
+        model_dir, data_dir, tmp_path):  # noqa: F811
+    out = tmp_path / "out"
+    assert main(["analyze", "--model", str(model_dir), "--data", str(data_dir), "--calib", "8", "--batch-size", "5",
+                 "--no-progress", "--out", str(out), "--eval-images", "6", "--formats", "int8,a16w8,float",
+                 "--max-kl", "1e-3", "--no-beat-presets", "--decide-images", "0"]) == 0
+    tried = pd.read_csv(out / "plan_tried.csv")
+    # the formats column says what each row runs: the presets int8 and float, an a16w8 move a16w8
+    assert set(tried[tried["path"] == "reference"]["formats"]) == {"float", "int8,float"}
+    assert tried[tried["change"].str.startswith("a16w8")]["formats"].str.contains("a16w8").all()
+    # independently: among the points a plan is chosen from (presets and kept points), FP32 aside,
+    # those running int8 and float only and meeting the budget, the cheapest (BitOps are exact:
+    # equal costs are equal), the lowest KL among equally cheap ones
+    pool = tried[tried["kept"] & (tried["config"] != "fp32") & ~tried["stopped_early"]
+                 & tried["formats"].map(lambda f: set(f.split(",")) <= {"int8", "float"})]
+    meeting = pool[pool["budget_outcome"] == "met"]
+    assert len(meeting) > 1
+    expected = meeting.sort_values(["cost", "kl"], kind="stable").iloc[0]
+    marked = tried[tried["int8_float_best"].fillna("") != ""]
+    assert len(marked) == 1
+    marked = marked.iloc[0]
+    assert marked["int8_float_best"] == "met" and marked["formats"] == "int8,float"
+    assert (marked["cost"], marked["kl"]) == (expected["cost"], expected["kl"])
+    # the same mark in plan_steps (one schema, read back) and in the report's planner section
+    steps = artifacts.read(out, artifacts.PLAN_STEPS).rows
+    assert steps[steps["int8_float_best"] != ""]["attempt"].tolist() == [marked["attempt"]]
+    sec = section((out / "report.html").read_text(), "planner")
+    assert f"Best int8/float-only point measured by this search: attempt {marked['attempt']} " in sec
+    assert column(sec, "tried-table", "best int8/float-only").count("met") == 1
+
+
 def _sites_csv(model_dir, capsys) -> list[str]:  # noqa: F811
     capsys.readouterr()
     assert main(["sites", "--model", str(model_dir), "--format", "csv"]) == 0
