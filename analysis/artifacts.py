@@ -99,12 +99,15 @@ ERRORS_CHANNELS = "errors_channels.npz"
 # group float, the paired per-round difference (float minus start, ms per batch) with its
 # 95 % interval, and the cost of one site of the group (cost_ms: ms per batch, 0 when free;
 # cost_per_site: % of the start time); free: the interval reaches 0, no measurable slowdown.
+# With --formats (meta "formats": the list; None without): one row per (group, format) with a
+# ``format`` column ("float" on the float rows), float_ms then being the time of that variant
+# (the group float, or in that format).
 LATENCY = TableSpec(
     "latency_sites",
     ("group", "kind", "role", "sites", "members", "start_ms", "float_ms", "delta_ms", "delta_lo_ms", "delta_hi_ms",
      "spread_ms", "cost_ms", "free", "cost_per_site"),
-    (*RUN_CONTEXT, "config", "batch", "runs", "threads", "backend", "version", "noise_ms"),
-    ("calibration_s", "wall_s"), "vitq plan --cost latency")
+    (*RUN_CONTEXT, "config", "batch", "runs", "threads", "backend", "version", "noise_ms", "formats"),
+    ("calibration_s", "wall_s"), "vitq plan --cost latency", optional=("format",))
 # budget_outcome: the explicit budget on that row's images, met / not met / undecided
 # (analysis.budget; "met" without an explicit budget); stopped_early: the move was measured on
 # the first `images` plan images only, its test being hopeless there (conditional power below

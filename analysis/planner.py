@@ -173,12 +173,22 @@ def cost_of(config: QuantConfig | None, sites, macs: dict[str, float], site_cost
     return 100.0 - config_cost(config, sites, macs)["int8_macs_share"] + site_cost * extra
 
 
-def latency_cost(config: QuantConfig | None, sites, unit_costs: dict[str, float], base: float = 0.0) -> float:
+def latency_cost(config: QuantConfig | None, sites, unit_costs: dict[str, float], base: float = 0.0,
+                 format_costs: dict[tuple[str, str], float] | None = None) -> float:
     """``base`` (the start config's measured time) plus the measured per-site latency costs
     (``vitq.latency``: ms per batch, 0 where not measurable) of the sites ``config`` keeps
-    float beyond the backend-float kinds."""
-    return base + sum(unit_costs.get(s.name, 0.0) for s in sites
-                      if s.kind not in BACKEND_FLOAT_KINDS and (config is None or config.is_float(s)))
+    float beyond the backend-float kinds and, with ``format_costs`` ((site, format) -> ms per
+    batch), of the sites it runs in another format than the start's (a (site, format) the
+    table lacks runs as the start config does: no cost)."""
+    total = base
+    for s in sites:
+        if s.kind in BACKEND_FLOAT_KINDS:
+            continue
+        if config is None or config.is_float(s):
+            total += unit_costs.get(s.name, 0.0)
+        elif format_costs:
+            total += format_costs.get((s.name, format_name(config, s)), 0.0)
+    return total
 
 
 class Planner:
@@ -191,7 +201,8 @@ class Planner:
                  seed: int = 0, progress: bool = True, unit_costs: dict[str, float] | None = None,
                  cost_base: float = 0.0, cost_noise: float = 0.0, early_stop: bool = True,
                  futility: float = FUTILITY, look: int = LOOK_IMAGES, cost_kind: str | None = None,
-                 format_moves: FormatMoves | None = None) -> None:
+                 format_moves: FormatMoves | None = None,
+                 format_costs: dict[tuple[str, str], float] | None = None) -> None:
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
         self.runner, self.confirm_runner = plan_runner, confirm_runner
@@ -200,6 +211,7 @@ class Planner:
         self.macs, self.budget = macs, budget or Budget()
         self.objective, self.site_cost = objective, site_cost
         self.unit_costs = unit_costs  # per-site latency costs (--cost latency); None: MACs
+        self.format_costs = format_costs  # (site, format) latency costs (--cost latency --formats)
         # the start config's measured time, and the resolution of a cost difference (costs
         # closer than this are equal; 0 for MACs, which are exact)
         self.cost_base, self.cost_noise = cost_base, cost_noise
@@ -295,7 +307,7 @@ class Planner:
         if self.cost_kind is not None:
             return exact_cost(self.cost_kind, config, self.qmodel, self.macs)
         if self.unit_costs is not None:
-            return latency_cost(config, self.sites, self.unit_costs, self.cost_base)
+            return latency_cost(config, self.sites, self.unit_costs, self.cost_base, self.format_costs)
         return cost_of(config, self.sites, self.macs, self.site_cost)
 
     def compare(self, new: OutputStats, current: OutputStats) -> dict[str, float]:

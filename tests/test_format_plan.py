@@ -172,6 +172,7 @@ def test_cost_resolution_and_format_lists():
     assert resolve_cost("macs", ["int8", "float"]) == "macs"  # int8 or float: as before
     with pytest.raises(ConfigError, match="--cost macs prices a site in int8 or float only"):
         resolve_cost("macs", ["int8", "a16w8"])
+    assert resolve_cost("latency", ["int8", "a16w8", "float"]) == "latency"  # measured per format
     assert parse_formats(" int8, a16w8 ,float,int8") == ["int8", "a16w8", "float"]
     with pytest.raises(ValueError, match="unknown format\\(s\\) int9; formats are .*int8.*"):
         parse_formats("int8,int9")

@@ -171,7 +171,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objective", choices=("kl", "logit_mse"), default="kl", help="search objective (default kl)")
     p.add_argument("--cost", choices=("auto", "latency", "macs", "bitops", "size"), default="auto",
                    help="what a float site costs: its latency measured once with ONNX Runtime on this machine (sites "
-                        "whose slowdown is not measurable cost nothing), or its share of matmul MACs (+0.5 per residual "
+                        "whose slowdown is not measurable cost nothing; with --formats, each site group also timed in "
+                        "each listed format), or its share of matmul MACs (+0.5 per residual "
                         "add); bitops: BitOps in %% of all's (MACs x weight bits x activation bits, float at 32 bits); "
                         "size: Linear/Conv weight MB; auto (default): bitops when --formats go beyond int8 and float, "
                         "else latency where onnx/onnxruntime/onnxscript are installed, else macs")

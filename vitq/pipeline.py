@@ -333,16 +333,17 @@ LATENCY_VERSION = 2  # 2: paired per-round differences with their interval, free
 
 def resolve_cost(cost: str, formats: list[str] | None = None) -> str:
     """``auto`` -> ``bitops`` when ``formats`` go beyond int8 and float (the costs that price
-    every format); else ``latency`` where the latency table can be measured (onnx, onnxruntime
-    and onnxscript importable), else ``macs`` with a note on stderr saying what to install.
-    ``macs`` and ``latency`` price int8 or float only: with other formats, a ConfigError."""
+    every format without a measurement); else ``latency`` where the latency table can be
+    measured (onnx, onnxruntime and onnxscript importable), else ``macs`` with a note on stderr
+    saying what to install. ``macs`` prices int8 or float only: with other formats, a
+    ConfigError; ``latency`` prices every listed format by its measured time in ONNX Runtime."""
     multi = not only_int8_and_float(formats)
     if cost != "auto":
         if cost not in ("macs", "latency", *EXACT_COSTS):
             raise ValueError(f"unknown cost {cost!r}; choose auto, macs, latency, {', '.join(EXACT_COSTS)}")
-        if multi and cost not in EXACT_COSTS:
-            raise ConfigError(f"--cost {cost} prices a site in int8 or float only; with --formats "
-                              f"{','.join(formats)} use --cost bitops or size")
+        if multi and cost == "macs":
+            raise ConfigError(f"--cost macs prices a site in int8 or float only; with --formats "
+                              f"{','.join(formats)} use --cost bitops, size or latency")
         return cost
     if multi:
         return "bitops"
@@ -358,20 +359,21 @@ def resolve_cost(cost: str, formats: list[str] | None = None) -> str:
 
 
 def run_latency(session: Session, config: QuantConfig, *, batch: int = 8, runs: int = 9,
-                threads: int | None = None) -> pd.DataFrame:
-    """The per-site latency table of ``config`` (:mod:`vitq.latency`), measured once per
-    output folder and config: a table already there with the same settings is reused."""
+                threads: int | None = None, formats: list[str] | None = None) -> pd.DataFrame:
+    """The per-site latency table of ``config`` (:mod:`vitq.latency`; with ``formats``, also
+    each site group in each of them), measured once per output folder, config and formats: a
+    table already there with the same settings is reused."""
     from .latency import measure_site_latency, noise_ms
 
     meta = {**session.describe(), "config": config.to_dict(), "batch": batch, "runs": runs, "threads": threads,
-            "backend": "onnxruntime", "version": LATENCY_VERSION}
+            "backend": "onnxruntime", "version": LATENCY_VERSION, "formats": formats}
     old = artifacts.read(session.out, artifacts.LATENCY)
     if old is not None and all(old.meta.get(k) == v for k, v in meta.items() if k not in ("torch", "transformers")):
         return old.rows
     t0 = time.time()
     pixels = torch.cat(eval_set(session, batch).pixels)[:batch]
     table = measure_site_latency(session.qmodel, config, pixels, runs=runs, threads=threads,
-                                 progress=session.opts.progress)
+                                 progress=session.opts.progress, formats=formats)
     meta["noise_ms"] = noise_ms(table)
     artifacts.write(session.out, artifacts.LATENCY, table, meta, _run_info(session, wall_s=round(time.time() - t0, 1)))
     return table
@@ -403,11 +405,11 @@ def run_plan(session: Session, start: QuantConfig, budget: Budget,
                 "log_version": LOG_VERSION}
     latency = {}
     if cost == "latency":
-        from .latency import noise_ms, unit_costs
+        from .latency import format_unit_costs, noise_ms, unit_costs
 
-        table = run_latency(session, start, batch=opts.latency_batch, runs=opts.latency_runs)
+        table = run_latency(session, start, batch=opts.latency_batch, runs=opts.latency_runs, formats=formats)
         latency = {"unit_costs": unit_costs(table), "cost_base": float(table["start_ms"].iloc[0]) if len(table) else 0.0,
-                   "cost_noise": noise_ms(table)}
+                   "cost_noise": noise_ms(table), "format_costs": format_unit_costs(table) if formats else None}
     moves = None if by_format is None else FormatMoves(
         formats, {(r.candidate, r.format): float(r.kl) for r in by_format.itertuples()}, start, session.sites)
     planner = Planner(runner(session, plan_data), None if confirm_data is None else runner(session, confirm_data),
