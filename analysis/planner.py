@@ -43,7 +43,10 @@ The plan and the reference presets are then measured on disjoint *confirm* image
 Over formats (``format_moves``, :mod:`analysis.format_moves`): the float fallbacks become
 moves to more precise formats of a list and trimming moves to cheaper ones, priced by an
 exact cost of every format (``cost_kind``: BitOps or weight MB, :mod:`analysis.cost`); the
-budget's caps (``max_bitops``, ``max_weight_mb``) bound what counts as a plan. Every
+budget's caps (``max_bitops``, ``max_weight_mb``) bound what counts as a plan; a list without
+``float`` (an integer-only target) admits as the plan only configs that keep no site float
+beyond the float kinds (:meth:`Planner.admissible`), and a best preset that keeps other sites
+float starts no path (its float sites could not leave it). Every
 attempt's row then says the formats its config runs (``formats``), and among the attempts
 the plan is chosen from (the presets and the kept points of every path) whose configs use
 int8 and float only, the one the same rule (:meth:`Planner._choose`) picks is marked (``int8_float_best``: that rule's outcome, "" on
@@ -360,7 +363,9 @@ class Planner:
                 self._path("start", first, f"start from {start.name}",
                            [*self._remedies(first, only_table, worst_sites), *self._floats(first, estimates)],
                            max_steps)
-                if best_ref != start.name:
+                # a preset keeping sites float a float-less format list cannot give (an integer-only
+                # target) is no start: its path could only lead to points that are no plan
+                if best_ref != start.name and self.admissible(references[best_ref].config):
                     ref = copy.deepcopy(references[best_ref].config)
                     ref.name = "plan"
                     # remedies there too: SmoothQuant on NNCF's float set is what NNCF's default adds
@@ -382,6 +387,7 @@ class Planner:
                 self._scratch, self._cache = None, None
 
         points = [p for path in self.paths.values() for p in path] + list(references.values())
+        points = [p for p in points if self.admissible(p.config)]
         self.frontier = pareto(points, self.objective)
         chosen, self.outcome = self._choose(points)
         self._set_chosen(chosen)
@@ -452,6 +458,17 @@ class Planner:
         return min((p for p in points if p.row["cost"] <= low + self.cost_noise),
                    key=lambda p: (p.row[self.objective], p.row["cost"]))
 
+    def admissible(self, config: QuantConfig) -> bool:
+        """Whether ``config`` may be the plan: always, unless the planner over formats was given a
+        list without ``float`` (an integer-only target, e.g. an NPU where a float residual add is
+        a float island): then only configs that keep no site float beyond the float kinds
+        (LayerNorm, GELU, Softmax, and those of the start config)."""
+        moves = self.format_moves
+        if moves is None or FLOAT in moves.formats:
+            return True
+        kinds = set(BACKEND_FLOAT_KINDS) | set(moves.start.float_kinds)
+        return not any(config.is_float(s) and s.kind not in kinds for s in self.sites)
+
     def formats_used(self, config: QuantConfig | None) -> str:
         """The formats ``config`` runs its sites in (None: FP32, float), comma-separated in
         the registry's order, ``float`` last."""
@@ -501,8 +518,9 @@ class Planner:
                 return self.cheapest(open_), "undecided"
         if self.budget.beat_references and not explicit:
             cap = self.references[self.best_reference].row["cost"] + self.cost_noise
-            return self.cheapest([p for p in points if self.matches_best(p) and p.row["cost"] <= cap]), \
-                "matches best reference"
+            matching = [p for p in points if self.matches_best(p) and p.row["cost"] <= cap]
+            if matching:  # the best preset itself, unless it is no admissible plan (admissible)
+                return self.cheapest(matching), "matches best reference"
         return min(self.frontier if frontier is None else frontier,
                    key=lambda p: (p.row[self.objective], p.row["cost"])), "not met"
 
@@ -510,7 +528,7 @@ class Planner:
         """Where trimming starts and what a trimmed point must keep: the cheapest feasible
         point, else the cheapest point whose quality is enough (trimming may bring its cost
         within the presets'); then the same with an undecided budget (not shown violated)."""
-        points = [p for path in self.paths.values() for p in path]
+        points = [p for path in self.paths.values() for p in path if self.admissible(p.config)]
         for ok in (self.feasible, self.quality_ok, lambda p: self.feasible(p, undecided=True),
                    lambda p: self.quality_ok(p, undecided=True)):
             good = [p for p in points if ok(p)]

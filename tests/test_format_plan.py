@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from transformers import AutoModelForImageClassification
 
 from analysis import artifacts
 from analysis.cost import site_macs
@@ -329,6 +330,20 @@ def test_analyze_over_formats_marks_the_cheapest_int8_float_only_point_meeting_t
     sec = section((out / "report.html").read_text(), "planner")
     assert f"Best int8/float-only point measured by this search: attempt {marked['attempt']} " in sec
     assert column(sec, "tried-table", "best int8/float-only").count("met") == 1
+
+
+def test_formats_without_float_give_an_integer_only_plan(model_dir, data_dir, tmp_path):  # noqa: F811
+    # an integer-only target (an NPU): no float site beyond the kinds every backend keeps float
+    out = tmp_path / "out"
+    assert main(["plan", "--model", str(model_dir), "--data", str(data_dir), "--calib", "8", "--batch-size", "5",
+                 "--no-progress", "--out", str(out), "--eval-images", "6", "--formats", "int8,a16w8,w4a8"]) == 0
+    plan = QuantConfig.load(out / "plan.yaml")
+    model = AutoModelForImageClassification.from_pretrained(model_dir)
+    sites = QuantModel(model).sites
+    floats = [s.name for s in sites if plan.is_float(s) and s.kind not in ("layernorm", "gelu", "softmax")]
+    assert floats == []
+    assert yaml.safe_load((out / "plan_skiplist.yaml").read_text())["float_sites"] == []
+    assert set(plan.formats.values()) <= {"int8", "a16w8", "w4a8"}
 
 
 def _sites_csv(model_dir, capsys) -> list[str]:  # noqa: F811
