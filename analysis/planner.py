@@ -481,7 +481,9 @@ class Planner:
         the plan is chosen from: the reference presets and the kept points of every path) those
         whose configs run every site in int8 or float, the one :meth:`_choose` picks
         (``int8_float_best``: its outcome); every attempt's row gets ``formats``."""
-        points = [p for p in points if p.config is not None and not p.row["stopped_early"]
+        # the presets first: of equal points (a path's start is its preset) the preset's row is marked
+        points = [p for p in sorted(points, key=lambda p: p.row["path"] != "reference")
+                  if p.config is not None and not p.row["stopped_early"]
                   and set(self.formats_used(p.config).split(",")) <= {"int8", FLOAT}]
         best, outcome = self._choose(points, pareto(points, self.objective)) if points else (None, "")
         self.int8_float_best = best

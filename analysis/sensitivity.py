@@ -126,8 +126,8 @@ def analyze_sensitivity(runner: Runner, config: QuantConfig, out_dir: Path, *, m
     qmodel = runner.qmodel
     config.validate(qmodel.sites)
     every = make_candidates(qmodel.sites, config, group)
-    cands = every if only is None else [c for c in every if c.name in set(only)]
-    cands += _format_candidates(every, formats or {}, mode)
+    cands = ([*every] if only is None else [c for c in every if c.name in set(only)]) + _format_candidates(
+        every, formats or {}, mode)
     if not cands:
         raise ValueError("no candidate to measure: the config keeps every site float")
     total = len(cands)
