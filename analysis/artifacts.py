@@ -68,6 +68,10 @@ EVAL = TableSpec(
 ACCURACY = TableSpec("accuracy", EVAL.columns, EVAL.meta, EVAL.run, "vitq analyze")
 SENSITIVITY_COLUMNS = (*CANDIDATE_COLUMNS, *ACCURACY_COLUMNS)
 SENSITIVITY_META = (*RUN_CONTEXT, "mode", "group", "images", "candidates", "fp32", "baseline", "rank_by")
+# format / own_format: the format a row's candidate was quantized in, and whether that is the
+# config's own (False: a row measured in another format, vitq plan --formats); absent when
+# every row is of the config's own formats (analysis.sensitivity.own_format_rows)
+SENSITIVITY_OPTIONAL = ("format", "own_format")
 SENSITIVITY_RUN = ("calibration_s", "wall_s", "measured_now", "merged_from_shards", "candidates_s", "full_pass_s",
                    "naive_estimate_s", "speedup_vs_naive", "log")
 TAYLOR_COLUMNS = (*CANDIDATE_COLUMNS, "kl_estimate")
@@ -95,12 +99,15 @@ ERRORS_CHANNELS = "errors_channels.npz"
 # group float, the paired per-round difference (float minus start, ms per batch) with its
 # 95 % interval, and the cost of one site of the group (cost_ms: ms per batch, 0 when free;
 # cost_per_site: % of the start time); free: the interval reaches 0, no measurable slowdown.
+# With --formats (meta "formats": the list; None without): one row per (group, format) with a
+# ``format`` column ("float" on the float rows), float_ms then being the time of that variant
+# (the group float, or in that format).
 LATENCY = TableSpec(
     "latency_sites",
     ("group", "kind", "role", "sites", "members", "start_ms", "float_ms", "delta_ms", "delta_lo_ms", "delta_hi_ms",
      "spread_ms", "cost_ms", "free", "cost_per_site"),
-    (*RUN_CONTEXT, "config", "batch", "runs", "threads", "backend", "version", "noise_ms"),
-    ("calibration_s", "wall_s"), "vitq plan --cost latency")
+    (*RUN_CONTEXT, "config", "batch", "runs", "threads", "backend", "version", "noise_ms", "formats"),
+    ("calibration_s", "wall_s"), "vitq plan --cost latency", optional=("format",))
 # budget_outcome: the explicit budget on that row's images, met / not met / undecided
 # (analysis.budget; "met" without an explicit budget); stopped_early: the move was measured on
 # the first `images` plan images only, its test being hopeless there (conditional power below
@@ -115,8 +122,16 @@ PLAN_META = (*RUN_CONTEXT, "budget", "met", "outcome", "cost", "cost_unit", "cos
              "confirm_images", "plan", "float_sites", "start", "best_reference", "verdict", "noise", "decisions",
              "confirm_decisions", "decide")
 PLAN_RUN = ("calibration_s", "wall_s", "measured_now", "log")
-PLAN_STEPS = TableSpec("plan_steps", (*PLAN_COLUMNS, "on_frontier", "plan"), PLAN_META, PLAN_RUN, "vitq plan")
-PLAN_TRIED = TableSpec("plan_tried", PLAN_COLUMNS, PLAN_META, PLAN_RUN, "vitq plan")
+# The planner over formats (--formats beyond int8 and float) adds: formats, the formats a row's
+# config runs its sites in ("int8,float", "a16w8,int8,float", ...); int8_float_best, on the best
+# int8/float-only point measured by that search (among the rows the plan is chosen from, the
+# reference presets and the kept points, those whose configs run only int8 and float: the one
+# the planner's own rule picks) that rule's
+# outcome (met, budget only, undecided, matches best reference, not met), "" on every other row
+PLAN_FORMAT_COLUMNS = ("formats", "int8_float_best")
+PLAN_STEPS = TableSpec("plan_steps", (*PLAN_COLUMNS, "on_frontier", "plan"), PLAN_META, PLAN_RUN, "vitq plan",
+                       optional=PLAN_FORMAT_COLUMNS)
+PLAN_TRIED = TableSpec("plan_tried", PLAN_COLUMNS, PLAN_META, PLAN_RUN, "vitq plan", optional=PLAN_FORMAT_COLUMNS)
 PLAN_CONFIRM = TableSpec("plan_confirm", ("config", *ACCURACY_COLUMNS, "top1_drop_se", *SHARE_COLUMNS, "cost",
                                           "budget_outcome"), PLAN_META, PLAN_RUN, "vitq plan")
 # The decide stage (analysis.decide): one row per look of each candidate's sequential test of
@@ -151,7 +166,7 @@ def sensitivity(mode: str, group: str) -> TableSpec:
     if mode not in MODES or group not in GROUPS:
         raise ValueError(f"no sensitivity artefact for mode {mode!r}, group {group!r}")
     return TableSpec(f"sensitivity_{mode}_{group}", SENSITIVITY_COLUMNS, SENSITIVITY_META, SENSITIVITY_RUN,
-                     f"vitq sensitivity --mode {mode.replace('_', '-')} --group {group}")
+                     f"vitq sensitivity --mode {mode.replace('_', '-')} --group {group}", optional=SENSITIVITY_OPTIONAL)
 
 
 def sensitivity_taylor(group: str) -> TableSpec:

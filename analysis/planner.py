@@ -43,7 +43,15 @@ The plan and the reference presets are then measured on disjoint *confirm* image
 Over formats (``format_moves``, :mod:`analysis.format_moves`): the float fallbacks become
 moves to more precise formats of a list and trimming moves to cheaper ones, priced by an
 exact cost of every format (``cost_kind``: BitOps or weight MB, :mod:`analysis.cost`); the
-budget's caps (``max_bitops``, ``max_weight_mb``) bound what counts as a plan.
+budget's caps (``max_bitops``, ``max_weight_mb``) bound what counts as a plan; a list without
+``float`` (an integer-only target) admits as the plan only configs that keep no site float
+beyond the float kinds (:meth:`Planner.admissible`), and a best preset that keeps other sites
+float starts no path (its float sites could not leave it). Every
+attempt's row then says the formats its config runs (``formats``), and among the attempts
+the plan is chosen from (the presets and the kept points of every path) whose configs use
+int8 and float only, the one the same rule (:meth:`Planner._choose`) picks is marked (``int8_float_best``: that rule's outcome, "" on
+every other row): the best int8/float-only point measured by this search, which is not
+literally what the int8-or-float planner would have reached (its moves differ).
 """
 
 from __future__ import annotations
@@ -58,13 +66,14 @@ import pandas as pd
 from tqdm import tqdm
 
 from quant.config import BACKEND_FLOAT_KINDS, QuantConfig
+from quant.formats import FORMATS
 from quant.presets import preset
 from quant.store import settings_key
 
 from .budget import Decision, conditional_power, decide, overall
 from .cost import EXACT_COSTS, MATMUL_KINDS, config_cost, exact_cost
 from .evaluate import accuracy_row
-from .format_moves import FormatMoves, format_name, without_float
+from .format_moves import FLOAT, FormatMoves, format_name, without_float
 from .measurement_log import MeasurementLog
 from .metrics import OutputStats, paired_bootstrap
 from .runner import LOOK_IMAGES, BoundaryCache, Runner, scratch
@@ -167,12 +176,22 @@ def cost_of(config: QuantConfig | None, sites, macs: dict[str, float], site_cost
     return 100.0 - config_cost(config, sites, macs)["int8_macs_share"] + site_cost * extra
 
 
-def latency_cost(config: QuantConfig | None, sites, unit_costs: dict[str, float], base: float = 0.0) -> float:
+def latency_cost(config: QuantConfig | None, sites, unit_costs: dict[str, float], base: float = 0.0,
+                 format_costs: dict[tuple[str, str], float] | None = None) -> float:
     """``base`` (the start config's measured time) plus the measured per-site latency costs
     (``vitq.latency``: ms per batch, 0 where not measurable) of the sites ``config`` keeps
-    float beyond the backend-float kinds."""
-    return base + sum(unit_costs.get(s.name, 0.0) for s in sites
-                      if s.kind not in BACKEND_FLOAT_KINDS and (config is None or config.is_float(s)))
+    float beyond the backend-float kinds and, with ``format_costs`` ((site, format) -> ms per
+    batch), of the sites it runs in another format than the start's (a (site, format) the
+    table lacks runs as the start config does: no cost)."""
+    total = base
+    for s in sites:
+        if s.kind in BACKEND_FLOAT_KINDS:
+            continue
+        if config is None or config.is_float(s):
+            total += unit_costs.get(s.name, 0.0)
+        elif format_costs:
+            total += format_costs.get((s.name, format_name(config, s)), 0.0)
+    return total
 
 
 class Planner:
@@ -185,7 +204,8 @@ class Planner:
                  seed: int = 0, progress: bool = True, unit_costs: dict[str, float] | None = None,
                  cost_base: float = 0.0, cost_noise: float = 0.0, early_stop: bool = True,
                  futility: float = FUTILITY, look: int = LOOK_IMAGES, cost_kind: str | None = None,
-                 format_moves: FormatMoves | None = None) -> None:
+                 format_moves: FormatMoves | None = None,
+                 format_costs: dict[tuple[str, str], float] | None = None) -> None:
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
         self.runner, self.confirm_runner = plan_runner, confirm_runner
@@ -194,6 +214,7 @@ class Planner:
         self.macs, self.budget = macs, budget or Budget()
         self.objective, self.site_cost = objective, site_cost
         self.unit_costs = unit_costs  # per-site latency costs (--cost latency); None: MACs
+        self.format_costs = format_costs  # (site, format) latency costs (--cost latency --formats)
         # the start config's measured time, and the resolution of a cost difference (costs
         # closer than this are equal; 0 for MACs, which are exact)
         self.cost_base, self.cost_noise = cost_base, cost_noise
@@ -212,6 +233,7 @@ class Planner:
             Path(out_dir) / f"plan_confirm.{settings_key(settings)}.jsonl",
             {**settings, "confirm_images": len(confirm_runner)})
         self.tried: list[dict] = []
+        self.tried_points: list[Point] = []  # every attempt, FP32 included (config None)
         self._cache: tuple[str, BoundaryCache] | None = None
         self.out_dir = Path(out_dir)
         self._scratch: Path | None = None
@@ -288,7 +310,7 @@ class Planner:
         if self.cost_kind is not None:
             return exact_cost(self.cost_kind, config, self.qmodel, self.macs)
         if self.unit_costs is not None:
-            return latency_cost(config, self.sites, self.unit_costs, self.cost_base)
+            return latency_cost(config, self.sites, self.unit_costs, self.cost_base, self.format_costs)
         return cost_of(config, self.sites, self.macs, self.site_cost)
 
     def compare(self, new: OutputStats, current: OutputStats) -> dict[str, float]:
@@ -311,6 +333,7 @@ class Planner:
                   {"gain": None, "gain_se": None, "gain_lo": None, "gain_hi": None}),
                **self.row(config, stats, self.fp32.head(n) if stopped else None), "stopped_early": stopped}
         self.tried.append(row)
+        self.tried_points.append(Point(config, stats, row))
         return row
 
     # -- searching -------------------------------------------------------------------
@@ -340,7 +363,9 @@ class Planner:
                 self._path("start", first, f"start from {start.name}",
                            [*self._remedies(first, only_table, worst_sites), *self._floats(first, estimates)],
                            max_steps)
-                if best_ref != start.name:
+                # a preset keeping sites float a float-less format list cannot give (an integer-only
+                # target) is no start: its path could only lead to points that are no plan
+                if best_ref != start.name and self.admissible(references[best_ref].config):
                     ref = copy.deepcopy(references[best_ref].config)
                     ref.name = "plan"
                     # remedies there too: SmoothQuant on NNCF's float set is what NNCF's default adds
@@ -362,9 +387,12 @@ class Planner:
                 self._scratch, self._cache = None, None
 
         points = [p for path in self.paths.values() for p in path] + list(references.values())
+        points = [p for p in points if self.admissible(p.config)]
         self.frontier = pareto(points, self.objective)
         chosen, self.outcome = self._choose(points)
         self._set_chosen(chosen)
+        if self.format_moves is not None:
+            self._mark_int8_float(points)
         self.decisions = self.budget.decisions(chosen.stats, self.fp32)  # on the plan images
         self.wall_s = time.time() - t0
         return self.plan_config
@@ -430,14 +458,47 @@ class Planner:
         return min((p for p in points if p.row["cost"] <= low + self.cost_noise),
                    key=lambda p: (p.row[self.objective], p.row["cost"]))
 
-    def _choose(self, points: list[Point]) -> tuple[Point, str]:
+    def admissible(self, config: QuantConfig) -> bool:
+        """Whether ``config`` may be the plan: always, unless the planner over formats was given a
+        list without ``float`` (an integer-only target, e.g. an NPU where a float residual add is
+        a float island): then only configs that keep no site float beyond the float kinds
+        (LayerNorm, GELU, Softmax, and those of the start config)."""
+        moves = self.format_moves
+        if moves is None or FLOAT in moves.formats:
+            return True
+        kinds = set(BACKEND_FLOAT_KINDS) | set(moves.start.float_kinds)
+        return not any(config.is_float(s) and s.kind not in kinds for s in self.sites)
+
+    def formats_used(self, config: QuantConfig | None) -> str:
+        """The formats ``config`` runs its sites in (None: FP32, float), comma-separated in
+        the registry's order, ``float`` last."""
+        used = {FLOAT} if config is None else {format_name(config, s) for s in self.sites}
+        order = list(FORMATS)
+        return ",".join(sorted(used, key=lambda f: (f == FLOAT, order.index(f))))
+
+    def _mark_int8_float(self, points: list[Point]) -> None:
+        """Mark the best int8/float-only point measured by this search: among ``points`` (what
+        the plan is chosen from: the reference presets and the kept points of every path) those
+        whose configs run every site in int8 or float, the one :meth:`_choose` picks
+        (``int8_float_best``: its outcome); every attempt's row gets ``formats``."""
+        # the presets first: of equal points (a path's start is its preset) the preset's row is marked
+        points = [p for p in sorted(points, key=lambda p: p.row["path"] != "reference")
+                  if p.config is not None and not p.row["stopped_early"]
+                  and set(self.formats_used(p.config).split(",")) <= {"int8", FLOAT}]
+        best, outcome = self._choose(points, pareto(points, self.objective)) if points else (None, "")
+        self.int8_float_best = best
+        for p in self.tried_points:
+            p.row["formats"] = self.formats_used(p.config)
+            p.row["int8_float_best"] = outcome if best is not None and p.row is best.row else ""
+
+    def _choose(self, points: list[Point], frontier: list[Point] | None = None) -> tuple[Point, str]:
         """The cheapest feasible point ("met"); else, when the presets were to be beaten
         too, the cheapest point meeting the explicit budget alone ("budget only"); else,
         when the explicit budget is undecided somewhere, the cheapest point not shown to
         violate it, among those that beat the presets at no higher cost when there are such
         ("undecided"); without an explicit budget the cheapest point equal to the most
         accurate preset within the noise ("matches best reference"); else the
-        lowest-objective frontier point ("not met")."""
+        lowest-objective point of ``frontier`` (default: the search's frontier) ("not met")."""
         feasible = [p for p in points if self.feasible(p)]
         if feasible:
             return self.cheapest(feasible), "met"
@@ -459,15 +520,17 @@ class Planner:
                 return self.cheapest(open_), "undecided"
         if self.budget.beat_references and not explicit:
             cap = self.references[self.best_reference].row["cost"] + self.cost_noise
-            return self.cheapest([p for p in points if self.matches_best(p) and p.row["cost"] <= cap]), \
-                "matches best reference"
-        return min(self.frontier, key=lambda p: (p.row[self.objective], p.row["cost"])), "not met"
+            matching = [p for p in points if self.matches_best(p) and p.row["cost"] <= cap]
+            if matching:  # the best preset itself, unless it is no admissible plan (admissible)
+                return self.cheapest(matching), "matches best reference"
+        return min(self.frontier if frontier is None else frontier,
+                   key=lambda p: (p.row[self.objective], p.row["cost"])), "not met"
 
     def _trim_seed(self) -> tuple[Point, Callable[[Point], bool]] | None:
         """Where trimming starts and what a trimmed point must keep: the cheapest feasible
         point, else the cheapest point whose quality is enough (trimming may bring its cost
         within the presets'); then the same with an undecided budget (not shown violated)."""
-        points = [p for path in self.paths.values() for p in path]
+        points = [p for path in self.paths.values() for p in path if self.admissible(p.config)]
         for ok in (self.feasible, self.quality_ok, lambda p: self.feasible(p, undecided=True),
                    lambda p: self.quality_ok(p, undecided=True)):
             good = [p for p in points if ok(p)]

@@ -8,18 +8,25 @@ Resumable because every finished candidate is appended to a JSONL file that a re
 with the same settings reads back. Shardable the same way: ``shard=(i, n)`` measures
 every n-th candidate into its own log, and any later run reads all logs of its
 settings, so n processes (or GPUs) split one table and an unsharded run merges it.
+
+Per format (``formats=``, the planner over formats): an ``only`` candidate can also be
+measured quantized in another format than the config gives it; those rows go into the
+same log (keyed ``<candidate>@<format>``) and the same table, which then has a ``format``
+column (every row's format) and an ``own_format`` column (True: the config's own format,
+the rows a table without formats holds; :func:`own_format_rows`).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
 from tqdm import tqdm
 
 from quant.config import QuantConfig
+from quant.formats import get_format
 from quant.sites import Site
 from quant.store import settings_key
 
@@ -36,6 +43,24 @@ class Candidate:
 
     name: str
     sites: tuple[Site, ...]
+    fmt: str | None = None  # ``only`` in this format (a quant.formats name); None: the config's own
+
+    @property
+    def key(self) -> str:
+        """Its key in the measurement log: the name, ``<name>@<format>`` in another format."""
+        return self.name if self.fmt is None else f"{self.name}@{self.fmt}"
+
+    def specs(self, config: QuantConfig, site: Site) -> dict:
+        """The slot specs ``site`` is quantized with (``only``): the config's, in ``fmt`` when set."""
+        return config.slot_specs(site) if self.fmt is None else config.slot_specs(site, get_format(self.fmt))
+
+    def format_label(self, config: QuantConfig) -> str:
+        """The format its rows are measured in: ``fmt``, else the config's format of its sites
+        (``mixed`` when they differ)."""
+        if self.fmt is not None:
+            return self.fmt
+        names = {config.format_of(s).name for s in self.sites}
+        return names.pop() if len(names) == 1 else "mixed"
 
     def start(self, num_blocks: int) -> int:
         """First block the candidate touches: -1 = the patch embedding, num_blocks = the head."""
@@ -71,7 +96,8 @@ def make_candidates(sites: list[Site], config: QuantConfig, group: str) -> list[
 def analyze_sensitivity(runner: Runner, config: QuantConfig, out_dir: Path, *, mode: str = "only",
                         group: str = "op", rank_by: str = "kl", settings: dict | None = None, naive: bool = False,
                         only: list[str] | None = None, progress: bool = True,
-                        shard: tuple[int, int] | None = None) -> tuple[pd.DataFrame, dict, dict]:
+                        shard: tuple[int, int] | None = None,
+                        formats: dict[str, list[str]] | None = None) -> tuple[pd.DataFrame, dict, dict]:
     """Rank candidates by how much they hurt (``only``) or help (``all-but``).
 
     ``config`` gives the int8 specs and, for ``all-but``, the background model;
@@ -87,6 +113,11 @@ def analyze_sensitivity(runner: Runner, config: QuantConfig, out_dir: Path, *, m
     shard logs of the same settings hold, and measures only what none has; an
     unsharded run also copies the shards' rows into the main log, so its result
     does not depend on the shard files staying around.
+
+    ``formats`` (mode ``only``): format name -> candidates also measured quantized in that
+    format (whatever ``only`` says), in the same log; the table then has ``format`` and
+    ``own_format`` columns, the config's own rows ranked first as without formats, then
+    each format's rows ranked among themselves.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -94,9 +125,9 @@ def analyze_sensitivity(runner: Runner, config: QuantConfig, out_dir: Path, *, m
         raise ValueError(f"unknown ranking metric {rank_by!r}; choose one of {', '.join(RANK_METRICS)}")
     qmodel = runner.qmodel
     config.validate(qmodel.sites)
-    cands = make_candidates(qmodel.sites, config, group)
-    if only is not None:
-        cands = [c for c in cands if c.name in set(only)]
+    every = make_candidates(qmodel.sites, config, group)
+    cands = ([*every] if only is None else [c for c in every if c.name in set(only)]) + _format_candidates(
+        every, formats or {}, mode)
     if not cands:
         raise ValueError("no candidate to measure: the config keeps every site float")
     total = len(cands)
@@ -118,7 +149,7 @@ def analyze_sensitivity(runner: Runner, config: QuantConfig, out_dir: Path, *, m
         log = MeasurementLog(out_dir / f"{base}.shard-{index}-of-{count}.jsonl", settings,
                              read_also=[main_path, *shard_paths])
     merged, done = log.adopted, log.done
-    todo = [c for c in cands if c.name not in done]
+    todo = [c for c in cands if c.key not in done]
     log.resuming(len(cands) - len(todo), len(cands), "candidates already done")
     shard_meta = {} if shard is None else {"shard": f"{index}/{count}", "candidates_total": total}
     if not cands:  # more shards than candidates: nothing for this one
@@ -141,16 +172,24 @@ def analyze_sensitivity(runner: Runner, config: QuantConfig, out_dir: Path, *, m
             qmodel.restore(background)
             for site in cand.sites:
                 if mode == "only":
-                    qmodel.quantize_site(site.name, config.slot_specs(site))
+                    qmodel.quantize_site(site.name, cand.specs(config, site))
                 else:
                     qmodel.float_site(site.name)
             start = -1 if naive else cand.start(num_blocks)
             stats = runner.measure(qmodel.snapshot(), start, cache)
-            log.add({"candidate": cand.name, **cand.describe(), "mode": mode, "start_block": start, **stats.summary()})
+            log.add({"candidate": cand.key, **cand.describe(), "mode": mode, "start_block": start,
+                     **({} if cand.fmt is None else {"format": cand.fmt}), **stats.summary()})
         loop_s = time.time() - t_loop
         qmodel.apply(None)
     elapsed = time.time() - t0
-    df = _rank(pd.DataFrame([{**done[c.name], **drops(done[c.name], fp32)} for c in cands]), baseline, mode, rank_by)
+    rows = [{**done[c.key], "candidate": c.name, **drops(done[c.key], fp32)} for c in cands]
+    if not formats:
+        df = _rank(pd.DataFrame(rows), baseline, mode, rank_by)
+    else:  # the config's own rows, then each format's, each ranked among themselves
+        for c, row in zip(cands, rows):
+            row.update({"format": c.format_label(config), "own_format": c.fmt is None})
+        parts = [[r for c, r in zip(cands, rows) if c.fmt == f] for f in (None, *formats)]
+        df = pd.concat([_rank(pd.DataFrame(p), baseline, mode, rank_by) for p in parts if p], ignore_index=True)
     run = {"wall_s": round(elapsed, 2), "measured_now": len(todo), "merged_from_shards": merged,
            "candidates_s": round(loop_s, 2),
            "full_pass_s": round(full_pass_s, 3), "naive_estimate_s": round(full_pass_s * len(todo), 2),
@@ -161,6 +200,47 @@ def analyze_sensitivity(runner: Runner, config: QuantConfig, out_dir: Path, *, m
             "baseline": baseline, "rank_by": rank_by}
     meta.update(shard_meta)  # a shard's table is partial: the pipeline does not write it as the artefact
     return df, meta, run
+
+
+def _format_candidates(every: list[Candidate], formats: dict[str, list[str]], mode: str) -> list[Candidate]:
+    """The candidates of ``formats`` (format -> candidate names) measured in that format."""
+    if formats and mode != "only":
+        raise ValueError("a candidate is measured in another format with --mode only")
+    by_name = {c.name: c for c in every}
+    out = []
+    for fmt, names in formats.items():
+        get_format(fmt)  # a KeyError naming the formats
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise ValueError(f"no candidate {', '.join(unknown)} to measure in {fmt}")
+        out += [replace(by_name[n], fmt=fmt) for n in names]
+    return out
+
+
+def own_format_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the config's own formats (a table without per-format rows: all of it)."""
+    if "own_format" not in table:
+        return table
+    return table[table["own_format"].astype(bool)].reset_index(drop=True)
+
+
+def format_measurements(table: pd.DataFrame, metric: str = "kl") -> dict[tuple[str, str], float]:
+    """(candidate, format) -> ``metric`` of the rows measured in another format than the
+    config's (none without per-format rows)."""
+    if "own_format" not in table:
+        return {}
+    other = table[~table["own_format"].astype(bool)]
+    return {(str(r["candidate"]), str(r["format"])): float(r[metric]) for _, r in other.iterrows()}
+
+
+def with_measured_formats(estimates: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """A per-format taylor table (``candidate``, ``format``, ``kl_estimate``) with ``kl``: the
+    measured ``only`` KL of ``table``'s per-format rows where one exists (``source``
+    measured), else the estimate (``source`` taylor)."""
+    measured = format_measurements(table)
+    keys = list(zip(estimates["candidate"], estimates["format"]))
+    return estimates.assign(kl=[measured.get(k, e) for k, e in zip(keys, estimates["kl_estimate"])],
+                            source=["measured" if k in measured else "taylor" for k in keys])
 
 
 # For each ranking metric: does a larger value mean a more harmful candidate?
@@ -183,6 +263,7 @@ def _rank(df: pd.DataFrame, baseline: dict, mode: str, rank_by: str) -> pd.DataF
 
 def most_sensitive_fc(table: pd.DataFrame, n: int = 2) -> list[str]:
     """The ``n`` highest-ranked MLP fc sites of a per-site table (for ``mixed_2``)."""
+    table = own_format_rows(table)
     fc = table[table["role"].isin(["fc1", "fc2"])].sort_values("rank")
     if len(fc) < n:
         raise ValueError(f"the sensitivity table has {len(fc)} MLP fc site(s); need {n}")

@@ -555,17 +555,21 @@ def export_onnx(qmodel: QuantModel, path: str | os.PathLike, example_pixels: tor
     return _check_and_write(model, Path(path), expected, metadata)
 
 
-def export_float_variants(qmodel: QuantModel, paths: dict[str, str | os.PathLike], configs: dict,
-                          example_pixels: torch.Tensor, opset: int = 18,
-                          metadata: dict[str, dict[str, str]] | None = None) -> dict[str, ExportResult]:
-    """Graphs of several configs that differ from the first only by keeping more slots float,
+def export_variants(qmodel: QuantModel, paths: dict[str, str | os.PathLike], configs: dict,
+                    example_pixels: torch.Tensor, opset: int = 18,
+                    metadata: dict[str, dict[str, str]] | None = None) -> dict[str, ExportResult]:
+    """Graphs of several configs that quantize no slot the first does not (they may keep more
+    slots float, or quantize a slot in another format: int16 activations, int4 weights, ...),
     from ONE trace by the dynamo exporter (the slow part of an export): the first config's
-    graph is traced, and each config's graph is that graph with the placeholders of the
-    slots it keeps float removed. Each graph has exactly its config's Q/DQ placement,
-    checked as :func:`export_onnx` checks it. Weights and biases are the first config's
-    parameters: a remedy whose values depend on which sites are float (bias correction of a
-    Linear kept float) is not re-applied, so the graphs are for timing, not for accuracy.
-    ``configs``: name -> QuantConfig, ``paths``: name -> file. ``qmodel``'s state is kept."""
+    graph is traced (a placeholder at each of its quantizing slots), and each config's graph
+    is that graph with the placeholders of the slots it keeps float removed and the others
+    expanded into Q/DQ with its own parameters. Each graph has exactly its config's Q/DQ
+    placement, checked as :func:`export_onnx` checks it; the opset is 21 for every graph when
+    one of them needs it. Weights and biases are the first config's parameters (a weight's
+    codes are its own format's rounding of them): a remedy whose values depend on which sites
+    are float (bias correction of a Linear kept float) is not re-applied, so the graphs are for
+    timing, not for accuracy. ``configs``: name -> QuantConfig, ``paths``: name -> file.
+    ``qmodel``'s state is kept."""
     _require_onnx()
     example = trace_example(example_pixels)
     names = list(configs)
@@ -578,10 +582,12 @@ def export_float_variants(qmodel: QuantModel, paths: dict[str, str | os.PathLike
             expected[name] = int8_tensors(qmodel, example)
         base = slots[names[0]]
         for name in names[1:]:
-            extra = [k for k, qp in slots[name].items() if k not in base or _qkey(qp) != _qkey(base[k])]
+            extra = [k for k in slots[name] if k not in base]
             if extra:
-                raise ExportError(f"config {name!r} quantizes {extra[0]} other than {names[0]!r} does; "
-                                  "variants may only keep more slots float")
+                raise ExportError(f"config {name!r} quantizes {extra[0]}, which {names[0]!r} keeps float; "
+                                  "variants may only quantize slots the first config quantizes")
+        if any(not is_standard_int8(qp) for s in slots.values() for qp in s.values()):
+            opset = max(opset, WIDE_OPSET)
         qmodel.apply(configs[names[0]])
         with export_mode(qmodel):
             raw = trace_graph(Forward(qmodel), example, opset)

@@ -345,6 +345,17 @@ def _flags(values: Iterable) -> np.ndarray:
     return np.array([v is True or v in ("True", "true", 1) for v in values], dtype=bool)
 
 
+def int8_float_best(table: pd.DataFrame | None) -> pd.Series | None:
+    """The row a planner over formats marked as its best int8/float-only point (column
+    ``int8_float_best``, analysis.artifacts.PLAN_FORMAT_COLUMNS: the rule's outcome on that
+    row, empty elsewhere); None when the table has no such row."""
+    if table is None or "int8_float_best" not in table:
+        return None
+    flags = table["int8_float_best"].fillna("").astype(str)
+    rows = table[flags != ""]
+    return rows.iloc[0] if len(rows) else None
+
+
 def frontier(steps: pd.DataFrame, tried: pd.DataFrame | None = None, *, objective: str = "kl",
              max_objective: float | None = None, cost: str = "macs", cost_unit: str | None = None) -> bytes:
     """The planner's search as cost (x: the planner's ``cost`` column, in ``cost_unit``
@@ -353,7 +364,8 @@ def frontier(steps: pd.DataFrame, tried: pd.DataFrame | None = None, *, objectiv
 
     ``tried`` (every attempt): faint grey points. ``steps`` (kept points): one line per
     search path in attempt order, frontier points circled, reference presets as
-    labelled diamonds, the plan as a star. Points with objective <= 0 (FP32) cannot
+    labelled diamonds, the plan as a star, the best int8/float-only point of a search over
+    formats (:func:`int8_float_best`) as an open square. Points with objective <= 0 (FP32) cannot
     sit on a log axis and are left out. Every legend entry is an artist drawn here.
     """
     def xy(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -391,6 +403,12 @@ def frontier(steps: pd.DataFrame, tried: pd.DataFrame | None = None, *, objectiv
         if plan.any():
             ax.scatter(x[plan], y[plan], marker="*", s=380, color=BAD, edgecolors="white", linewidths=0.8,
                        zorder=5, label="plan")
+        marked = int8_float_best(tried if tried is not None and "int8_float_best" in tried else steps)
+        if marked is not None:
+            mx, my = float(marked["cost"]), float(marked[objective])
+            if math.isfinite(mx) and math.isfinite(my) and my > 0:
+                ax.scatter([mx], [my], marker="s", s=110, facecolors="none", edgecolors="#1f5fbf", linewidths=2.0,
+                           zorder=6, label=f"best int8/float-only point measured by this search ({marked['int8_float_best']})")
         if max_objective is not None and math.isfinite(max_objective) and max_objective > 0:
             ax.axhline(max_objective, color=BAD, linestyle="--", linewidth=1, zorder=1,
                        label=f"budget: {'KL' if objective == 'kl' else objective} ≤ {max_objective:g}")

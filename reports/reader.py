@@ -61,7 +61,8 @@ class Artefacts:
         t = self.table(artifacts.LATENCY)
         if t is None:
             return []
-        groups = {m: r for r in records(t.rows) for m in str(r["members"]).split(",")}
+        rows = t.rows if "format" not in t.rows else t.rows[t.rows["format"] == "float"]  # float rows only
+        groups = {m: r for r in records(rows) for m in str(r["members"]).split(",")}
         return [{"site": s, **({k: groups[s][k] for k in ("group", "cost_ms", "free")} if s in groups else {})}
                 for s in sites]
 

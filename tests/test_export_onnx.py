@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+
 import importlib.util
 import json
 
@@ -347,17 +349,24 @@ def test_cli_eval_onnxruntime_runs_a_config_with_formats(model_and_data, tmp_pat
 # -- variants from one capture (the latency table) ---------------------------------------------
 @needs_ort
 def test_float_variants_from_one_capture_equal_their_own_exports(qmodel, tmp_path):
-    from quant.export_onnx import export_float_variants
+    from quant.export_onnx import export_variants
+    from analysis.format_moves import with_format
     start = preset("all", qmodel.sites)
+    names = lambda pattern: [s.name for s in qmodel.sites if fnmatch.fnmatch(s.name, pattern)]  # noqa: E731
     configs = {"start": start, "residual": start.with_float(["*.residual_*"]),
-               "fc2_qk": start.with_float(["*.mlp.fc2", "*.attn.matmul_qk"])}
+               "fc2_qk": start.with_float(["*.mlp.fc2", "*.attn.matmul_qk"]),
+               # other formats from the same capture: int16 activations, int4 weights, weight-only int4, FP8
+               "a16w8_residual": with_format(start, names("*.residual_*"), "a16w8", qmodel.sites),
+               "w4a8_fc1": with_format(start, names("*.mlp.fc1"), "w4a8", qmodel.sites),
+               "w4_fc2": with_format(start, names("*.mlp.fc2"), "w4", qmodel.sites),
+               "fp8_av": with_format(start, names("*.attn.matmul_av"), "fp8", qmodel.sites)}
     before = qmodel.snapshot()
-    variants = export_float_variants(qmodel, {k: tmp_path / f"v_{k}.onnx" for k in configs}, configs, _images(2, 1))
+    variants = export_variants(qmodel, {k: tmp_path / f"v_{k}.onnx" for k in configs}, configs, _images(2, 1))
     assert all(torch.equal(a, b) for a, b in zip(_flat(qmodel.snapshot()), _flat(before)))  # state kept
     x = _images(4, 3)
     for name, cfg in configs.items():
         qmodel.apply(cfg)
-        own = export_onnx(qmodel, tmp_path / f"own_{name}.onnx", _images(2, 1))
+        own = export_onnx(qmodel, tmp_path / f"own_{name}.onnx", _images(2, 1), opset=21)  # the variants' opset
         qmodel.apply(None)
         v = variants[name]
         # the same ops, node for node by type, and the same Q/DQ counts as the config's own export
@@ -366,13 +375,22 @@ def test_float_variants_from_one_capture_equal_their_own_exports(qmodel, tmp_pat
         assert torch.allclose(_ort(v.path)(x), _ort(own.path)(x), atol=1e-5)
     # fewer Q/DQ in a variant: the 2 x 2 residual adds' pairs are gone
     assert variants["start"].dequantize_nodes - variants["residual"].dequantize_nodes == 4
+    # every graph at the opset the widest format needs, the formats' element types in place
+    import onnx
+    from onnx import TensorProto
+    opsets = {k: {o.version for o in onnx.load(str(v.path)).opset_import if o.domain == ""} for k, v in variants.items()}
+    assert set(map(frozenset, opsets.values())) == {frozenset({21})}
+    types = lambda k: {i.data_type for i in onnx.load(str(variants[k].path)).graph.initializer}  # noqa: E731
+    assert TensorProto.UINT16 in types("a16w8_residual") and TensorProto.UINT16 not in types("start")
+    assert TensorProto.INT4 in types("w4a8_fc1") and TensorProto.INT4 in types("w4_fc2")
+    assert TensorProto.FLOAT8E4M3FN in types("fp8_av")
 
 
-def test_a_variant_may_only_keep_more_sites_float(qmodel, tmp_path):
-    from quant.export_onnx import export_float_variants
+def test_a_variant_may_only_quantize_slots_the_first_quantizes(qmodel, tmp_path):
+    from quant.export_onnx import export_variants
     mixed_1, all_ = preset("mixed_1", qmodel.sites), preset("all", qmodel.sites)
-    with pytest.raises(ExportError, match="variants may only keep more slots float"):
-        export_float_variants(qmodel, {"a": tmp_path / "a.onnx", "b": tmp_path / "b.onnx"},
+    with pytest.raises(ExportError, match="variants may only quantize slots the first config quantizes"):
+        export_variants(qmodel, {"a": tmp_path / "a.onnx", "b": tmp_path / "b.onnx"},
                               {"a": mixed_1, "b": all_}, _images(2, 1))
 
 

@@ -11,13 +11,14 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from transformers import AutoModelForImageClassification
 
 from analysis import artifacts
 from analysis.cost import site_macs
 from analysis.format_moves import FormatMoves, parse_formats, with_format
 from analysis.planner import Budget, Planner, Point
 from analysis.runner import Runner
-from analysis.sensitivity import analyze_sensitivity
+from analysis.sensitivity import analyze_sensitivity, own_format_rows, with_measured_formats
 from analysis.taylor import taylor_estimates, taylor_format_estimates, taylor_table
 from quant.calibrate import calibrate
 from quant.config import ConfigError, QuantConfig
@@ -80,6 +81,40 @@ def test_format_estimates_follow_each_formats_noise_at_a_planted_outlier():
         assert est[(FC2, fmt)] == pytest.approx(measured, rel=0.3, abs=1e-10)
 
 
+def test_only_rows_in_another_format_are_measured_into_the_same_log_and_table(tmp_path):
+    qm, pixels, labels = _planted()
+    runner = Runner(qm, pixels[:2], labels[:16])
+    start = preset("all", qm.sites)
+    plain, _, _ = analyze_sensitivity(runner, start, tmp_path / "plain", progress=False, only=[FC2, "head"])
+    df, meta, run = analyze_sensitivity(runner, start, tmp_path, progress=False, only=[FC2, "head"],
+                                        formats={"a16w8": [FC2, "head"], "w4a8": ["head"]})
+    assert run["measured_now"] == 5 and meta["candidates"] == 5
+    assert list(zip(df["format"], df["own_format"])) == [("int8", True)] * 2 + [("a16w8", False)] * 2 + [("w4a8", False)]
+    # the config's own rows are the table without formats, ranked alike
+    own = own_format_rows(df).drop(columns=["format", "own_format"])
+    pd.testing.assert_frame_equal(own, plain, check_like=True)
+    # each per-format row is the measurement of a config built by hand: that site alone in that format
+    fresh = Runner(qm, pixels[:2], labels[:16])
+    for site, fmt in ((FC2, "a16w8"), ("head", "a16w8"), ("head", "w4a8")):
+        cfg = QuantConfig(float_sites=[s.name for s in qm.sites if s.name != site], formats={site: fmt})
+        row = df[(df["candidate"] == site) & (df["format"] == fmt)].iloc[0]
+        assert row["kl"] == pytest.approx(fresh.measure(fresh.state(cfg)).summary()["kl"], rel=1e-5, abs=1e-12)
+    # the planted outlier: fc2's int8 input is what hurts, 16-bit activations fix it
+    kl = {(r.candidate, r.format): r.kl for r in df.itertuples()}
+    assert kl[(FC2, "a16w8")] < 0.01 * kl[(FC2, "int8")]
+    # one log, resumed: a rerun measures nothing; the per-format taylor table takes the measured KL
+    again, _, rerun = analyze_sensitivity(runner, start, tmp_path, progress=False, only=[FC2, "head"],
+                                          formats={"a16w8": [FC2, "head"], "w4a8": ["head"]})
+    assert rerun["measured_now"] == 0 and len(list(tmp_path.glob("sensitivity_only_op.*.jsonl"))) == 1
+    estimates = pd.DataFrame({"candidate": [FC2, FC2, "blocks.0.mlp.fc1"], "format": ["a16w8", "w4a8", "a16w8"],
+                              "kl_estimate": [1.0, 2.0, 3.0]})
+    merged = with_measured_formats(estimates, again)
+    assert merged["kl"].tolist() == [kl[(FC2, "a16w8")], 2.0, 3.0]
+    assert merged["source"].tolist() == ["measured", "taylor", "taylor"]
+    with pytest.raises(ValueError, match="mode only"):
+        analyze_sensitivity(runner, start, tmp_path, progress=False, mode="all-but", formats={"a16w8": [FC2]})
+
+
 def test_taylor_table_has_a_format_column_only_when_formats_are_asked(tmp_path):
     qm, pixels, _ = _setup()
     runner = Runner(qm, pixels[:1])
@@ -138,6 +173,7 @@ def test_cost_resolution_and_format_lists():
     assert resolve_cost("macs", ["int8", "float"]) == "macs"  # int8 or float: as before
     with pytest.raises(ConfigError, match="--cost macs prices a site in int8 or float only"):
         resolve_cost("macs", ["int8", "a16w8"])
+    assert resolve_cost("latency", ["int8", "a16w8", "float"]) == "latency"  # measured per format
     assert parse_formats(" int8, a16w8 ,float,int8") == ["int8", "a16w8", "float"]
     with pytest.raises(ValueError, match="unknown format\\(s\\) int9; formats are .*int8.*"):
         parse_formats("int8,int9")
@@ -223,7 +259,14 @@ def test_cli_plan_over_formats_writes_a_format_table_and_a_loadable_plan(model_d
     taylor = pd.read_csv(out / "sensitivity_taylor_op.csv")
     assert taylor.groupby("format").size().to_dict() == {"a16w8": 22, "int8": 22, "w4a8": 22}
     measured = pd.read_csv(out / "sensitivity_only_op.csv")  # the top 4 by the int8 rows
-    assert sorted(measured["candidate"]) == sorted(taylor[taylor["format"] == "int8"]["candidate"].head(4))
+    own = measured[measured["own_format"]]
+    assert sorted(own["candidate"]) == sorted(taylor[taylor["format"] == "int8"]["candidate"].head(4))
+    # and a quarter of 4 per format beyond int8: the top one by its own estimate (w4a8: among the
+    # sites where it is not int8, i.e. those with weights)
+    other = measured[~measured["own_format"]]
+    assert sorted(other["format"]) == ["a16w8", "w4a8"]
+    a16 = taylor[taylor["format"] == "a16w8"].sort_values("kl_estimate", ascending=False)
+    assert other[other["format"] == "a16w8"]["candidate"].tolist() == a16["candidate"].head(1).tolist()
     steps = artifacts.read(out, artifacts.PLAN_STEPS)
     assert steps.meta["cost"] == "bitops" and steps.meta["budget"]["max_bitops"] == 1.2
     chosen = steps.rows[steps.rows["plan"]].iloc[0]
@@ -232,6 +275,81 @@ def test_cli_plan_over_formats_writes_a_format_table_and_a_loadable_plan(model_d
     assert set(plan.formats.values()) <= {"a16w8", "w4a8", "int8"}
     skiplist = yaml.safe_load((out / "plan_skiplist.yaml").read_text())
     assert skiplist.get("formats", {}) == plan.formats
+
+
+def test_measured_format_rows_equal_an_independent_eval_of_that_one_site_config(model_dir, data_dir, tmp_path,  # noqa: F811
+                                                                                capsys):
+    out = tmp_path / "out"
+    # plan images = all 12 val images (no confirm images), so `vitq eval` sees the same images
+    common = ["--model", str(model_dir), "--data", str(data_dir), "--calib", "8", "--batch-size", "5",
+              "--no-progress", "--out", str(out)]
+    assert main(["plan", *common, "--eval-images", "12", "--confirm-images", "0", "--formats", "int8,a16w8,float",
+                 "--measure-top", "3", "--measure-top-format", "2", "--max-steps", "1"]) == 0
+    table = artifacts.read(out, artifacts.sensitivity("only", "op"))
+    rows = table.rows
+    a16 = rows[rows["format"] == "a16w8"]
+    assert len(a16) == 2 and not a16["own_format"].any() and rows[rows["own_format"]]["format"].eq("int8").all()
+    site = str(a16.iloc[0]["candidate"])
+    sites = [line.split(",")[0] for line in _sites_csv(model_dir, capsys)]
+    cfg = tmp_path / "one.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "one", "float_sites": [n for n in sites if n != site],
+                                   "formats": {site: "a16w8"}}))
+    assert main(["eval", *common, "--config", str(cfg)]) == 0
+    evaluated = pd.read_csv(out / "eval.csv").set_index("config")
+    assert evaluated.loc["one", "images"] == table.meta["images"] == 12
+    assert float(a16.iloc[0]["kl"]) == pytest.approx(evaluated.loc["one", "kl"], rel=1e-4)
+    assert evaluated.loc["one", "kl"] > 0
+
+
+def test_analyze_over_formats_marks_the_cheapest_int8_float_only_point_meeting_the_budget(
+        model_dir, data_dir, tmp_path):  # noqa: F811
+    out = tmp_path / "out"
+    assert main(["analyze", "--model", str(model_dir), "--data", str(data_dir), "--calib", "8", "--batch-size", "5",
+                 "--no-progress", "--out", str(out), "--eval-images", "6", "--formats", "int8,a16w8,float",
+                 "--max-kl", "1e-3", "--no-beat-presets", "--decide-images", "0"]) == 0
+    tried = pd.read_csv(out / "plan_tried.csv")
+    # the formats column says what each row runs: the presets int8 and float, an a16w8 move a16w8
+    assert set(tried[tried["path"] == "reference"]["formats"]) == {"float", "int8,float"}
+    assert tried[tried["change"].str.startswith("a16w8")]["formats"].str.contains("a16w8").all()
+    # independently: among the points a plan is chosen from (presets and kept points), FP32 aside,
+    # those running int8 and float only and meeting the budget, the cheapest (BitOps are exact:
+    # equal costs are equal), the lowest KL among equally cheap ones
+    pool = tried[tried["kept"] & (tried["config"] != "fp32") & ~tried["stopped_early"]
+                 & tried["formats"].map(lambda f: set(f.split(",")) <= {"int8", "float"})]
+    meeting = pool[pool["budget_outcome"] == "met"]
+    assert len(meeting) > 1
+    expected = meeting.sort_values(["cost", "kl"], kind="stable").iloc[0]
+    marked = tried[tried["int8_float_best"].fillna("") != ""]
+    assert len(marked) == 1
+    marked = marked.iloc[0]
+    assert marked["int8_float_best"] == "met" and marked["formats"] == "int8,float"
+    assert (marked["cost"], marked["kl"]) == (expected["cost"], expected["kl"])
+    # the same mark in plan_steps (one schema, read back) and in the report's planner section
+    steps = artifacts.read(out, artifacts.PLAN_STEPS).rows
+    assert steps[steps["int8_float_best"] != ""]["attempt"].tolist() == [marked["attempt"]]
+    sec = section((out / "report.html").read_text(), "planner")
+    assert f"Best int8/float-only point measured by this search: attempt {marked['attempt']} " in sec
+    assert column(sec, "tried-table", "best int8/float-only").count("met") == 1
+
+
+def test_formats_without_float_give_an_integer_only_plan(model_dir, data_dir, tmp_path):  # noqa: F811
+    # an integer-only target (an NPU): no float site beyond the kinds every backend keeps float
+    out = tmp_path / "out"
+    assert main(["plan", "--model", str(model_dir), "--data", str(data_dir), "--calib", "8", "--batch-size", "5",
+                 "--no-progress", "--out", str(out), "--eval-images", "6", "--formats", "int8,a16w8,w4a8"]) == 0
+    plan = QuantConfig.load(out / "plan.yaml")
+    model = AutoModelForImageClassification.from_pretrained(model_dir)
+    sites = QuantModel(model).sites
+    floats = [s.name for s in sites if plan.is_float(s) and s.kind not in ("layernorm", "gelu", "softmax")]
+    assert floats == []
+    assert yaml.safe_load((out / "plan_skiplist.yaml").read_text())["float_sites"] == []
+    assert set(plan.formats.values()) <= {"int8", "a16w8", "w4a8"}
+
+
+def _sites_csv(model_dir, capsys) -> list[str]:  # noqa: F811
+    capsys.readouterr()
+    assert main(["sites", "--model", str(model_dir), "--format", "csv"]) == 0
+    return capsys.readouterr().out.strip().splitlines()[1:]
 
 
 def test_formats_section_shows_site_by_format_and_the_plans_format(tmp_path: Path):
@@ -248,6 +366,22 @@ def test_formats_section_shows_site_by_format_and_the_plans_format(tmp_path: Pat
     assert column(sec, "formats-by-site", "a16w8") == ["1.00e−08", "2.00e−06", "1.00e−09"]
     assert column(sec, "formats-by-site", "plan's format") == ["float", "a16w8", "int8"]  # the last entry wins
     assert column(section(html, "taylor"), "taylor-op", "candidate") == ["a", "b", "c"]  # int8 rows only
+    # measured rows in another format: beside the estimate in the site x format view, apart from
+    # the own-format ranking in the sensitivity section and in the taylor comparison
+    acc = dict(images=64, top1=80.0, top5=95.0, top1_drop=0.0, top5_drop=0.0, agreement=99.0, logit_mse=0.01,
+               logit_sqnr_db=30.0)
+    plant(tmp_path, artifacts.sensitivity("only", "op"),
+          [candidate_row("a", 1, kl=5e-4, format="int8", own_format=True, **acc),
+           candidate_row("b", 2, kl=2e-4, format="int8", own_format=True, **acc),
+           candidate_row("b", 1, kl=3e-6, format="a16w8", own_format=False, **acc)],
+          mode="only", group="op", images=64, candidates=3, rank_by="kl")
+    html = render_report(tmp_path).read_text()
+    sec = section(html, "formats")
+    assert column(sec, "formats-by-site", "a16w8 measured") == ["–", "3.00e−06", "–"]
+    assert column(sec, "formats-by-site", "int8 measured") == ["5.00e−04", "2.00e−04", "–"]
+    assert column(section(html, "sensitivity"), "sens-only-op", "candidate") == ["a", "b"]
+    assert column(section(html, "sensitivity"), "sens-only-op-formats", "format") == ["a16w8"]
+    assert column(section(html, "taylor"), "taylor-op", "measured") == ["yes", "yes", "no"]
     assert plan_format({"float_kinds": ["residual"]}, "x", "residual") == "float"
 
 

@@ -80,3 +80,58 @@ def test_plan_with_latency_cost_writes_the_table_once_and_says_so(model_dir, dat
     stamp = (out / "latency_sites.json").stat().st_mtime_ns
     assert main(["plan", *common]) == 0
     assert (out / "latency_sites.json").stat().st_mtime_ns == stamp
+
+
+def test_latency_table_times_each_group_in_each_format_that_runs_it_otherwise(pixels):
+    from analysis.format_moves import with_format
+    from vitq.latency import format_unit_costs, measure_site_latency, unit_costs
+
+    qm = QuantModel(tiny_model("vit", num_hidden_layers=2))
+    calibrate(qm, [pixels], progress=False)
+    start = preset("all", qm.sites)
+    table = measure_site_latency(qm, start, pixels, runs=2, progress=False, formats=["int8", "a16w8", "w4a8", "float"])
+    groups = sorted({f"{s.kind}/{s.role}" for s in start.int8_sites(qm.sites)})
+    weighted = sorted({f"{s.kind}/{s.role}" for s in start.int8_sites(qm.sites) if s.has_weight()})
+    # float: every group; a16w8: every group (int16 activations everywhere); w4a8: only where there
+    # are weights (at a matmul or residual add it is int8, the start); int8: the start itself, never
+    by_format = {f: sorted(table[table["format"] == f]["group"]) for f in ("float", "a16w8", "w4a8", "int8")}
+    assert by_format == {"float": groups, "a16w8": groups, "w4a8": weighted, "int8": []}
+    # the float rows are the table without formats (same costs for the planner)
+    assert unit_costs(table) == {n: c for n, c in unit_costs(table[table["format"] == "float"]).items()}
+    costs = format_unit_costs(table)
+    row = table[(table["group"] == "residual/residual_mlp") & (table["format"] == "a16w8")].iloc[0]
+    members = row["members"].split(",")
+    assert all(costs[(m, "a16w8")] == row["cost_ms"] for m in members)
+    assert not any(f == "float" for _, f in costs)
+    # a config's latency cost: the start time, its float sites' costs and its sites in another
+    # format at that format's cost; w4a8 at a matmul runs as the start (no row: no cost)
+    config = with_format(start, members, "a16w8", qm.sites)
+    config = with_format(config, ["blocks.0.attn.matmul_av"], "w4a8", qm.sites)
+    config = config.with_float(["blocks.1.mlp.fc2"])
+    floats = unit_costs(table)
+    assert latency_cost(config, qm.sites, floats, 7.0, costs) == pytest.approx(
+        7.0 + row["cost_ms"] * len(members) + floats["blocks.1.mlp.fc2"])
+    assert latency_cost(config, qm.sites, floats, 7.0) == pytest.approx(7.0 + floats["blocks.1.mlp.fc2"])
+
+
+def test_plan_over_formats_with_latency_cost_prices_each_site_by_its_formats_row(model_dir, data_dir, tmp_path):  # noqa: F811
+    import yaml
+
+    out = tmp_path / "f"
+    assert main(["plan", "--model", str(model_dir), "--data", str(data_dir), "--calib", "8", "--out", str(out),
+                 "--no-progress", "--eval-images", "6", "--max-steps", "3", "--batch-size", "3", "--cost", "latency",
+                 "--formats", "int8,a16w8,float", "--measure-top-format", "1"]) == 0
+    table = json.loads((out / "latency_sites.json").read_text())
+    assert table["meta"]["formats"] == ["int8", "a16w8", "float"]
+    costs = pd.read_csv(out / "latency_sites.csv")
+    assert set(costs["format"]) == {"float", "a16w8"}
+    steps = pd.read_csv(out / "plan_steps.csv")
+    assert json.loads((out / "plan_steps.json").read_text())["meta"]["cost"] == "latency"
+    # every kept point's cost, from the plan's own YAML for the plan: the start time plus, per site
+    # beyond the backend-float kinds, its float row's cost when float, its a16w8 row's when a16w8
+    per_site = {(m, r["format"]): r["cost_ms"] for _, r in costs.iterrows() for m in r["members"].split(",")}
+    plan = yaml.safe_load((out / "plan_skiplist.yaml").read_text())
+    expected = (costs["start_ms"].iloc[0] + sum(per_site.get((n, "float"), 0.0) for n in plan["float_sites"])
+                + sum(per_site.get((n, f), 0.0) for n, f in (plan.get("formats") or {}).items()))
+    chosen = steps[steps["plan"]].iloc[0]
+    assert chosen["cost"] == pytest.approx(expected, rel=1e-5, abs=1e-6)

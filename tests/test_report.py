@@ -231,6 +231,7 @@ def test_budgets_section_shows_the_decisions_the_planner_wrote(html: str, analyz
 
 def test_float_site_counts_agree_between_accuracy_and_planner(html: str, analyzed: Path):
     steps = _table(artifacts.PLAN_STEPS, analyzed).rows
+    assert not set(artifacts.PLAN_FORMAT_COLUMNS) & set(steps)  # the int8-or-float planner's rows, as before formats
     chosen = steps[steps["plan"].astype(bool)]
     assert len(chosen) == 1
     chosen = chosen.iloc[0]

@@ -28,7 +28,7 @@ import torch
 
 from analysis import artifacts
 from quant.config import ConfigError, QuantConfig
-from quant.export_onnx import ExportResult, export_float_variants, export_onnx, float_state
+from quant.export_onnx import ExportResult, export_onnx, export_variants, float_state
 from analysis.metrics import OutputStats
 from quant.model import QuantModel
 
@@ -147,14 +147,14 @@ class OnnxRuntimeInt8:
         result = self.export(name, config)
         return OrtRunner(result.path, self.threads, result)
 
-    def build_float_variants(self, configs: dict[str, QuantConfig]) -> dict[str, OrtRunner]:
-        """Sessions of configs that differ from the first only by keeping more sites float,
-        from one capture of the graph (:func:`quant.export_onnx.export_float_variants`: each
-        graph has its config's Q/DQ placement, the first config's parameter values; for
-        timing)."""
+    def build_variants(self, configs: dict[str, QuantConfig]) -> dict[str, OrtRunner]:
+        """Sessions of configs that quantize no slot the first does not (more sites float, or
+        sites in another format), from one capture of the graph
+        (:func:`quant.export_onnx.export_variants`: each graph has its config's Q/DQ placement
+        and formats, the first config's parameter values; for timing)."""
         paths = {name: self.out_dir / f"model_{_safe(name)}.onnx" for name in configs}
-        results = export_float_variants(self.qmodel, paths, configs, self.example, self.opset,
-                                        {name: _metadata(c) for name, c in configs.items()})
+        results = export_variants(self.qmodel, paths, configs, self.example, self.opset,
+                                  {name: _metadata(c) for name, c in configs.items()})
         self.exports.update(results)
         return {name: OrtRunner(r.path, self.threads, r) for name, r in results.items()}
 

@@ -171,7 +171,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objective", choices=("kl", "logit_mse"), default="kl", help="search objective (default kl)")
     p.add_argument("--cost", choices=("auto", "latency", "macs", "bitops", "size"), default="auto",
                    help="what a float site costs: its latency measured once with ONNX Runtime on this machine (sites "
-                        "whose slowdown is not measurable cost nothing), or its share of matmul MACs (+0.5 per residual "
+                        "whose slowdown is not measurable cost nothing; with --formats, each site group also timed in "
+                        "each listed format), or its share of matmul MACs (+0.5 per residual "
                         "add); bitops: BitOps in %% of all's (MACs x weight bits x activation bits, float at 32 bits); "
                         "size: Linear/Conv weight MB; auto (default): bitops when --formats go beyond int8 and float, "
                         "else latency where onnx/onnxruntime/onnxscript are installed, else macs")
@@ -188,6 +189,10 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--measure-top", type=int, default=None,
                    help="measure the only-sensitivity of this many candidates, in the order of the taylor estimate "
                         f"(the rest keep their estimate; default {MEASURE_TOP}; 0: measure all)")
+    p.add_argument("--measure-top-format", type=int, default=None,
+                   help="with --formats: per format beyond int8 and float, measure the only-sensitivity of this many "
+                        "candidates in that format, in the order of its taylor estimate (the rest keep their estimate; "
+                        "default: a quarter of --measure-top rounded up, 8 by default; 0: measure all)")
     p.add_argument("--taylor-images", type=int, default=TAYLOR_IMAGES,
                    help=f"plan images the taylor estimate orders candidates on (the first ones; default {TAYLOR_IMAGES})")
     p.add_argument("--all-but", action="store_true",
@@ -403,6 +408,8 @@ def _budget(args: argparse.Namespace) -> Budget:
 
 
 def _plan_options(args: argparse.Namespace) -> PlanOptions:
+    if args.measure_top_format is not None and args.measure_top_format < 0:
+        raise ConfigError(f"--measure-top-format {args.measure_top_format}: give a number of candidates >= 0 (0: all)")
     if args.decide_images is not None and args.decide_images < 0:
         raise ConfigError(f"--decide-images {args.decide_images}: give a number of images >= 0 (0: no decide stage)")
     if args.decide_images and (args.max_drop, args.min_agreement, args.max_kl) == (None, None, None):
@@ -412,7 +419,7 @@ def _plan_options(args: argparse.Namespace) -> PlanOptions:
                        max_steps=args.max_steps, worst_sites=args.worst_sites, all_but=args.all_but, cost=args.cost,
                        taylor_images=args.taylor_images, decide_images=args.decide_images,
                        decide_backend=args.decide_backend, early_stop=not args.no_early_stop,
-                       formats=_formats(args.formats),
+                       formats=_formats(args.formats), measure_top_format=args.measure_top_format,
                        **({} if args.measure_top is None else {"measure_top": args.measure_top}))
 
 

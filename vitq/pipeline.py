@@ -27,7 +27,8 @@ from analysis.metrics import OutputStats
 from analysis.planner import Budget, Planner, Point
 from analysis.runner import Runner
 from analysis.names import MEASURE_TOP, TAYLOR_IMAGES
-from analysis.sensitivity import analyze_sensitivity, make_candidates
+from analysis.sensitivity import (analyze_sensitivity, make_candidates, own_format_rows,
+                                  with_measured_formats)
 from analysis.taylor import format_rows, taylor_table
 from quant.config import ConfigError, QuantConfig
 from quant.store import atomic_write_text, settings_key
@@ -175,8 +176,10 @@ def save_eval(session: Session, df: pd.DataFrame, meta: dict, run: dict, configs
 # -- sensitivity ---------------------------------------------------------------------------
 def run_sensitivity(session: Session, config: QuantConfig, *, mode: str = "only", group: str = "op",
                     images: int = 256, rank_by: str = "kl", only: list[str] | None = None,
-                    shard: tuple[int, int] | None = None) -> tuple[pd.DataFrame, dict, dict, list[Path]]:
-    """Measured sensitivity (``only``: just these candidates, e.g. the estimate's top K).
+                    shard: tuple[int, int] | None = None,
+                    formats: dict[str, list[str]] | None = None) -> tuple[pd.DataFrame, dict, dict, list[Path]]:
+    """Measured sensitivity (``only``: just these candidates, e.g. the estimate's top K;
+    ``formats``: format -> candidates also measured in that format, rows of the same table).
 
     ``shard=(i, n)``: this process's share of the candidates, written to its shard log
     only (the path returned): a partial table is no artefact, the next unsharded run
@@ -185,7 +188,7 @@ def run_sensitivity(session: Session, config: QuantConfig, *, mode: str = "only"
     settings = {**session.settings(), "val_files": data.files, "log_version": LOG_VERSION}
     df, meta, run = analyze_sensitivity(runner(session, data), config, session.out, mode=mode, group=group,
                                         rank_by=rank_by, settings=settings, only=only,
-                                        progress=session.opts.progress, shard=shard)
+                                        progress=session.opts.progress, shard=shard, formats=formats)
     meta = {**session.describe(), **meta}
     run = _run_info(session, **run)
     if shard is not None:
@@ -207,35 +210,73 @@ def run_taylor(session: Session, config: QuantConfig, *, group: str = "op", imag
     return df, meta, run, list(paths)
 
 
+def format_top(measure_top: int | None, per_format: int | None = None) -> int:
+    """Candidates measured per format beyond int8 and float: ``per_format`` when given, else a
+    quarter of ``measure_top`` rounded up (0: every candidate, as ``measure_top`` 0 or None)."""
+    if per_format is not None:
+        return per_format
+    return -(-measure_top // 4) if measure_top else 0
+
+
+def format_candidates(session: Session, config: QuantConfig, by_format: pd.DataFrame, formats: list[str],
+                      top: int) -> dict[str, list[str]]:
+    """Per format of ``formats`` beyond int8 and float: the candidates to measure in it, the
+    top ``top`` (0: all) by its taylor estimate among the sites it quantizes otherwise than
+    ``config`` does (a weight-only format at a residual add keeps it float: estimate 0; ``w4a8``
+    at a matmul is its int8)."""
+    from quant.formats import get_format
+
+    by = session.qmodel.site_by_name
+    chosen: dict[str, list[str]] = {}
+    for name in formats:
+        if name in ("int8", "float"):
+            continue
+        fmt = get_format(name)
+        rows = format_rows(by_format, name).sort_values("kl_estimate", ascending=False, kind="stable")
+        names = [c for c in rows["candidate"]
+                 if not fmt.keeps_float(by[c]) and config.slot_specs(by[c], fmt) != config.slot_specs(by[c])]
+        if names:
+            chosen[name] = names[:top] if top else names
+    return chosen
+
+
 def only_sensitivity(session: Session, config: QuantConfig, images: int, measure_top: int | None,
-                     probes: int = 8, taylor_images: int = TAYLOR_IMAGES,
-                     formats: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+                     probes: int = 8, taylor_images: int = TAYLOR_IMAGES, formats: list[str] | None = None,
+                     measure_top_format: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """The ``only`` table the planner reads. ``measure_top`` None or 0: every candidate measured.
     Else the candidates are ordered by the taylor estimate (on the first ``taylor_images`` of
     the ``images`` plan images: it only orders) and only the top ``measure_top`` measured on
     all of them; the others keep their estimate as ``kl`` (column ``source``: measured / taylor).
     With ``formats``, the taylor estimate covers int8 and each of them in one pass (its int8
-    rows order the candidates) and is returned beside the table (else None)."""
+    rows order the candidates), the top :func:`format_top` candidates of each format beyond
+    int8 and float (by that format's estimate) are measured in it too (rows of the same
+    ``only`` artefact and log), and the per-format table is returned beside the ``only``
+    table with ``kl``: the measured KL where there is one, else the estimate (else None)."""
     by_format = None
     if formats is not None:
         by_format, _, _, _ = run_taylor(session, config, images=min(images, taylor_images), probes=probes,
                                         formats=["int8", *formats])
+    per_format = None if by_format is None else format_candidates(
+        session, config, by_format, formats, format_top(measure_top, measure_top_format))
     # every candidate measured anyway: an estimate would order nothing
     if not measure_top or measure_top >= len(make_candidates(session.sites, config, "op")):
-        only, _, _, _ = run_sensitivity(session, config, mode="only", images=images)
-        return only.assign(source="measured"), by_format
+        table, _, _, _ = run_sensitivity(session, config, mode="only", images=images, formats=per_format or None)
+        only = own_format_rows(table).drop(columns=["format", "own_format"], errors="ignore")
+        return only.assign(source="measured"), (None if by_format is None else with_measured_formats(by_format, table))
     if by_format is not None:
         estimate = format_rows(by_format, "int8").drop(columns=["format"])
     else:
         estimate, _, _, _ = run_taylor(session, config, images=min(images, taylor_images), probes=probes)
     top = estimate["candidate"].head(measure_top).tolist()
-    measured, _, _, _ = run_sensitivity(session, config, mode="only", images=images, only=top)
+    table, _, _, _ = run_sensitivity(session, config, mode="only", images=images, only=top,
+                                     formats=per_format or None)
+    measured = own_format_rows(table).drop(columns=["format", "own_format"], errors="ignore")
     rest = estimate[~estimate["candidate"].isin(top)].drop(columns=["rank"]).rename(columns={"kl_estimate": "kl"})
     merged = pd.concat([measured.drop(columns=["rank"]).assign(source="measured"), rest.assign(source="taylor")],
                        ignore_index=True)
     merged = merged.sort_values("kl", ascending=False, kind="stable").reset_index(drop=True)
     merged.insert(0, "rank", range(1, len(merged) + 1))
-    return merged, by_format
+    return merged, (None if by_format is None else with_measured_formats(by_format, table))
 
 
 # -- errors ------------------------------------------------------------------------------------
@@ -274,6 +315,9 @@ class PlanOptions:
     latency_batch: int = 8
     latency_runs: int = 15
     measure_top: int | None = MEASURE_TOP  # only-candidates measured, in taylor order (None/0: all)
+    # per format beyond int8 and float: candidates measured in it, in its taylor order
+    # (None: a quarter of measure_top, rounded up; 0: all)
+    measure_top_format: int | None = None
     probes: int = 8  # Fisher probes of the taylor estimate
     taylor_images: int = TAYLOR_IMAGES  # plan images the estimate uses (the first ones)
     # further val images the decide stage may stream (None: every val image that is neither a
@@ -289,16 +333,17 @@ LATENCY_VERSION = 2  # 2: paired per-round differences with their interval, free
 
 def resolve_cost(cost: str, formats: list[str] | None = None) -> str:
     """``auto`` -> ``bitops`` when ``formats`` go beyond int8 and float (the costs that price
-    every format); else ``latency`` where the latency table can be measured (onnx, onnxruntime
-    and onnxscript importable), else ``macs`` with a note on stderr saying what to install.
-    ``macs`` and ``latency`` price int8 or float only: with other formats, a ConfigError."""
+    every format without a measurement); else ``latency`` where the latency table can be
+    measured (onnx, onnxruntime and onnxscript importable), else ``macs`` with a note on stderr
+    saying what to install. ``macs`` prices int8 or float only: with other formats, a
+    ConfigError; ``latency`` prices every listed format by its measured time in ONNX Runtime."""
     multi = not only_int8_and_float(formats)
     if cost != "auto":
         if cost not in ("macs", "latency", *EXACT_COSTS):
             raise ValueError(f"unknown cost {cost!r}; choose auto, macs, latency, {', '.join(EXACT_COSTS)}")
-        if multi and cost not in EXACT_COSTS:
-            raise ConfigError(f"--cost {cost} prices a site in int8 or float only; with --formats "
-                              f"{','.join(formats)} use --cost bitops or size")
+        if multi and cost == "macs":
+            raise ConfigError(f"--cost macs prices a site in int8 or float only; with --formats "
+                              f"{','.join(formats)} use --cost bitops, size or latency")
         return cost
     if multi:
         return "bitops"
@@ -314,20 +359,21 @@ def resolve_cost(cost: str, formats: list[str] | None = None) -> str:
 
 
 def run_latency(session: Session, config: QuantConfig, *, batch: int = 8, runs: int = 9,
-                threads: int | None = None) -> pd.DataFrame:
-    """The per-site latency table of ``config`` (:mod:`vitq.latency`), measured once per
-    output folder and config: a table already there with the same settings is reused."""
+                threads: int | None = None, formats: list[str] | None = None) -> pd.DataFrame:
+    """The per-site latency table of ``config`` (:mod:`vitq.latency`; with ``formats``, also
+    each site group in each of them), measured once per output folder, config and formats: a
+    table already there with the same settings is reused."""
     from .latency import measure_site_latency, noise_ms
 
     meta = {**session.describe(), "config": config.to_dict(), "batch": batch, "runs": runs, "threads": threads,
-            "backend": "onnxruntime", "version": LATENCY_VERSION}
+            "backend": "onnxruntime", "version": LATENCY_VERSION, "formats": formats}
     old = artifacts.read(session.out, artifacts.LATENCY)
     if old is not None and all(old.meta.get(k) == v for k, v in meta.items() if k not in ("torch", "transformers")):
         return old.rows
     t0 = time.time()
     pixels = torch.cat(eval_set(session, batch).pixels)[:batch]
     table = measure_site_latency(session.qmodel, config, pixels, runs=runs, threads=threads,
-                                 progress=session.opts.progress)
+                                 progress=session.opts.progress, formats=formats)
     meta["noise_ms"] = noise_ms(table)
     artifacts.write(session.out, artifacts.LATENCY, table, meta, _run_info(session, wall_s=round(time.time() - t0, 1)))
     return table
@@ -346,7 +392,7 @@ def run_plan(session: Session, start: QuantConfig, budget: Budget,
     # the estimate is of KL: another objective measures every candidate
     only, by_format = only_sensitivity(session, start, opts.images,
                                        opts.measure_top if opts.objective == "kl" else None, opts.probes,
-                                       opts.taylor_images, formats)
+                                       opts.taylor_images, formats, opts.measure_top_format)
     all_but = None
     if opts.all_but:
         all_but, ab_meta, _, _ = run_sensitivity(session, start, mode="all-but", images=opts.images)
@@ -359,13 +405,13 @@ def run_plan(session: Session, start: QuantConfig, budget: Budget,
                 "log_version": LOG_VERSION}
     latency = {}
     if cost == "latency":
-        from .latency import noise_ms, unit_costs
+        from .latency import format_unit_costs, noise_ms, unit_costs
 
-        table = run_latency(session, start, batch=opts.latency_batch, runs=opts.latency_runs)
+        table = run_latency(session, start, batch=opts.latency_batch, runs=opts.latency_runs, formats=formats)
         latency = {"unit_costs": unit_costs(table), "cost_base": float(table["start_ms"].iloc[0]) if len(table) else 0.0,
-                   "cost_noise": noise_ms(table)}
+                   "cost_noise": noise_ms(table), "format_costs": format_unit_costs(table) if formats else None}
     moves = None if by_format is None else FormatMoves(
-        formats, {(r.candidate, r.format): float(r.kl_estimate) for r in by_format.itertuples()}, start, session.sites)
+        formats, {(r.candidate, r.format): float(r.kl) for r in by_format.itertuples()}, start, session.sites)
     planner = Planner(runner(session, plan_data), None if confirm_data is None else runner(session, confirm_data),
                       session.out, macs(session), budget, settings, objective=opts.objective,
                       seed=session.opts.seed, progress=session.opts.progress, early_stop=opts.early_stop,

@@ -1,5 +1,7 @@
 """Sensitivity per format: the taylor estimate of every site's ``only`` KL in each format
-it was estimated in (``--formats``), site x format, with the format the plan gives it."""
+it was estimated in (``--formats``), site x format, beside the measured ``only`` KL where the
+planner measured the site in that format (``sensitivity_only_op`` with a ``format`` column),
+with the format the plan gives it."""
 
 from __future__ import annotations
 
@@ -13,6 +15,15 @@ from ..reader import Artefacts
 from ..registry import Section, register_section
 
 SPEC = artifacts.sensitivity_taylor("op")
+ONLY = artifacts.sensitivity("only", "op")
+
+
+def measured_by_format(rows: pd.DataFrame | None) -> dict[tuple[str, str], float]:
+    """(site, format) -> measured ``only`` KL, from an ``only`` table whose rows name their
+    format (one measured in several formats); {} for a table without a ``format`` column."""
+    if rows is None or "format" not in rows:
+        return {}
+    return {(str(r["candidate"]), str(r["format"])): float(r["kl"]) for _, r in rows.iterrows()}
 
 
 def site_by_format(rows: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
@@ -54,6 +65,13 @@ def formats(a: Artefacts, sec: Section) -> None:
     columns = [text_column("candidate", "site"), text_column("kind", "kind"), Column("block", "block", fmt_int),
                *(Column(f"kl_{f}", f"{f}", fmt_small, title=f"estimated KL of the site alone in {f} (nats)")
                  for f in names)]
+    only = a.table(ONLY)
+    measured = measured_by_format(None if only is None else only.rows)
+    for f in names:
+        if any(fmt == f for _, fmt in measured):
+            wide[f"measured_{f}"] = [measured.get((str(c), f)) for c in wide["candidate"]]
+            columns.append(Column(f"measured_{f}", f"{f} measured", fmt_small,
+                                  title=f"measured KL of the site alone in {f} (nats), {ONLY.file}"))
     if isinstance(plan, dict):
         wide["plan"] = [plan_format(plan, str(r.candidate), str(r.kind)) for r in wide.itertuples()]
         columns.append(text_column("plan", "plan's format"))
@@ -66,6 +84,9 @@ def formats(a: Artefacts, sec: Section) -> None:
                  " images that serve every format at once (each format's quantization noise is a perturbation"
                  " of its own). A format that keeps a site float estimates 0 (a weight-only format at a site"
                  " without weights). The planner over formats orders its moves by these estimates per unit of"
-                 " cost; every move it keeps is measured.")
+                 " cost; every move it keeps is measured."
+                 + (f" Where the planner also measured a site alone in a format ({esc(ONLY.file)}: the top candidates"
+                    " of each format by its estimate), the measured KL stands beside the estimate and the planner"
+                    " used it instead." if measured else ""))
     sec.add_table(make_table("formats-by-site", f"KL estimates in nats ({esc(t.path.name)}); sites most sensitive"
                                                 f" in {esc(names[0])} first.", columns, records(wide)))

@@ -63,7 +63,14 @@ def _gain_columns(objective: str) -> list[Column]:
                    title="paired bootstrap over images; a move is kept when the interval lies above 0")]
 
 
-def _plan_columns(objective: str, kind: str, cost_unit: str, explicit: bool = False) -> list[Column]:
+FORMAT_COLUMNS = [text_column("formats", "formats", title="the formats the configuration runs its sites in"),
+                  text_column("int8_float_best", "best int8/float-only",
+                              title="the best int8/float-only point measured by this search: the planner's rule over"
+                                    " the configurations using int8 and float only, with its outcome")]
+
+
+def _plan_columns(objective: str, kind: str, cost_unit: str, explicit: bool = False,
+                  formats: bool = False) -> list[Column]:
     cols = [Column("attempt", "attempt", fmt_int), text_column("path", "path"), text_column("change", "change", wrap=True),
             *([text_column("kept", "kept", fmt=fmt_yes)] if kind == "tried" else []),
             *_gain_columns(objective), _objective_column(objective)]
@@ -77,7 +84,7 @@ def _plan_columns(objective: str, kind: str, cost_unit: str, explicit: bool = Fa
     if kind == "steps":
         cols += [Column("cost", "cost", fmt_fixed(1), title=f"the planner's cost: {cost_unit}"),
                  text_column("on_frontier", "frontier", fmt=fmt_yes), text_column("plan", "plan", fmt=fmt_yes)]
-    return cols
+    return cols + (FORMAT_COLUMNS if formats else [])
 
 
 CONFIRM_COLUMNS = [
@@ -104,8 +111,22 @@ def _cost_unit(m: dict[str, Any]) -> str:
     return MACS_COST
 
 
+def _int8_float_text(marked: Any, plan: dict[str, Any] | None, objective: str, cost_unit: str) -> str:
+    """What the marked int8/float-only point is, beside the plan."""
+    name = OBJECTIVE_NAMES.get(objective, objective)
+    return (f"Best int8/float-only point measured by this search: attempt {fmt_int(marked['attempt'])}"
+            f" ({esc(fmt_text(marked['change']))}), cost {fmt_sig(marked['cost'])} ({esc(cost_unit)}),"
+            f" {esc(name)} {fmt_small(marked[objective])}, agreement {PCT(marked['agreement'])} %: the planner's"
+            " rule over the presets and kept points of this search that use int8 and float only, outcome"
+            f" <i>{esc(str(marked['int8_float_best']))}</i>. Not the int8-or-float planner's own plan (its search"
+            " makes other moves: <code>vitq plan</code> without <code>--formats</code>)."
+            + (f" The plan: cost {fmt_sig(plan['cost'])}, {esc(name)} {fmt_small(plan.get(objective))}, formats"
+               f" {esc(fmt_text(plan.get('formats')))}." if plan is not None and not is_missing(plan.get("cost")) else ""))
+
+
 @register_section("planner", "Mixed-precision planner", order=30, named=(artifacts.PLAN_STEPS,),
-                  needs={artifacts.PLAN_STEPS: (*READS, "on_frontier", "plan"), artifacts.PLAN_TRIED: (*READS, "kept"),
+                  needs={artifacts.PLAN_STEPS: (*READS, "on_frontier", "plan", *artifacts.PLAN_FORMAT_COLUMNS),
+                         artifacts.PLAN_TRIED: (*READS, "kept", *artifacts.PLAN_FORMAT_COLUMNS),
                          artifacts.PLAN_CONFIRM: ("config",)})
 def planner(a: Artefacts, sec: Section) -> None:
     steps_t, tried_t, confirm_t = (a.table(s) for s in (artifacts.PLAN_STEPS, artifacts.PLAN_TRIED,
@@ -135,6 +156,7 @@ def planner(a: Artefacts, sec: Section) -> None:
                      + "; the skip-list below marks each one.")
     cost_unit = _cost_unit(m)
     steps = steps_t.rows if steps_t is not None else pd.DataFrame()
+    marked = figures.int8_float_best(steps if tried_t is None else tried_t.rows)
     if len(steps):
         budget = m["budget"] if isinstance(m["budget"], dict) else {}
         sec.add_figure(
@@ -147,21 +169,25 @@ def planner(a: Artefacts, sec: Section) -> None:
             " order; circled: the frontier (no other point is both cheaper and closer); diamonds: the reference"
             " presets; star: the plan, the cheapest frontier point that meets the budget (when the budget asks to"
             " beat the presets: the cheapest point whose KL is below every preset's by more than the noise,"
-            " agreement no lower, int8 MAC share no lower and skip-list no longer than theirs). FP32 (cost 100+,"
-            " distance 0) is off the log scale.")
+            " agreement no lower, int8 MAC share no lower and skip-list no longer than theirs)"
+            + ("; open square: the best int8/float-only point measured by this search (below)"
+               if marked is not None else "") + ". FP32 (cost 100+, distance 0) is off the log scale.")
+        if marked is not None:
+            sec.add("p", _int8_float_text(marked, a.chosen_step(), objective, cost_unit))
     elif steps_t is None:
         sec.add("note", missing_note(a, artifacts.PLAN_STEPS))
     if steps_t is not None:
         sec.add_table(make_table(
             "plan-table", "Kept points: the reference rows, then every move of each search path that beat the noise,"
                           " in order. Accuracy and agreement in %, drop in pp, KL in nats.",
-            _plan_columns(objective, "steps", cost_unit, _explicit(m["budget"])), records(steps),
+            _plan_columns(objective, "steps", cost_unit, _explicit(m["budget"]), "formats" in steps), records(steps),
             row_class=lambda r: "plan-row" if is_true(r.get("plan")) else ""))
     if tried_t is not None:
         sec.add_table(make_table(
             "tried-table", f"Every measured attempt, kept or not ({len(tried_t.rows)}). <i>gain</i> is the"
                            " objective gained over the path's previous kept point.",
-            _plan_columns(objective, "tried", cost_unit, _explicit(m["budget"])), records(tried_t.rows),
+            _plan_columns(objective, "tried", cost_unit, _explicit(m["budget"]), "formats" in tried_t.rows),
+            records(tried_t.rows),
             row_class=lambda r: "" if is_true(r.get("kept")) else "dropped-row"))
     if confirm_t is not None:
         sec.add_table(make_table(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from analysis import artifacts
+from analysis.sensitivity import own_format_rows
 
 from .. import figures
 from ..format import DB1, PCT, PP, Column, esc, fmt_int, fmt_small, make_table, num, records, text_column
@@ -58,7 +59,8 @@ def sensitivity(a: Artefacts, sec: Section) -> None:
                         f" <code>{esc(artifacts.ACCURACY.command)} --all-but</code>) to add it.")
     for (mode, group), t in present.items():
         flag = mode.replace("_", "-")
-        m, df = t.meta, t.rows
+        m, df = t.meta, own_format_rows(t.rows)
+        other = t.rows[~t.rows["own_format"].astype(bool)] if "own_format" in t.rows else t.rows.iloc[:0]
         if df.empty:
             sec.add("warn", f"{t.path.name} has no ranked candidates.")
             continue
@@ -82,3 +84,11 @@ def sensitivity(a: Artefacts, sec: Section) -> None:
             Block("table", table=make_table(
                 f"sens-{mode}-{group}", f"Ranked by {esc(rank_by)}. Accuracy in %, drops and gains in pp, KL in"
                                         " nats, SQNR in dB.", sensitivity_columns(rank_by), records(df)))])
+        if len(other):
+            counts = other["format"].value_counts(sort=False)
+            sec.add("details", "Measured in other formats: " + ", ".join(f"{esc(f)} {int(n)}" for f, n in counts.items())
+                    + f" candidates ({t.path.name})", blocks=[Block("table", table=make_table(
+                        f"sens-{mode}-{group}-formats", "Each candidate quantized alone in the format named, the"
+                        " rest float, measured on the same images (vitq plan --formats: the top candidates of each"
+                        f" format by its taylor estimate); ranked by {esc(rank_by)} within each format.",
+                        [text_column("format", "format"), *sensitivity_columns(rank_by)], records(other)))])

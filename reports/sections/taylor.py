@@ -8,6 +8,7 @@ from typing import Any
 import pandas as pd
 
 from analysis import artifacts
+from analysis.sensitivity import own_format_rows
 from analysis.taylor import format_rows, rank_agreement
 
 from .. import figures
@@ -60,7 +61,7 @@ def taylor(a: Artefacts, sec: Section) -> None:
         if t is None:
             continue
         measured_t = a.table(artifacts.sensitivity("only", group))
-        measured = measured_t.rows if measured_t is not None else None
+        measured = own_format_rows(measured_t.rows) if measured_t is not None else None
         df = joined(format_rows(t.rows, "int8"), measured)  # the other formats: the formats section
         m = t.meta
         sec.add("h3", f"--group {group}: {len(df)} candidates estimated, {int((df['measured'] == 'yes').sum())}"
