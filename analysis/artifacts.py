@@ -153,6 +153,7 @@ SPEED = TableSpec("speed", ("config", "backend", "file_mb", "latency_b1_ms", "la
                   ("wall_s",), "vitq analyze --bench")
 PLAN_YAML = "plan.yaml"
 PLAN_SKIPLIST = "plan_skiplist.yaml"
+PLAN_FRONTIER = "plan_frontier"  # folder: one QuantConfig YAML per measured frontier point
 CALIBRATION = "calibration.pt"
 EXPORT = "export.json"
 REPORT = "report.html"
@@ -187,6 +188,12 @@ def table_specs() -> list[TableSpec]:
 def config_file(name: str) -> str:
     """The QuantConfig YAML written for an evaluated configuration."""
     return f"config_{name}.yaml"
+
+
+def frontier_file(attempt: int) -> str:
+    """The QuantConfig YAML of the planner's frontier point ``attempt`` (``plan_steps.csv``'s
+    attempt number), inside :data:`PLAN_FRONTIER`."""
+    return f"{PLAN_FRONTIER}/attempt-{int(attempt):03d}.yaml"
 
 
 def _check(keys: dict[str, Any], declared: tuple[str, ...], what: str) -> None:

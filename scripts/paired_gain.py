@@ -9,7 +9,9 @@ its eval log, the planner's own `paired_bootstrap` (2000 resamples, seed 0, 95 %
 hold the same val files. `--images confirm` (or `plan`, `rest`) keeps the planner's confirm
 images (its plan images; the others) of a `vitq analyze` folder: the plan images are those
 of its `plan_measurements.*.jsonl`, the confirm images the other set the planner measured
-and the accuracy table reused.
+and the accuracy table reused; `--images-from DIR` takes those sets from another `vitq analyze`
+folder (e.g. to compare frontier configs a `vitq eval` measured on every val image, on the
+confirm images of the analyze run that chose them).
 
 Positive gain = the config is better (lower KL, higher agreement).
 """
@@ -76,9 +78,14 @@ def main() -> None:
     ap.add_argument("--other", action="append", default=[], metavar="DIR:CONFIG",
                     help="also pair with CONFIG of another output folder's accuracy table")
     ap.add_argument("--images", choices=("all", "plan", "confirm", "rest"), default="all")
+    ap.add_argument("--images-from", metavar="DIR", help="the vitq analyze folder whose plan/confirm images "
+                    "--images names (default: the first argument)")
     args = ap.parse_args()
     table = Table(args.out)
-    keep = table.image_set(args.images)
+    sets = table if args.images_from is None else Table(args.images_from)
+    if sets.files != table.files:
+        sys.exit(f"--images-from {args.images_from}: its accuracy table holds other val files than {args.out}'s")
+    keep = sets.image_set(args.images)
     refs = [(c, table, c) for c in args.against.split(",") if c]
     for spec in args.other:
         folder, _, config = spec.rpartition(":")

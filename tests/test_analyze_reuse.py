@@ -65,3 +65,43 @@ def test_paired_gain_on_the_confirm_images_reads_the_planners_confirm_table(anal
     for label, config in (("nncf", "nncf"), ("all", "all"), (f"{analyzed}:mixed_1", "mixed_1")):
         assert _its_kl(stdout, label) == pytest.approx(confirm.loc[config, "kl"], rel=1e-3)
     assert "32 images (plan)" in _paired_gain(str(analyzed), "--against", "all", "--images", "plan")
+
+
+def test_every_frontier_point_is_written_as_a_config_the_plan_and_presets_among_them(analyzed):
+    """plan_frontier/attempt-NNN.yaml: one config per on_frontier row of plan_steps.csv (FP32
+    aside); the plan's file holds plan.yaml's config, a preset's its config_<preset>.yaml."""
+    from quant.config import QuantConfig
+
+    tried = pd.read_csv(analyzed / "plan_steps.csv")
+    frontier = tried[tried["on_frontier"] & (tried["config"] != "fp32")]
+    files = sorted((analyzed / "plan_frontier").glob("attempt-*.yaml"))
+    assert [f.name for f in files] == sorted(f"attempt-{a:03d}.yaml" for a in frontier["attempt"])
+
+    def body(config: QuantConfig) -> dict:
+        return {k: v for k, v in config.to_dict().items() if k != "name"}
+
+    for row in frontier.itertuples():
+        saved = QuantConfig.load(analyzed / "plan_frontier" / f"attempt-{row.attempt:03d}.yaml")
+        assert saved.name == f"frontier_{row.attempt}"
+        if row.plan:
+            assert body(saved) == body(QuantConfig.load(analyzed / "plan.yaml"))
+        if row.path == "reference":
+            assert body(saved) == body(QuantConfig.load(analyzed / f"config_{row.config}.yaml"))
+
+
+def test_paired_gain_takes_the_image_sets_of_another_analyze_folder(analyzed, tmp_path):
+    """A `vitq eval` of a frontier config on every val image, paired on the analyze run's
+    confirm images (--images-from): the config's KL there is the confirm table's plan KL."""
+    attempt = int(pd.read_csv(analyzed / "plan_steps.csv").query("plan")["attempt"].iloc[0])
+    plan_file = analyzed / "plan_frontier" / f"attempt-{attempt:03d}.yaml"
+    again = tmp_path / "eval"
+    assert vitq(["eval", "--out", str(again), "--no-progress", "--calib", "16", "--preset", "nncf",
+                 "--config", str(plan_file)]) == 0
+    config = f"frontier_{attempt}"
+    stdout = _paired_gain(str(again), "--config", config, "--against", "nncf", "--images", "confirm",
+                          "--images-from", str(analyzed), "--other", f"{analyzed}:plan")
+    confirm = pd.read_csv(analyzed / "plan_confirm.csv").set_index("config")
+    assert stdout.startswith("24 images (confirm)")
+    assert _its_kl(stdout, "nncf") == pytest.approx(confirm.loc["nncf", "kl"], rel=1e-3)
+    assert _its_kl(stdout, f"{analyzed}:plan") == pytest.approx(confirm.loc["plan", "kl"], rel=1e-3)
+    assert f"{config}: KL {confirm.loc['plan', 'kl']:.4g}" in stdout

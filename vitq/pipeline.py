@@ -151,6 +151,22 @@ def _reuse_known(log: MeasurementLog, val, configs: dict[str, QuantConfig],
     return added
 
 
+def save_frontier(planner: Planner, out: Path) -> None:
+    """Every frontier point the planner measured (presets included, FP32 not) as its own
+    QuantConfig YAML, named by its ``plan_steps.csv`` attempt: a researcher who wants another
+    trade-off than the plan runs or exports one of them (``vitq eval --config``)."""
+    folder = out / artifacts.PLAN_FRONTIER
+    if folder.is_dir():
+        for old in folder.glob("attempt-*.yaml"):
+            old.unlink()
+    for point in planner.frontier:
+        if point.config is None:
+            continue
+        config = copy.deepcopy(point.config)
+        config.name = f"frontier_{int(point.row['attempt'])}"
+        config.save(out / artifacts.frontier_file(point.row["attempt"]))
+
+
 def planner_measurements(session: Session, planner: Planner, opts: "PlanOptions",
                          configs: dict[str, QuantConfig]) -> list[tuple[list[str], dict[str, OutputStats]]]:
     """The planner's own measurements of FP32 and ``configs`` on its plan and confirm images
@@ -424,6 +440,7 @@ def run_plan(session: Session, start: QuantConfig, budget: Budget,
         plan = planner.plan_config
     confirm = planner.confirm() if confirm_data is not None else pd.DataFrame()
     plan.save(session.out / artifacts.PLAN_YAML)
+    save_frontier(planner, session.out)
     floats = [n for n in float_site_names(plan, session.sites)
               if session.qmodel.site_by_name[n].kind not in plan.float_kinds]
     atomic_write_text(session.out / artifacts.PLAN_SKIPLIST,
