@@ -5,15 +5,18 @@ was told to. Skips where nvidia-modelopt is absent (the `modelopt` extra, its ow
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
-pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is not installed "
-                                                           "(pip install 'vitq[modelopt]')")
+from quant.config import QuantConfig
+from tests.test_targets import FLOAT_SITES, plan_context
+from vitq.targets import EXCLUDE, NONE, QUANTIZE, TargetError, get_target
+from vitq.targets.modelopt import disabling_entry
 
-from quant.config import QuantConfig  # noqa: E402
-from tests.test_targets import FLOAT_SITES, plan_context  # noqa: E402
-from vitq.targets import EXCLUDE, NONE, QUANTIZE, TargetError, get_target  # noqa: E402
+needs_modelopt = pytest.mark.skipif(importlib.util.find_spec("modelopt") is None,
+                                    reason="nvidia-modelopt is not installed (pip install 'vitq[modelopt]')")
 
 # the tests' plan with ModelOpt's symmetric activations
 PLAN = QuantConfig.from_dict({"name": "plan", "float_sites": list(FLOAT_SITES),
@@ -22,8 +25,20 @@ PLAN = QuantConfig.from_dict({"name": "plan", "float_sites": list(FLOAT_SITES),
 BLOCK = ["attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj", "mlp.fc1", "mlp.fc2"]
 
 
+def test_the_base_entry_that_switches_a_quantizer_off_is_found():
+    base = [{"quantizer_name": "*", "enable": False},
+            {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": 8, "axis": 0}},
+            {"quantizer_name": "*lm_head*", "enable": False},
+            {"quantizer_name": "*", "parent_class": "nn.BatchNorm2d", "enable": False}]
+    assert disabling_entry(base, "lm_head.weight_quantizer") == "*lm_head*"
+    assert disabling_entry(base, "fc1.weight_quantizer") is None  # switched on again
+    assert disabling_entry(base, "fc1.output_quantizer") == "*"
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
+    if importlib.util.find_spec("modelopt") is None:
+        pytest.skip("nvidia-modelopt is not installed (pip install 'vitq[modelopt]')")
     import transformers
     if int(transformers.__version__.split(".")[0]) < 5:
         pytest.skip("the module paths written out here are transformers 5.x's")
@@ -37,6 +52,7 @@ def entries(export, enable: bool) -> list[str]:
     return [e["quantizer_name"] for e in plan if ("cfg" in e) == enable]
 
 
+@needs_modelopt
 def test_the_config_switches_off_the_float_q_projection_and_the_layernorm_inputs(exported):
     _, export = exported
     assert entries(export, False) == ["vit.layers.0.attention.q_proj.input_quantizer",
@@ -56,6 +72,7 @@ def test_the_config_switches_off_the_float_q_projection_and_the_layernorm_inputs
                                       + [f"vit.layers.1.{m}" for m in BLOCK[3:]] + ["classifier"])
 
 
+@needs_modelopt
 def test_sites_modelopt_cannot_carry_are_listed_with_the_reason(exported):
     _, export = exported
     lost = {r.site: r for r in export.unmatched()}
@@ -67,6 +84,7 @@ def test_sites_modelopt_cannot_carry_are_listed_with_the_reason(exported):
     assert "QuantLinear" in lost["blocks.0.residual_attn"].reason
 
 
+@needs_modelopt
 def test_mtq_quantize_with_the_config_quantizes_what_it_was_told(exported, tmp_path):
     ctx, export = exported
     applied = get_target("modelopt").apply(export, ctx, tmp_path)
@@ -81,6 +99,7 @@ def test_mtq_quantize_with_the_config_quantizes_what_it_was_told(exported, tmp_p
     assert (out - ref).abs().max() < 0.2 * ref.abs().max()
 
 
+@needs_modelopt
 def test_asymmetric_activations_are_refused_in_one_line(tmp_path):
     from tests.test_targets import PLAN as ASYMMETRIC
     ctx = plan_context(tmp_path, ASYMMETRIC)
