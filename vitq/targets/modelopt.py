@@ -211,7 +211,7 @@ class ModelOpt(Target):
         import modelopt.torch.quantization as mtq
 
         a, w = ctx.config.activation, ctx.config.weight
-        if a.symmetric is False or a.observer != "minmax" or not w.symmetric or w.observer != "minmax":
+        if not a.symmetric or a.observer != "minmax" or not w.symmetric or w.observer != "minmax":
             raise TargetError(f"config {ctx.config.name}: --to modelopt carries ModelOpt's INT8: symmetric activations "
                               f"and weights (amax / 127) on min-max ranges ('max' calibration); the config asks "
                               f"otherwise (activation.symmetric: true, observer: minmax)")
