@@ -98,3 +98,27 @@ def test_symmetric_activations_are_refused_in_one_line(tmp_path):
     with pytest.raises(TargetError, match="asymmetric activations") as e:
         get_target("litert").export(ctx)
     assert "\n" not in str(e.value)
+
+
+@needs_litert
+def test_a_layernorm_scale_folded_into_the_weights_is_resolved_and_said(tmp_path):
+    import torch
+
+    from quant.calibrate import calibrate
+    from quant.model import QuantModel
+    from tests.conftest import tiny_model
+    from vitq.targets import ExportContext
+    model = tiny_model("vit")
+    with torch.no_grad():  # LayerNorm scales other than one: the converter folds them into q/k/v and fc1
+        for i, m in enumerate(x for x in model.modules() if isinstance(x, torch.nn.LayerNorm)):
+            m.weight.copy_(torch.linspace(0.5, 1.5, m.weight.numel()) * (1 + i))
+    qm = QuantModel(model)
+    calib = [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    calibrate(qm, calib, progress=False)
+    export = get_target("litert").export(ExportContext(qm, PLAN, tmp_path, calib[0][:1], calib))
+    folded = [r.site for r in export.rows if "folds LayerNorm" in r.reason]
+    # blocks.0.attn.q is float in the plan: its row says nothing, its op is still found (no_quantize)
+    assert folded == ["blocks.0.attn.k", "blocks.0.attn.v", "blocks.0.mlp.fc1",
+                      "blocks.1.attn.q", "blocks.1.attn.k", "blocks.1.attn.v", "blocks.1.mlp.fc1"]
+    assert "blocks.0.norm1" in export.rows[[r.site for r in export.rows].index("blocks.0.attn.k")].reason
+    assert [r.action for r in export.rows if r.site == "blocks.0.attn.q"] == [EXCLUDE]

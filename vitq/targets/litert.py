@@ -231,7 +231,10 @@ def row(ctx: ExportContext, site, graph: Graph, op: int | None, folded: str | No
     if plan == "float":
         return SiteRow(site.name, site.kind, plan, graph.scopes[op], EXCLUDE)
     reason = BEYOND.get(graph.types[op], "")
-    if folded:
+    if folded and site.kind == "layernorm":
+        reason += (f"; litert_torch folds this LayerNorm's scale and shift into the ops it feeds ({folded}): this op "
+                   f"writes the normalized input before the affine")
+    elif folded:
         reason += (f"; litert_torch folds LayerNorm {folded}'s scale into this op's weight columns (its shift into the "
                    f"bias): LiteRT quantizes that weight and the normalized input before the affine, vitq the weight "
                    f"and the LayerNorm's output")
@@ -252,7 +255,11 @@ class LiteRt(Target):
         path = convert(ctx.qmodel, ctx.example, ctx.out / "targets" / FP32_TFLITE)
         graph = Graph.read(path)
         ops, folded = site_ops(graph, ctx.qmodel)
-        rows = [row(ctx, s, graph, ops.get(s.name), folded.get(s.name)) for s in ctx.sites]
+        into = {}  # LayerNorm site -> the sites its scale was folded into
+        for linear, norm in folded.items():
+            into.setdefault(norm, []).append(linear)
+        rows = [row(ctx, s, graph, ops.get(s.name), folded.get(s.name) or ", ".join(into.get(s.name, [])))
+                for s in ctx.sites]
         named = [ops[r.site] for r in rows if r.action in (QUANTIZE, EXCLUDE)]
         for op in named:  # each regex selects its op alone among the ops of its type
             matches = [i for i, t in enumerate(graph.types) if t == graph.types[op] and re.search(graph.regex(op),
