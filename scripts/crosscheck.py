@@ -6,10 +6,13 @@ For every tool (``--tools``, the export targets of ``vitq/targets/``):
 1. ``vitq export --to TOOL`` of the plan (the tool's arguments, names resolved in its graph);
 2. the tool's own quantizer applies them (``Target.apply``): ONNX Runtime's
    ``quantize_static``, NNCF's ``quantize`` on the OpenVINO model, torchao's PT2E
-   ``prepare_pt2e``/``convert_pt2e``; calibrated on vitq's own calibration images (the
-   seeded ``--calib`` sample of ``train/``), one image per calibration step;
+   ``prepare_pt2e``/``convert_pt2e``, ModelOpt's ``mtq.quantize``, ai-edge-quantizer on the
+   LiteRT model; calibrated on vitq's own calibration images (the seeded ``--calib`` sample
+   of ``train/``);
 3. its model runs on the same val images (``--limit``) in its runtime: ONNX Runtime,
-   OpenVINO (CPU plugin, f32), torch (``torch.compile``, inductor's int8 kernels).
+   OpenVINO (CPU plugin, f32), torch (``torch.compile``, inductor's int8 kernels), torch
+   eager (ModelOpt's fake-quant model: its int8 runtime is TensorRT, on a GPU), the LiteRT
+   interpreter (one image per call: the converted graph has a static batch of 1).
 
 Reported per tool: the sites it quantizes (from its result, beside what the export told
 it), top-1 agreement and KL against FP32 (torch), top-1 agreement with vitq's simulation of
@@ -44,7 +47,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_peers import PROBES, OpenVinoRunner, Variant, key, measure_speed  # noqa: E402
 from ort_reproducibility import rounding_noise  # noqa: E402
 
-TOOLS = ("ort-quantizer", "nncf", "torchao")
+TOOLS = ("ort-quantizer", "nncf", "torchao", "modelopt", "litert")
 
 
 def error_line(e: BaseException) -> str:
@@ -71,8 +74,11 @@ def runner(applied, threads: int, compile_torch: bool):
         return OrtRunner(applied.model, threads)
     if applied.runtime == "openvino":
         return OpenVinoRunner(applied.model, threads, "f32")
+    if applied.runtime == "litert":
+        from vitq.targets.litert import LiteRtRunner
+        return LiteRtRunner(applied.model, threads)
     module = applied.model
-    if compile_torch:
+    if compile_torch and applied.runtime == "torch":
         from torch._inductor import config as inductor_config
         inductor_config.freezing = True
         module = torch.compile(module)
@@ -206,12 +212,20 @@ def _acc(summary: dict) -> dict:
             "kl": summary["kl"]}
 
 
+# module -> its distribution (the version where the module has no __version__)
+PACKAGES = {"torch": "torch", "onnxruntime": "onnxruntime", "openvino": "openvino", "nncf": "nncf", "torchao": "torchao",
+            "modelopt": "nvidia-modelopt", "ai_edge_quantizer": "ai-edge-quantizer", "litert_torch": "litert-torch",
+            "ai_edge_litert": "ai-edge-litert"}
+
+
 def _versions() -> dict:
     import importlib
+    import importlib.metadata
     out = {}
-    for name in ("torch", "onnxruntime", "openvino", "nncf", "torchao"):
+    for name, dist in PACKAGES.items():
         try:
-            out[name] = importlib.import_module(name).__version__
+            module = importlib.import_module(name)
+            out[name] = getattr(module, "__version__", None) or importlib.metadata.version(dist)
         except Exception as e:  # noqa: BLE001 - a missing tool is reported, not fatal
             out[name] = f"absent ({error_line(e)})"
     return out

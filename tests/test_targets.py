@@ -27,7 +27,7 @@ def plan_context(out, config: QuantConfig = PLAN, family: str = "vit") -> Export
 
 
 def test_every_module_of_the_package_registers_its_target():
-    assert {"ort-quantizer", "nncf", "torchao"} <= set(TARGETS)
+    assert {"ort-quantizer", "nncf", "torchao", "modelopt", "litert"} <= set(TARGETS)
     assert all(type(t).name == name for name, t in TARGETS.items())
 
 

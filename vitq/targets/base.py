@@ -94,6 +94,18 @@ class Applied:
     detail: dict = field(default_factory=dict)
 
 
+class Logits(torch.nn.Module):
+    """The classifier as ``pixels -> logits``; its own module names are the model's under
+    ``model.``."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).logits
+
+
 class ExportContext:
     """What a target reads: the calibrated model, the plan, the output folder, an example
     image; the FP32 ONNX export and the site -> ONNX node table are made once, when a

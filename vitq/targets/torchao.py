@@ -23,22 +23,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base import (EXCLUDE, NONE, QUANTIZE, Applied, ExportContext, SiteRow, Target, TargetError, TargetExport,
-                   python_literal, register_target)
+from .base import (EXCLUDE, NONE, QUANTIZE, Applied, ExportContext, Logits, SiteRow, Target, TargetError,
+                   TargetExport, python_literal, register_target)
 
 OPS = {"linear": "aten.linear.default", "conv": "aten.conv2d.default"}
 OBSERVERS = {"minmax": "MinMaxObserver"}
-
-
-class Logits(nn.Module):
-    """The classifier as ``pixels -> logits``; its own module names are the model's."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=pixel_values).logits
 
 
 def exported(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
