@@ -80,6 +80,12 @@ def test_plan_with_latency_cost_writes_the_table_once_and_says_so(model_dir, dat
     stamp = (out / "latency_sites.json").stat().st_mtime_ns
     assert main(["plan", *common]) == 0
     assert (out / "latency_sites.json").stat().st_mtime_ns == stamp
+    assert table["meta"]["threads"] is None  # ONNX Runtime's own default
+    # --latency-threads is a setting of the table: another value times it again, with that many threads
+    assert main(["plan", *common, "--latency-threads", "1"]) == 0
+    assert json.loads((out / "latency_sites.json").read_text())["meta"]["threads"] == 1
+    assert main(["plan", *common, "--latency-threads", "0"]) == 2
+    assert "--latency-threads 0: give a number of threads >= 1" in capsys.readouterr().err
 
 
 def test_latency_table_times_each_group_in_each_format_that_runs_it_otherwise(pixels):

@@ -176,6 +176,9 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
                         "add); bitops: BitOps in %% of all's (MACs x weight bits x activation bits, float at 32 bits); "
                         "size: Linear/Conv weight MB; auto (default): bitops when --formats go beyond int8 and float, "
                         "else latency where onnx/onnxruntime/onnxscript are installed, else macs")
+    p.add_argument("--latency-threads", type=int, default=None,
+                   help="with --cost latency: ONNX Runtime intra-op threads the latency table is timed with "
+                        "(default: ONNX Runtime's own, every core; 1 is steadier on a machine shared with other jobs)")
     p.add_argument("--formats", help="the formats the planner chooses between per site, e.g. int8,a16w8,float "
                                      "(default: int8 or float); any of quant/formats/: int8, a16w8, w4a8, w8, w4, fp8, float")
     p.add_argument("--max-bitops", type=float,
@@ -410,6 +413,8 @@ def _budget(args: argparse.Namespace) -> Budget:
 def _plan_options(args: argparse.Namespace) -> PlanOptions:
     if args.measure_top_format is not None and args.measure_top_format < 0:
         raise ConfigError(f"--measure-top-format {args.measure_top_format}: give a number of candidates >= 0 (0: all)")
+    if args.latency_threads is not None and args.latency_threads < 1:
+        raise ConfigError(f"--latency-threads {args.latency_threads}: give a number of threads >= 1")
     if args.decide_images is not None and args.decide_images < 0:
         raise ConfigError(f"--decide-images {args.decide_images}: give a number of images >= 0 (0: no decide stage)")
     if args.decide_images and (args.max_drop, args.min_agreement, args.max_kl) == (None, None, None):
@@ -420,6 +425,7 @@ def _plan_options(args: argparse.Namespace) -> PlanOptions:
                        taylor_images=args.taylor_images, decide_images=args.decide_images,
                        decide_backend=args.decide_backend, early_stop=not args.no_early_stop,
                        formats=_formats(args.formats), measure_top_format=args.measure_top_format,
+                       latency_threads=args.latency_threads,
                        **({} if args.measure_top is None else {"measure_top": args.measure_top}))
 
 

@@ -330,6 +330,7 @@ class PlanOptions:
     formats: list[str] | None = None
     latency_batch: int = 8
     latency_runs: int = 15
+    latency_threads: int | None = None  # ONNX Runtime intra-op threads of the latency table (None: its default)
     measure_top: int | None = MEASURE_TOP  # only-candidates measured, in taylor order (None/0: all)
     # per format beyond int8 and float: candidates measured in it, in its taylor order
     # (None: a quarter of measure_top, rounded up; 0: all)
@@ -423,7 +424,8 @@ def run_plan(session: Session, start: QuantConfig, budget: Budget,
     if cost == "latency":
         from .latency import format_unit_costs, noise_ms, unit_costs
 
-        table = run_latency(session, start, batch=opts.latency_batch, runs=opts.latency_runs, formats=formats)
+        table = run_latency(session, start, batch=opts.latency_batch, runs=opts.latency_runs,
+                            threads=opts.latency_threads, formats=formats)
         latency = {"unit_costs": unit_costs(table), "cost_base": float(table["start_ms"].iloc[0]) if len(table) else 0.0,
                    "cost_noise": noise_ms(table), "format_costs": format_unit_costs(table) if formats else None}
     moves = None if by_format is None else FormatMoves(
