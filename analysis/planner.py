@@ -377,9 +377,10 @@ class Planner:
                 if found is not None:
                     seed, keep = found
                     self.paths["trim"] = self._trim(seed, self._floats_to_trim(seed, estimates), keep, max_steps)
-                elif self.budget.beat_references:
+                elif self.budget.beat_references and self.admissible(references[best_ref].config):
                     # nothing beats every preset: make the most accurate one cheaper where that
-                    # is measurable, keeping its objective within the noise
+                    # is measurable, keeping its objective within the noise (not a preset an
+                    # integer-only list cannot give: its trimmed points would be no plan either)
                     seed = self.trim_seed = references[best_ref]
                     self.paths["trim"] = self._trim(seed, self._floats_to_trim(seed, estimates), self.matches_best,
                                                     max_steps)
