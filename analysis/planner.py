@@ -321,6 +321,17 @@ class Planner:
                              level=self.level)
         return {"gain": b["mean"], "gain_se": b["se"], "gain_lo": b["lo"], "gain_hi": b["hi"]}
 
+    def compare_paired(self, new: OutputStats, ref: OutputStats) -> str:
+        """``new`` against ``ref`` on the same images, by paired 95 % intervals: "better" when
+        its objective gain lies above 0 and its top-1 agreement with FP32 is not lower beyond
+        the noise; "worse" when either lies below 0; otherwise "within the noise"."""
+        gain = self.compare(new, ref)
+        agree = paired_bootstrap(100 * new.array("agree"), 100 * ref.array("agree"), n_boot=self.n_boot,
+                                 seed=self.seed, level=self.level)
+        if gain["gain_hi"] < 0 or agree["hi"] < 0:
+            return "worse"
+        return "better" if gain["gain_lo"] > 0 else "within the noise"
+
     def _record(self, path: str, kind: str, change: str, config: QuantConfig | None, stats: OutputStats,
                 kept: bool, versus: OutputStats | None = None) -> dict:
         """One row of the tried table; a measurement stopped early (``stopped_early``) is
@@ -728,6 +739,7 @@ class Planner:
             rows.append({"config": name, **self.row(cfg, stats[name], fp32),
                          **{f"{k}_vs_best_reference": v for k, v in gain.items()}})
         self.confirm_rows = rows
+        self.confirm_paired = {n: self.compare_paired(stats["plan"], stats[n]) for n in REFERENCES}
         self.confirm_decisions = self.budget.decisions(stats["plan"], fp32)
         return pd.DataFrame(rows)
 
@@ -805,10 +817,17 @@ class Planner:
         rows = {r["config"]: r for r in getattr(self, "confirm_rows", [])}
         if rows:
             p = rows["plan"]
-            worse = [n for n in REFERENCES if not (p["kl"] < rows[n]["kl"] and p["agreement"] >= rows[n]["agreement"])]
+            paired = getattr(self, "confirm_paired", {})
+            by = {v: [n for n in REFERENCES if paired.get(n) == v] for v in ("better", "within the noise", "worse")}
+            if len(by["better"]) == len(REFERENCES):
+                said = (f"better than every reference preset ({self.objective} lower beyond the paired noise, "
+                        "agreement not lower beyond it)")
+            else:
+                said = "; ".join(f"{v} than {', '.join(ns)}" if v != "within the noise" else f"within the noise of {', '.join(ns)}"
+                                 for v, ns in by.items() if ns)
+                said = f"NOT better than every reference preset (paired 95 % intervals: {said})"
             b = rows[self.best_reference]
-            text += (f" On {p['images']} confirm images the plan is "
-                     f"{'better than every reference preset (KL lower, agreement no lower)' if not worse else 'NOT better than ' + ', '.join(worse)}"
+            text += (f" On {p['images']} confirm images the plan is {said}"
                      f"; against the best reference preset {self.best_reference}: KL {p['kl']:.4g} vs {b['kl']:.4g}, "
                      f"agreement {p['agreement']:.2f} vs {b['agreement']:.2f} %, {p['skipped_sites']} vs "
                      f"{b['skipped_sites']} sites kept float, int8 MAC share {p['int8_macs_share']:.1f} vs "

@@ -96,6 +96,17 @@ def test_confirm_images_are_measured_apart_and_the_verdict_names_the_best_preset
     assert "met with 95 % confidence on 16 plan images" in verdict
     # the plan is `all` (the budget holds at the start): on the confirm images it is not better than the presets
     assert planner.chosen.row["change"] == "start from all" and "NOT better than" in verdict
+    # by paired intervals: the plan is `all` image for image, so against `all` it is within the noise
+    # (gain exactly 0); against each other preset as a paired bootstrap computed here says
+    assert planner.confirm_paired["all"] == "within the noise"
+    plan_stats = planner.measure(planner.plan_config, confirm=True)
+    for name in ("mixed_1", "mixed_2", "nncf"):
+        ref = planner.measure(preset(name, qm.sites), confirm=True)
+        kl = paired_bootstrap(ref.array("kl"), plan_stats.array("kl"))
+        agree = paired_bootstrap(plan_stats.array("agree"), ref.array("agree"))
+        expected = ("worse" if kl["hi"] < 0 or agree["hi"] < 0 else "better" if kl["lo"] > 0 else "within the noise")
+        assert planner.confirm_paired[name] == expected
+    assert "within the noise of all" in verdict
 
 
 def test_pareto_keeps_only_non_dominated_points():
