@@ -70,6 +70,15 @@ def format_name(config: QuantConfig, site: Site) -> str:
     return FLOAT if config.is_float(site) else config.format_of(site).name
 
 
+def quantizes_otherwise(config: QuantConfig, site: Site, fmt) -> bool:
+    """Whether format ``fmt`` (a quant.formats class) quantizes ``site``, and not as ``config``
+    does: a weight-only format at a site without weights keeps it float (no), ``w4a8`` at a
+    matmul is its int8 (no when ``config`` runs it int8), any quantizing format at a site
+    ``config`` keeps float (yes)."""
+    return not fmt.keeps_float(site) and (config.is_float(site)
+                                          or config.slot_specs(site, fmt) != config.slot_specs(site))
+
+
 def without_float(config: QuantConfig, names: list[str], sites) -> QuantConfig:
     """``config`` with the sites ``names`` back in int8: a pattern matching one of them is
     replaced by the other sites it matches, every other pattern is kept as written."""
@@ -149,8 +158,7 @@ class FormatMoves:
             return False
         if fmt == FLOAT:
             return True
-        target = get_format(fmt)
-        return not target.keeps_float(site) and (now == FLOAT or config.slot_specs(site, target) != config.slot_specs(site))
+        return quantizes_otherwise(config, site, get_format(fmt))
 
     def _apply(self, config: QuantConfig, was: dict[str, str], fmt: str) -> QuantConfig:
         """``config`` with the sites of ``was`` that still run in the format they had when the

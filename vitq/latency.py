@@ -75,13 +75,15 @@ def format_variants(config: QuantConfig, sites: list[Site], members: list[str],
     """The formats of ``formats`` (besides ``float``) that run the sites ``members`` otherwise
     than ``config`` does: ``w4a8`` at a matmul is its int8, a weight-only format at a residual
     add keeps it float (the float variant's time) and ``config``'s own format is the start."""
+    from analysis.format_moves import quantizes_otherwise
+
     by = {s.name: s for s in sites}
     out = []
     for name in formats:
         fmt = get_format(name)
         if fmt.is_float or any(fmt.keeps_float(by[m]) for m in members):
             continue
-        if any(config.slot_specs(by[m], fmt) != config.slot_specs(by[m]) for m in members):
+        if any(quantizes_otherwise(config, by[m], fmt) for m in members):
             out.append(name)
     return out
 

@@ -21,7 +21,7 @@ from analysis.cost import EXACT_COSTS, float_site_names, site_macs
 from analysis.decide import LOOKS, Candidate, DecideResult, decide_candidates
 from analysis.errors import ErrorReport, analyze_errors
 from analysis.evaluate import FP32, evaluate_configs, evaluated_images
-from analysis.format_moves import FormatMoves, only_int8_and_float
+from analysis.format_moves import FormatMoves, only_int8_and_float, quantizes_otherwise
 from analysis.measurement_log import MeasurementLog
 from analysis.metrics import OutputStats
 from analysis.planner import Budget, Planner, Point
@@ -249,8 +249,7 @@ def format_candidates(session: Session, config: QuantConfig, by_format: pd.DataF
             continue
         fmt = get_format(name)
         rows = format_rows(by_format, name).sort_values("kl_estimate", ascending=False, kind="stable")
-        names = [c for c in rows["candidate"]
-                 if not fmt.keeps_float(by[c]) and config.slot_specs(by[c], fmt) != config.slot_specs(by[c])]
+        names = [c for c in rows["candidate"] if quantizes_otherwise(config, by[c], fmt)]
         if names:
             chosen[name] = names[:top] if top else names
     return chosen
