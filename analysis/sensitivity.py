@@ -224,13 +224,15 @@ def own_format_rows(table: pd.DataFrame) -> pd.DataFrame:
     return table[table["own_format"].astype(bool)].reset_index(drop=True)
 
 
-def format_measurements(table: pd.DataFrame, metric: str = "kl") -> dict[tuple[str, str], float]:
+def format_measurements(table: pd.DataFrame, metric: str = "kl", *,
+                        own: bool = False) -> dict[tuple[str, str], float]:
     """(candidate, format) -> ``metric`` of the rows measured in another format than the
-    config's (none without per-format rows)."""
+    config's (``own``: of every row, the config's own format included); {} for a table without
+    per-format rows."""
     if "own_format" not in table:
         return {}
-    other = table[~table["own_format"].astype(bool)]
-    return {(str(r["candidate"]), str(r["format"])): float(r[metric]) for _, r in other.iterrows()}
+    rows = table if own else table[~table["own_format"].astype(bool)]
+    return {(str(r["candidate"]), str(r["format"])): float(r[metric]) for _, r in rows.iterrows()}
 
 
 def with_measured_formats(estimates: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pandas as pd
 
 from analysis import artifacts
+from analysis.sensitivity import format_measurements
 from quant.config import matches
 
 from ..format import Column, esc, fmt_int, fmt_small, make_table, records, text_column
@@ -16,14 +17,6 @@ from ..registry import Section, register_section
 
 SPEC = artifacts.sensitivity_taylor("op")
 ONLY = artifacts.sensitivity("only", "op")
-
-
-def measured_by_format(rows: pd.DataFrame | None) -> dict[tuple[str, str], float]:
-    """(site, format) -> measured ``only`` KL, from an ``only`` table whose rows name their
-    format (one measured in several formats); {} for a table without a ``format`` column."""
-    if rows is None or "format" not in rows:
-        return {}
-    return {(str(r["candidate"]), str(r["format"])): float(r["kl"]) for _, r in rows.iterrows()}
 
 
 def site_by_format(rows: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
@@ -66,7 +59,8 @@ def formats(a: Artefacts, sec: Section) -> None:
                *(Column(f"kl_{f}", f"{f}", fmt_small, title=f"estimated KL of the site alone in {f} (nats)")
                  for f in names)]
     only = a.table(ONLY)
-    measured = measured_by_format(None if only is None else only.rows)
+    # (site, format) -> measured KL of every row, the config's own format included
+    measured = {} if only is None else format_measurements(only.rows, own=True)
     for f in names:
         if any(fmt == f for _, fmt in measured):
             wide[f"measured_{f}"] = [measured.get((str(c), f)) for c in wide["candidate"]]
